@@ -1,0 +1,49 @@
+# coopseg: two commands.
+#   make test   create .venv, install torch (CPU) + triton + the package, run the tests
+#   make bench  same setup, print the fused-vs-naive table (benchmarks/results/*.json)
+# Other targets: bench-pytest (pytest-benchmark), gpu-check (on a CUDA machine), clean.
+
+PYTHON ?= python3
+VENV   := .venv
+VPY    := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+TORCH  := torch==2.13.0
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
+
+.PHONY: test bench bench-pytest gpu-check clean
+
+$(VPY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch first (the CPU wheel; an unpinned torch would pull a CUDA build), then
+# the build tools, then the package with its test extras. Rebuilt when the
+# C++ sources change.
+$(STAMP): $(VPY) $(SOURCES)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)
+	$(VPY) -m pip install -q setuptools wheel ninja numpy pybind11 triton
+	$(VPY) -m pip install -q --no-build-isolation -e ".[test]"
+	$(VPY) -c "import coopseg_kernels as ck; assert ck.HAS_CPP, 'C++ extension failed to build'"
+	touch $(STAMP)
+
+test: $(STAMP)
+	TRITON_INTERPRET=1 $(VPY) -m pytest tests
+
+bench: $(STAMP)
+	$(VPY) benchmarks/table.py
+
+bench-pytest: $(STAMP)
+	$(VPY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,max
+
+# On a lent GPU machine: its own python3 (torch with CUDA, triton, pytest), no venv,
+# no network. Runs the CUDA tests and the benchmarks; copies results to $OUT if set.
+gpu-check:
+	python3 -m pip install --no-deps --no-build-isolation -e .
+	python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
+	python3 -m pytest tests -m cuda -q -p no:cacheprovider
+	python3 benchmarks/table.py --device cuda
+	python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider --benchmark-json=benchmarks/results/pytest-benchmark-cuda.json
+	if [ -n "$$OUT" ]; then cp benchmarks/results/*.json "$$OUT"/; fi
+
+clean:
+	rm -rf build *.egg-info coopseg_kernels/*.so $(VENV)

@@ -1,0 +1,56 @@
+"""Benchmark cases: each pairs a fused op with its naive reference (and any
+other baselines) on one input shape. Used by table.py and the pytest-benchmark
+files, so both measure the same thing."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+import coopseg_kernels as ck
+from coopseg_kernels import reference
+
+
+@dataclass
+class Case:
+    op: str
+    shape: str
+    make: Callable[[], dict]              # fresh inputs (leaf tensors, no grad)
+    fused: Callable[[dict], torch.Tensor]
+    naive: Callable[[dict], torch.Tensor]
+    grad_inputs: tuple[str, ...]          # inputs that get gradients in forward+backward
+    bytes_moved: Callable[[dict], int]    # minimal forward traffic (for % of copy bandwidth)
+    others: dict[str, Callable[[dict], torch.Tensor]] = field(default_factory=dict)
+    big: bool = False                     # skipped by --quick
+
+
+def _smooth_coarse(B, size, spacing, device, amplitude=3.0):
+    """Random coarse displacement grid (voxels) on nodes every `spacing` voxels."""
+    s = [max(1, n // spacing) for n in size]
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(B, len(size), *s, generator=g) * amplitude).to(device)
+
+
+def warp_cases(device: torch.device, dtype=torch.float32) -> list[Case]:
+    cases = []
+    for size, big in [((128, 128, 64), False), ((256, 256, 128), True), ((240, 240), False), ((1024, 1024), True)]:
+        def make(size=size):
+            g = torch.Generator().manual_seed(1)
+            moving = torch.rand(1, 1, *size, generator=g).to(device=device, dtype=dtype)
+            return {"moving": moving, "coarse": _smooth_coarse(1, size, 16, device)}
+
+        cases.append(Case(
+            op="warp", shape="x".join(map(str, size)) + " /16", make=make,
+            fused=lambda x: ck.warp(x["moving"], x["coarse"]),
+            naive=lambda x: reference.warp(x["moving"], x["coarse"]),
+            grad_inputs=("moving", "coarse"),
+            bytes_moved=lambda x: 2 * x["moving"].numel() * x["moving"].element_size(),
+            big=big,
+        ))
+    return cases
+
+
+def all_cases(device: torch.device, ops: list[str] | None = None) -> list[Case]:
+    cases = warp_cases(device)
+    return [c for c in cases if ops is None or c.op in ops]

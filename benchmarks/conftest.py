@@ -1,0 +1,1 @@
+"""pytest-benchmark runs (make bench-pytest): the same cases as table.py."""

@@ -1,0 +1,111 @@
+"""The fused-vs-naive table: forward and forward+backward time, peak memory of
+forward+backward, for every case in benchmarks/cases.py.
+
+    python benchmarks/table.py [--device cpu|cuda] [--ops warp ...] [--quick] [--repeats N]
+
+Prints a Markdown table and writes benchmarks/results/<device>-<date>.json with
+the machine, torch version and date. Ratios are naive / fused, from one run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.cases import Case, all_cases  # noqa: E402
+from benchmarks.harness import copy_bandwidth, machine, median_seconds, peak_bytes  # noqa: E402
+
+MiB = 1 << 20
+
+
+def _with_grads(case: Case, inputs: dict) -> dict:
+    return {k: (v.clone().requires_grad_() if k in case.grad_inputs else v) for k, v in inputs.items()}
+
+
+def fwd_bwd(fn, x: dict, grad_out: torch.Tensor):
+    """One forward+backward on leaf inputs x; their .grad is dropped first so
+    that every run allocates (and is measured) the same way."""
+    def run():
+        for v in x.values():
+            v.grad = None
+        fn(x).backward(grad_out)
+    return run
+
+
+def measure(case: Case, device: torch.device, repeats: int) -> dict:
+    inputs = case.make()
+    with torch.no_grad():
+        out = case.fused(inputs)
+    grad_out = torch.rand_like(out)
+    row = {"op": case.op, "shape": case.shape, "dtype": str(out.dtype).replace("torch.", "")}
+    impls = {"naive": case.naive, "fused": case.fused, **case.others}
+    for name, fn in impls.items():
+        with torch.no_grad():
+            row[f"fwd_ms_{name}"] = 1e3 * median_seconds(lambda: fn(inputs), device, repeats=repeats)
+        run = fwd_bwd(fn, _with_grads(case, inputs), grad_out)
+        row[f"fwdbwd_ms_{name}"] = 1e3 * median_seconds(run, device, repeats=repeats)
+        row[f"peak_mib_{name}"] = peak_bytes(run, device) / MiB
+    row["fwd_speedup"] = row["fwd_ms_naive"] / row["fwd_ms_fused"]
+    row["fwdbwd_speedup"] = row["fwdbwd_ms_naive"] / row["fwdbwd_ms_fused"]
+    row["peak_ratio"] = row["peak_mib_fused"] / row["peak_mib_naive"]
+    row["bytes_moved"] = case.bytes_moved(inputs)
+    return row
+
+
+def markdown(rows: list[dict], info: dict, bandwidth: float | None) -> str:
+    head = ("| op | shape | fwd naive ms | fwd fused ms | fwd × | fwd+bwd naive ms | fwd+bwd fused ms | fwd+bwd × "
+            "| peak naive MiB | peak fused MiB | fused/naive peak |")
+    if bandwidth:
+        head += " fwd % copy BW |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        line = (f"| {r['op']} | {r['shape']} | {r['fwd_ms_naive']:.1f} | {r['fwd_ms_fused']:.2f} | "
+                f"{r['fwd_speedup']:.1f} | {r['fwdbwd_ms_naive']:.1f} | {r['fwdbwd_ms_fused']:.2f} | "
+                f"{r['fwdbwd_speedup']:.1f} | {r['peak_mib_naive']:.1f} | {r['peak_mib_fused']:.1f} | "
+                f"{r['peak_ratio']:.4f} |")
+        for k in r:
+            if k.startswith("fwd_ms_") and k not in ("fwd_ms_naive", "fwd_ms_fused"):
+                name = k[len("fwd_ms_"):]
+                line += f" {name}: fwd {r[k]:.1f} ms, fwd+bwd {r['fwdbwd_ms_' + name]:.1f} ms |"
+        if bandwidth:
+            line += f" {100 * r['bytes_moved'] / (r['fwd_ms_fused'] / 1e3) / bandwidth:.0f} |"
+        lines.append(line)
+    where = info.get("gpu", info["cpu"])
+    lines.append(f"\n{where}, {info['cpu_threads']} CPU threads, torch {info['torch']}, {info['date']}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--ops", nargs="*", default=None, help="only these ops (default: all)")
+    ap.add_argument("--quick", action="store_true", help="skip the largest shapes")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    info = machine(device)
+    bandwidth = copy_bandwidth(device) if device.type == "cuda" else None
+    rows = []
+    cases = [c for c in all_cases(device, args.ops) if not (args.quick and c.big)]
+    for i, case in enumerate(cases, 1):
+        print(f"[{i}/{len(cases)}] {case.op} {case.shape} ...", file=sys.stderr, flush=True)
+        rows.append(measure(case, device, args.repeats))
+    table = markdown(rows, info, bandwidth)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    path = Path(args.out) / f"{device.type}-{info['date']}.json"
+    path.write_text(json.dumps({"machine": info, "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows,
+                                "table": table}, indent=2))
+    print(f"\nwritten {path}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

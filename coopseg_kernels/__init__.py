@@ -1,0 +1,13 @@
+"""coopseg_kernels: fused CPU (C++/OpenMP) and GPU (Triton) kernels for cooperating
+segmentation/registration networks, with naive torch references.
+
+Conventions (see README): channel-first tensors (B, C, *S); displacements in
+voxels, spatial-axis order (d, h, w); coarse grids upsampled like
+F.interpolate(align_corners=...); sampling like grid_sample(align_corners=True).
+"""
+from . import convert, reference
+from ._backend import BACKENDS, HAS_CPP
+from .ops.warp import upsample_field, warp
+
+__all__ = ["warp", "upsample_field", "reference", "convert", "BACKENDS", "HAS_CPP"]
+__version__ = "0.1.0"

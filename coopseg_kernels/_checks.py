@@ -1,0 +1,90 @@
+"""The one place that validates op inputs. Every error names the argument and
+what was expected, so a wrong call fails in Python before any kernel runs."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+PADDING_MODES = ("zeros", "border")
+_MAX_SIZE = 2**31 - 1
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(n) for n in t.shape) + ")"
+
+
+def tensor(name: str, t, *, floating: bool = True) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}")
+
+
+def image(name: str, t: torch.Tensor) -> int:
+    """A channel-first image batch (B, C, H, W) or (B, C, D, H, W); returns nd."""
+    tensor(name, t)
+    if t.dim() not in (4, 5):
+        raise ValueError(f"{name} must be (B, C, H, W) or (B, C, D, H, W), got shape {_shape(t)}")
+    if t.shape[0] < 1 or t.shape[1] < 1:
+        raise ValueError(f"{name} needs B >= 1 and C >= 1, got shape {_shape(t)}")
+    spatial = t.shape[2:]
+    if min(spatial) < 2:
+        raise ValueError(f"{name} spatial sizes must be >= 2, got shape {_shape(t)}")
+    if max(spatial) > _MAX_SIZE:
+        raise ValueError(f"{name} spatial sizes must be < 2**31, got shape {_shape(t)}")
+    return t.dim() - 2
+
+
+def coarse_field(name: str, coarse: torch.Tensor, nd: int, batch: int | None = None) -> None:
+    """A coarse displacement grid (B, nd, *s), every s_k >= 1."""
+    tensor(name, coarse)
+    expected = "(B, 2, h, w)" if nd == 2 else "(B, 3, d, h, w)"
+    if coarse.dim() != nd + 2:
+        raise ValueError(f"{name} must be {expected} for a {nd}-D image, got shape {_shape(coarse)}")
+    if coarse.shape[1] != nd:
+        raise ValueError(f"{name} must have {nd} channels (one displacement per spatial axis), "
+                         f"got shape {_shape(coarse)}")
+    if batch is not None and coarse.shape[0] != batch:
+        raise ValueError(f"{name} batch size {coarse.shape[0]} does not match the image batch size {batch}")
+    if coarse.shape[0] < 1 or min(coarse.shape[2:]) < 1:
+        raise ValueError(f"{name} needs B >= 1 and coarse sizes >= 1, got shape {_shape(coarse)}")
+    if max(coarse.shape[2:]) > _MAX_SIZE:
+        raise ValueError(f"{name} sizes must be < 2**31, got shape {_shape(coarse)}")
+
+
+def same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"all tensors must be on one device, got {listed}")
+
+
+def choice(name: str, value, options: Sequence[str]) -> None:
+    if value not in options:
+        raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
+
+
+def size(name: str, value, nd: int) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value)
+    except TypeError:
+        raise TypeError(f"{name} must be a sequence of {nd} ints, got {value!r}") from None
+    if len(out) != nd or min(out) < 2 or max(out) > _MAX_SIZE:
+        raise ValueError(f"{name} must be {nd} ints, each >= 2, got {value!r}")
+    return out
+
+
+def warp_inputs(moving, coarse, padding_mode: str) -> int:
+    nd = image("moving", moving)
+    coarse_field("coarse", coarse, nd, batch=moving.shape[0])
+    same_device(moving=moving, coarse=coarse)
+    choice("padding_mode", padding_mode, PADDING_MODES)
+    return nd
+
+
+def kernel_dtype(name: str, t: torch.Tensor, backend: str, allowed: Sequence[torch.dtype]) -> None:
+    if t.dtype not in allowed:
+        names = "/".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} dtype {t.dtype} is not supported by backend {backend!r} ({names}); "
+                        "use backend='reference' or cast the input")

@@ -1,0 +1,1 @@
+"""One module per fused op: custom-op registration, autograd, dispatch."""

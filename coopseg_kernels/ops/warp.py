@@ -1,0 +1,132 @@
+"""warp and upsample_field: torch.library custom ops over the C++ / Triton kernels.
+
+coopseg::warp(moving, coarse, ...) -> out          forward kernel warp_fwd
+coopseg::warp_backward(grad, moving, coarse, ...)  backward kernel warp_bwd
+coopseg::upsample_field / upsample_field_backward  likewise
+
+The backward is itself a custom op so that torch.compile and opcheck see an
+opaque, fake-able node; it is not differentiable again (no double backward).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _checks, reference
+
+
+@torch.library.custom_op("coopseg::warp", mutates_args=())
+def _warp(moving: Tensor, coarse: Tensor, align_corners: bool, padding_mode: str, backend: str) -> Tensor:
+    return _backend.kernel("warp_fwd", backend)(moving, coarse, align_corners, padding_mode)
+
+
+@_warp.register_fake
+def _(moving, coarse, align_corners, padding_mode, backend):
+    return torch.empty_like(moving)
+
+
+@torch.library.custom_op("coopseg::warp_backward", mutates_args=())
+def _warp_backward(grad_out: Tensor, moving: Tensor, coarse: Tensor, align_corners: bool, padding_mode: str,
+                   backend: str, need_moving: bool, need_coarse: bool) -> tuple[Tensor, Tensor]:
+    return _backend.kernel("warp_bwd", backend)(grad_out, moving, coarse, align_corners, padding_mode,
+                                                need_moving, need_coarse)
+
+
+@_warp_backward.register_fake
+def _(grad_out, moving, coarse, align_corners, padding_mode, backend, need_moving, need_coarse):
+    return (torch.empty_like(moving) if need_moving else moving.new_empty(0),
+            torch.empty_like(coarse) if need_coarse else coarse.new_empty(0))
+
+
+def _warp_setup(ctx, inputs, output):
+    moving, coarse, align_corners, padding_mode, backend = inputs
+    ctx.save_for_backward(moving, coarse)
+    ctx.args = (align_corners, padding_mode, backend)
+
+
+def _warp_grad(ctx, grad_out):
+    moving, coarse = ctx.saved_tensors
+    need_moving, need_coarse = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    gm, gc = _warp_backward(grad_out.contiguous(), moving, coarse, *ctx.args, need_moving, need_coarse)
+    return (gm if need_moving else None), (gc if need_coarse else None), None, None, None
+
+
+_warp.register_autograd(_warp_grad, setup_context=_warp_setup)
+
+
+@torch.library.custom_op("coopseg::upsample_field", mutates_args=())
+def _upsample(coarse: Tensor, size: Sequence[int], align_corners: bool, backend: str) -> Tensor:
+    return _backend.kernel("upsample_field_fwd", backend)(coarse, list(size), align_corners)
+
+
+@_upsample.register_fake
+def _(coarse, size, align_corners, backend):
+    return coarse.new_empty((coarse.shape[0], coarse.shape[1], *size))
+
+
+@torch.library.custom_op("coopseg::upsample_field_backward", mutates_args=())
+def _upsample_backward(grad_field: Tensor, coarse_size: Sequence[int], align_corners: bool,
+                       backend: str) -> Tensor:
+    return _backend.kernel("upsample_field_bwd", backend)(grad_field, list(coarse_size), align_corners)
+
+
+@_upsample_backward.register_fake
+def _(grad_field, coarse_size, align_corners, backend):
+    return grad_field.new_empty((grad_field.shape[0], grad_field.shape[1], *coarse_size))
+
+
+def _upsample_setup(ctx, inputs, output):
+    coarse, _size, align_corners, backend = inputs
+    ctx.args = (list(coarse.shape[2:]), align_corners, backend)
+
+
+def _upsample_grad(ctx, grad_field):
+    return _upsample_backward(grad_field.contiguous(), *ctx.args), None, None, None
+
+
+_upsample.register_autograd(_upsample_grad, setup_context=_upsample_setup)
+
+
+def _prepare(backend: str, moving: Tensor, coarse: Tensor) -> tuple[Tensor, Tensor]:
+    """Contiguous inputs; the (small) coarse grid cast to the math dtype."""
+    _checks.kernel_dtype("moving", moving, backend, _backend.kernel_dtypes(backend))
+    coarse = coarse.to(reference.math_dtype(moving.dtype))
+    return moving.contiguous(), coarse.contiguous()
+
+
+def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_mode: str = "zeros",
+         backend: str = "auto") -> Tensor:
+    """Warp `moving` (B, C, *S) by the coarse displacement grid `coarse` (B, nd, *s).
+
+    The grid is upsampled to S as F.interpolate(..., align_corners=align_corners)
+    and each output voxel x samples `moving` at x + u(x) (voxel units, spatial-axis
+    order) multilinearly, like F.grid_sample(align_corners=True, padding_mode).
+    The full-resolution field is never stored. Differentiable w.r.t. both inputs.
+    A NaN displacement yields NaN at the voxels that use it (see README).
+    """
+    _checks.warp_inputs(moving, coarse, padding_mode)
+    be = _backend.resolve(backend, moving.device)
+    if be == "reference":
+        return reference.warp(moving, coarse, align_corners=align_corners, padding_mode=padding_mode)
+    moving, coarse_k = _prepare(be, moving, coarse)
+    return _warp(moving, coarse_k, bool(align_corners), padding_mode, be)
+
+
+def upsample_field(coarse: Tensor, size: Sequence[int], *, align_corners: bool = True,
+                   backend: str = "auto") -> Tensor:
+    """Materialise the full-resolution displacement field (B, nd, *size) of a coarse grid."""
+    _checks.tensor("coarse", coarse)
+    if coarse.dim() not in (4, 5):
+        raise ValueError(f"coarse must be (B, 2, h, w) or (B, 3, d, h, w), got shape {tuple(coarse.shape)}")
+    nd = coarse.dim() - 2
+    _checks.coarse_field("coarse", coarse, nd)
+    size = _checks.size("size", size, nd)
+    be = _backend.resolve(backend, coarse.device)
+    if be == "reference":
+        return reference.upsample_field(coarse, size, align_corners=align_corners)
+    _checks.kernel_dtype("coarse", coarse, be, _backend.kernel_dtypes(be))
+    dtype = coarse.dtype
+    out = _upsample(coarse.to(reference.math_dtype(dtype)).contiguous(), list(size), bool(align_corners), be)
+    return out.to(dtype)

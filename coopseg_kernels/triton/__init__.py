@@ -1,0 +1,5 @@
+"""Triton kernels and their launchers; each launcher has the signature of the
+C++ op of the same name (torch.ops.coopseg.<name>)."""
+from .warp import upsample_field_bwd, upsample_field_fwd, warp_bwd, warp_fwd
+
+__all__ = ["warp_fwd", "warp_bwd", "upsample_field_fwd", "upsample_field_bwd"]

@@ -1,0 +1,81 @@
+"""Host-side geometry for the Triton kernels: interpolation tables and the fold
+of per-cell partial sums into coarse-grid nodes.
+
+The tables repeat F.interpolate's arithmetic (scale, source index, clamping) in
+the kernels' compute dtype, so the fused field equals the reference to rounding.
+They are tiny (one entry per voxel along one axis) and cached per geometry.
+"""
+from __future__ import annotations
+
+import functools
+import os
+from typing import NamedTuple, Sequence
+
+import torch
+
+
+class AxisTable(NamedTuple):
+    i0: torch.Tensor  # int32 [S]: lower coarse node of each voxel (its cell)
+    l1: torch.Tensor  # compute dtype [S]: weight of the upper node i1 = min(i0 + 1, s - 1)
+    cell_begin: torch.Tensor  # int32 [s + 1]: voxels of cell c are [cell_begin[c], cell_begin[c + 1])
+    max_cell: int  # voxels in the largest cell
+
+
+@functools.lru_cache(maxsize=256)
+def _axis_table(S: int, s: int, align_corners: bool, dtype: torch.dtype, device: str) -> AxisTable:
+    x = torch.arange(S, dtype=dtype, device=device)
+    if align_corners:
+        scale = torch.tensor(float(s - 1), dtype=dtype) / (S - 1) if S > 1 else torch.tensor(0.0, dtype=dtype)
+        src = x * scale.to(device)
+    else:
+        scale = torch.tensor(float(s), dtype=dtype) / S
+        src = (scale.to(device) * (x + 0.5) - 0.5).clamp_min(0)
+    i0 = src.floor().clamp_max(s - 1)
+    l1 = (src - i0).clamp(0, 1)
+    i0 = i0.to(torch.int32)
+    counts = torch.bincount(i0.long(), minlength=s)
+    cell_begin = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+    return AxisTable(i0.contiguous(), l1.contiguous(), cell_begin.contiguous(), int(counts.max()))
+
+
+def axis_tables(size: Sequence[int], coarse_size: Sequence[int], align_corners: bool,
+                dtype: torch.dtype, device: torch.device) -> list[AxisTable]:
+    """Tables for (d, h, w); a 2-D problem gets a trivial d table (S = s = 1)."""
+    size, coarse_size = list(size), list(coarse_size)
+    if len(size) == 2:
+        size, coarse_size = [1] + size, [1] + coarse_size
+    return [_axis_table(int(S), int(s), bool(align_corners), dtype, str(device))
+            for S, s in zip(size, coarse_size)]
+
+
+def fold_cell_partials(cells: torch.Tensor, coarse_size: Sequence[int]) -> torch.Tensor:
+    """Sum per-cell corner partials into the nodes of the coarse grid.
+
+    cells: (B, sd, sh, sw, 2, 2, 2, nd) -- the partial of cell (i, j, k) for its
+    corner (a, b, c) belongs to node (i + a, j + b, k + c), where the upper
+    neighbour of the last cell is the last node itself (index clamping of the
+    interpolation). Returns (B, nd, *coarse_size). Plain slice additions in a
+    fixed order: deterministic on every device.
+    """
+    B, sd, sh, sw = cells.shape[:4]
+    nd = cells.shape[-1]
+    g = cells.new_zeros(B, sd + 1, sh + 1, sw + 1, nd)
+    for a in range(2):
+        for b in range(2):
+            for c in range(2):
+                g[:, a:a + sd, b:b + sh, c:c + sw] += cells[:, :, :, :, a, b, c]
+    g[:, sd - 1] += g[:, sd]
+    g[:, :, sh - 1] += g[:, :, sh]
+    g[:, :, :, sw - 1] += g[:, :, :, sw]
+    g = g[:, :sd, :sh, :sw].permute(0, 4, 1, 2, 3)
+    if len(coarse_size) == 2:
+        g = g[:, :, 0]
+    return g.contiguous()
+
+
+def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
+    """A tensor for a kernel to fill; NaN-filled under COOPSEG_POISON=1 (the tests
+    set it) so that an element a kernel forgets to write cannot pass unseen."""
+    if os.environ.get("COOPSEG_POISON") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)

@@ -1,0 +1,390 @@
+"""Triton kernels for the fused coarse-field upsampling + multilinear warp.
+
+warp_fwd_kernel   one program per BLOCK output voxels of one batch item: the
+                  displacement of each voxel is interpolated from the 2^nd coarse
+                  nodes around it (never stored), then the image is sampled.
+                  With WRITE_FIELD it stores the displacement instead (upsample_field).
+warp_bwd_kernel   one program per (batch item, coarse cell, tile of the cell's
+                  voxels): the cell's 2^nd nodes are loaded once, the gradient of
+                  each voxel's displacement is formed (from the sampled image or,
+                  with FIELD_GRAD, read from a field gradient) and reduced to
+                  2^nd * nd partial sums per program, which the host folds into the
+                  nodes in a fixed order (deterministic, no atomics). The image
+                  gradient is an atomic scatter.
+
+A 2-D problem runs as 3-D with D = 1 (ND = 2 prunes the d taps at compile time).
+Offsets inside one volume are int32 unless the volume has 2^31 voxels or more
+(INT64); batch/channel bases are always int64.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .geometry import axis_tables, fold_cell_partials, new_output
+
+_FWD_BLOCK = 256
+_BWD_BLOCK = 256
+
+
+@triton.jit
+def _interp(i0_ptr, l1_ptr, x, s, m):
+    """Lower/upper coarse node and their weights for fine indices x."""
+    i0 = tl.load(i0_ptr + x, mask=m, other=0)
+    l1 = tl.load(l1_ptr + x, mask=m, other=0.0)
+    return i0, tl.minimum(i0 + 1, s - 1), 1.0 - l1, l1
+
+
+@triton.jit
+def _taps(p, n, BORDER: tl.constexpr):
+    """The two sampling taps of positions p along an axis of length n
+    (grid_sample, align_corners=True, voxel units)."""
+    hi = tl.zeros_like(p) + (n - 1)  # n may be a specialised constexpr (n == 1)
+    if BORDER:
+        # the border itself counts as outside for the gradient, as in grid_sample
+        clip = tl.where((p > 0.0) & (p < hi), 1.0, 0.0).to(p.dtype)
+        p = tl.minimum(tl.maximum(p, 0.0), hi)
+    else:
+        clip = tl.full(p.shape, 1.0, p.dtype)
+        # beyond one voxel outside both taps are out anyway; keeps the int cast defined
+        p = tl.minimum(tl.maximum(p, -2.0), hi + 2.0)
+    fl = tl.floor(p)
+    i0 = fl.to(tl.int32)
+    f = p - fl
+    ok0 = (i0 >= 0) & (i0 < n)
+    ok1 = (i0 >= -1) & (i0 < n - 1)
+    return i0, f, ok0, ok1, clip
+
+
+@triton.jit
+def _node(cptr, d, h, w, sh, sw):
+    return tl.load(cptr + (d * sh + h) * sw + w)
+
+
+@triton.jit
+def _field_vec(cptr, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m,
+               ND: tl.constexpr):
+    """Displacement of one channel at voxels with per-voxel nodes (gathers)."""
+    r00 = (id0 * sh + ih0) * sw
+    r01 = (id0 * sh + ih1) * sw
+    u = lh0 * (lw0 * tl.load(cptr + r00 + iw0, mask=m, other=0.0) + lw1 * tl.load(cptr + r00 + iw1, mask=m, other=0.0)) \
+        + lh1 * (lw0 * tl.load(cptr + r01 + iw0, mask=m, other=0.0) + lw1 * tl.load(cptr + r01 + iw1, mask=m, other=0.0))
+    if ND == 3:
+        r10 = (id1 * sh + ih0) * sw
+        r11 = (id1 * sh + ih1) * sw
+        u1 = lh0 * (lw0 * tl.load(cptr + r10 + iw0, mask=m, other=0.0) + lw1 * tl.load(cptr + r10 + iw1, mask=m, other=0.0)) \
+            + lh1 * (lw0 * tl.load(cptr + r11 + iw0, mask=m, other=0.0) + lw1 * tl.load(cptr + r11 + iw1, mask=m, other=0.0))
+        u = ld0 * u + ld1 * u1
+    return u
+
+
+@triton.jit
+def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
+                    i0d, l1d, i0h, l1h, i0w, l1w,
+                    C, D, H, W, sd, sh, sw,
+                    ND: tl.constexpr, BORDER: tl.constexpr, WRITE_FIELD: tl.constexpr,
+                    INT64: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    if INT64:
+        offs = offs.to(tl.int64)
+    N = D * H * W
+    m = offs < N
+    w = offs % W
+    t = offs // W
+    h = t % H
+    d = t // H
+
+    iw0, iw1, lw0, lw1 = _interp(i0w, l1w, w, sw, m)
+    ih0, ih1, lh0, lh1 = _interp(i0h, l1h, h, sh, m)
+    id0, id1, ld0, ld1 = _interp(i0d, l1d, d, sd, m)
+    sc = sd * sh * sw
+    cb = crs_ptr + b * ND * sc
+    # displacement in (d, h, w) order; d stays 0 in 2-D
+    uh = _field_vec(cb + (ND - 2) * sc, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
+    uw = _field_vec(cb + (ND - 1) * sc, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
+    if ND == 3:
+        ud = _field_vec(cb, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
+    else:
+        ud = tl.zeros_like(uh)
+
+    if WRITE_FIELD:
+        ob = out_ptr + b * ND * N + offs
+        if ND == 3:
+            tl.store(ob, ud.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(ob + (ND - 2) * N, uh.to(out_ptr.dtype.element_ty), mask=m)
+        tl.store(ob + (ND - 1) * N, uw.to(out_ptr.dtype.element_ty), mask=m)
+    else:
+        pd = d.to(uh.dtype) + ud
+        ph = h.to(uh.dtype) + uh
+        pw = w.to(uh.dtype) + uw
+        nan = pd + ph + pw  # NaN exactly where a coordinate is NaN
+        bad = nan != nan
+        zd, fd, okd0, okd1, _cd = _taps(tl.where(bad, 0.0, pd), D, BORDER)
+        zh, fh, okh0, okh1, _ch = _taps(tl.where(bad, 0.0, ph), H, BORDER)
+        zw, fw, okw0, okw1, _cw = _taps(tl.where(bad, 0.0, pw), W, BORDER)
+        row = (zd * H + zh) * W + zw  # corner (0, 0, 0); may be negative, masked
+        for c in range(C):
+            base = mov_ptr + (b * C + c) * N
+            v = (1.0 - fh) * ((1.0 - fw) * tl.load(base + row, mask=m & okd0 & okh0 & okw0, other=0.0).to(fw.dtype)
+                              + fw * tl.load(base + row + 1, mask=m & okd0 & okh0 & okw1, other=0.0).to(fw.dtype)) \
+                + fh * ((1.0 - fw) * tl.load(base + row + W, mask=m & okd0 & okh1 & okw0, other=0.0).to(fw.dtype)
+                        + fw * tl.load(base + row + W + 1, mask=m & okd0 & okh1 & okw1, other=0.0).to(fw.dtype))
+            if ND == 3:
+                r1 = row + H * W
+                v1 = (1.0 - fh) * ((1.0 - fw) * tl.load(base + r1, mask=m & okd1 & okh0 & okw0, other=0.0).to(fw.dtype)
+                                   + fw * tl.load(base + r1 + 1, mask=m & okd1 & okh0 & okw1, other=0.0).to(fw.dtype)) \
+                    + fh * ((1.0 - fw) * tl.load(base + r1 + W, mask=m & okd1 & okh1 & okw0, other=0.0).to(fw.dtype)
+                            + fw * tl.load(base + r1 + W + 1, mask=m & okd1 & okh1 & okw1, other=0.0).to(fw.dtype))
+                v = (1.0 - fd) * v + fd * v1
+            v = tl.where(bad, nan, v)
+            tl.store(out_ptr + (b * C + c) * N + offs, v.to(out_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _corner(base, idx, m, wt_d, wt_h, wt_w, dd, dh, dw, g, gm_base, NEED_MOVING: tl.constexpr):
+    """One corner of the backward: returns its contributions to the position
+    gradient (d, h, w) and scatters g * weight into the image gradient."""
+    v = tl.load(base + idx, mask=m, other=0.0).to(wt_w.dtype)
+    if NEED_MOVING:
+        tl.atomic_add(gm_base + idx, (g * wt_d * wt_h * wt_w).to(gm_base.dtype.element_ty), mask=m)
+    return dd * wt_h * wt_w * v, wt_d * dh * wt_w * v, wt_d * wt_h * dw * v
+
+
+@triton.jit
+def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr,
+                    i0d, l1d, cbd, i0h, l1h, cbh, i0w, l1w, cbw,
+                    C, D, H, W, sd, sh, sw, T,
+                    ND: tl.constexpr, BORDER: tl.constexpr, FIELD_GRAD: tl.constexpr,
+                    NEED_MOVING: tl.constexpr, NEED_COARSE: tl.constexpr,
+                    INT64: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    tile = pid % T
+    ncell = sd * sh * sw
+    cell = (pid // T) % ncell
+    b = (pid // T // ncell).to(tl.int64)
+    cw = cell % sw
+    ch = (cell // sw) % sh
+    cd = cell // (sw * sh)
+    d_lo = tl.load(cbd + cd)
+    h_lo = tl.load(cbh + ch)
+    w_lo = tl.load(cbw + cw)
+    ed = tl.load(cbd + cd + 1) - d_lo
+    eh = tl.load(cbh + ch + 1) - h_lo
+    ew = tl.load(cbw + cw + 1) - w_lo
+    o = tile * BLOCK + tl.arange(0, BLOCK)
+    if INT64:
+        o = o.to(tl.int64)
+    m = o < ed * eh * ew
+    ew1 = tl.maximum(ew, 1)
+    eh1 = tl.maximum(eh, 1)
+    w = w_lo + o % ew1
+    h = h_lo + (o // ew1) % eh1
+    d = d_lo + o // (ew1 * eh1)
+    N = D * H * W
+    vox = (d * H + h) * W + w
+
+    # every voxel of the cell shares its nodes: scalar loads
+    lw1 = tl.load(l1w + w, mask=m, other=0.0)
+    lh1 = tl.load(l1h + h, mask=m, other=0.0)
+    ld1 = tl.load(l1d + d, mask=m, other=0.0)
+    lw0 = 1.0 - lw1
+    lh0 = 1.0 - lh1
+    ld0 = 1.0 - ld1
+    cd1 = tl.minimum(cd + 1, sd - 1)
+    ch1 = tl.minimum(ch + 1, sh - 1)
+    cw1 = tl.minimum(cw + 1, sw - 1)
+    sc = sd * sh * sw
+
+    if FIELD_GRAD:
+        gb = gout_ptr + b * ND * N + vox
+        gh = tl.load(gb + (ND - 2) * N, mask=m, other=0.0).to(lw1.dtype)
+        gw = tl.load(gb + (ND - 1) * N, mask=m, other=0.0).to(lw1.dtype)
+        if ND == 3:
+            gd = tl.load(gb, mask=m, other=0.0).to(lw1.dtype)
+        else:
+            gd = tl.zeros_like(gh)
+    else:
+        cb = crs_ptr + b * ND * sc
+        uh = _cell_field(cb + (ND - 2) * sc, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
+        uw = _cell_field(cb + (ND - 1) * sc, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
+        if ND == 3:
+            ud = _cell_field(cb, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
+        else:
+            ud = tl.zeros_like(uh)
+        pd = d.to(uh.dtype) + ud
+        ph = h.to(uh.dtype) + uh
+        pw = w.to(uh.dtype) + uw
+        nan = pd + ph + pw
+        bad = nan != nan
+        zd, fd, okd0, okd1, cld = _taps(tl.where(bad, 0.0, pd), D, BORDER)
+        zh, fh, okh0, okh1, clh = _taps(tl.where(bad, 0.0, ph), H, BORDER)
+        zw, fw, okw0, okw1, clw = _taps(tl.where(bad, 0.0, pw), W, BORDER)
+        mg = m & ~bad
+        row = (zd * H + zh) * W + zw
+        gd = tl.zeros_like(fw)
+        gh = tl.zeros_like(fw)
+        gw = tl.zeros_like(fw)
+        for c in range(C):
+            base = mov_ptr + (b * C + c) * N
+            gmb = gmov_ptr + (b * C + c) * N
+            g = tl.load(gout_ptr + (b * C + c) * N + vox, mask=m, other=0.0).to(fw.dtype)
+            a0, a1, a2 = _corner(base, row, mg & okd0 & okh0 & okw0, 1.0 - fd, 1.0 - fh, 1.0 - fw, -cld, -clh, -clw, g, gmb, NEED_MOVING)
+            b0, b1, b2 = _corner(base, row + 1, mg & okd0 & okh0 & okw1, 1.0 - fd, 1.0 - fh, fw, -cld, -clh, clw, g, gmb, NEED_MOVING)
+            c0, c1, c2 = _corner(base, row + W, mg & okd0 & okh1 & okw0, 1.0 - fd, fh, 1.0 - fw, -cld, clh, -clw, g, gmb, NEED_MOVING)
+            e0, e1, e2 = _corner(base, row + W + 1, mg & okd0 & okh1 & okw1, 1.0 - fd, fh, fw, -cld, clh, clw, g, gmb, NEED_MOVING)
+            sd_ = a0 + b0 + c0 + e0
+            sh_ = a1 + b1 + c1 + e1
+            sw_ = a2 + b2 + c2 + e2
+            if ND == 3:
+                r1 = row + H * W
+                a0, a1, a2 = _corner(base, r1, mg & okd1 & okh0 & okw0, fd, 1.0 - fh, 1.0 - fw, cld, -clh, -clw, g, gmb, NEED_MOVING)
+                b0, b1, b2 = _corner(base, r1 + 1, mg & okd1 & okh0 & okw1, fd, 1.0 - fh, fw, cld, -clh, clw, g, gmb, NEED_MOVING)
+                c0, c1, c2 = _corner(base, r1 + W, mg & okd1 & okh1 & okw0, fd, fh, 1.0 - fw, cld, clh, -clw, g, gmb, NEED_MOVING)
+                e0, e1, e2 = _corner(base, r1 + W + 1, mg & okd1 & okh1 & okw1, fd, fh, fw, cld, clh, clw, g, gmb, NEED_MOVING)
+                sd_ += a0 + b0 + c0 + e0
+                sh_ += a1 + b1 + c1 + e1
+                sw_ += a2 + b2 + c2 + e2
+            gd += g * sd_
+            gh += g * sh_
+            gw += g * sw_
+        # a NaN position has a NaN gradient (documented)
+        gd = tl.where(bad, nan, gd)
+        gh = tl.where(bad, nan, gh)
+        gw = tl.where(bad, nan, gw)
+
+    if NEED_COARSE:
+        # partial sums of this program, layout [B, ncell, T, 2, 2, 2, nd]
+        pb = part_ptr + pid.to(tl.int64) * (8 * ND)
+        _store_corner_sums(pb, ld0 * lh0 * lw0, gd, gh, gw, m, ND, 0)
+        _store_corner_sums(pb, ld0 * lh0 * lw1, gd, gh, gw, m, ND, 1)
+        _store_corner_sums(pb, ld0 * lh1 * lw0, gd, gh, gw, m, ND, 2)
+        _store_corner_sums(pb, ld0 * lh1 * lw1, gd, gh, gw, m, ND, 3)
+        if ND == 3:
+            _store_corner_sums(pb, ld1 * lh0 * lw0, gd, gh, gw, m, ND, 4)
+            _store_corner_sums(pb, ld1 * lh0 * lw1, gd, gh, gw, m, ND, 5)
+            _store_corner_sums(pb, ld1 * lh1 * lw0, gd, gh, gw, m, ND, 6)
+            _store_corner_sums(pb, ld1 * lh1 * lw1, gd, gh, gw, m, ND, 7)
+        else:
+            for k in tl.static_range(4 * ND, 8 * ND):  # the absent d corners
+                tl.store(pb + k, 0.0)
+
+
+@triton.jit
+def _cell_field(cptr, d0, d1, ld0, ld1, h0, h1, lh0, lh1, w0, w1, lw0, lw1, sh, sw, ND: tl.constexpr):
+    """Displacement of one channel at voxels of one cell (nodes are scalars)."""
+    u = lh0 * (lw0 * _node(cptr, d0, h0, w0, sh, sw) + lw1 * _node(cptr, d0, h0, w1, sh, sw)) \
+        + lh1 * (lw0 * _node(cptr, d0, h1, w0, sh, sw) + lw1 * _node(cptr, d0, h1, w1, sh, sw))
+    if ND == 3:
+        u1 = lh0 * (lw0 * _node(cptr, d1, h0, w0, sh, sw) + lw1 * _node(cptr, d1, h0, w1, sh, sw)) \
+            + lh1 * (lw0 * _node(cptr, d1, h1, w0, sh, sw) + lw1 * _node(cptr, d1, h1, w1, sh, sw))
+        u = ld0 * u + ld1 * u1
+    return u
+
+
+@triton.jit
+def _store_corner_sums(pb, wt, gd, gh, gw, m, ND: tl.constexpr, K: tl.constexpr):
+    if ND == 3:
+        tl.store(pb + K * ND, tl.sum(tl.where(m, wt * gd, 0.0), 0))
+    tl.store(pb + K * ND + ND - 2, tl.sum(tl.where(m, wt * gh, 0.0), 0))
+    tl.store(pb + K * ND + ND - 1, tl.sum(tl.where(m, wt * gw, 0.0), 0))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _grid3(size):
+    size = list(size)
+    return [1] + size if len(size) == 2 else size
+
+
+def _needs_int64(*numels: int) -> bool:
+    return max(numels) >= 2**31 - 1
+
+
+def _table_args(tabs, with_cells: bool):
+    args = []
+    for t in tabs:
+        args += [t.i0, t.l1] + ([t.cell_begin] if with_cells else [])
+    return args
+
+
+def _forward(moving_or_none, coarse, size, align_corners, padding_mode, C, out, write_field):
+    nd = coarse.dim() - 2
+    D, H, W = _grid3(size)
+    sd, sh, sw = _grid3(coarse.shape[2:])
+    tabs = axis_tables(size, coarse.shape[2:], align_corners, coarse.dtype, coarse.device)
+    N = D * H * W
+    grid = (triton.cdiv(N, _FWD_BLOCK), coarse.shape[0])
+    warp_fwd_kernel[grid](
+        moving_or_none if moving_or_none is not None else out, coarse, out, *_table_args(tabs, False),
+        C, D, H, W, sd, sh, sw,
+        ND=nd, BORDER=padding_mode == "border", WRITE_FIELD=write_field,
+        INT64=_needs_int64(N), BLOCK=_FWD_BLOCK)
+    return out
+
+
+def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_corners, padding_mode,
+              need_moving, need_coarse, field_grad, compute_dtype):
+    nd = len(coarse_shape) - 2
+    B = coarse_shape[0]
+    D, H, W = _grid3(size)
+    sd, sh, sw = _grid3(coarse_shape[2:])
+    device = gout.device
+    tabs = axis_tables(size, coarse_shape[2:], align_corners, compute_dtype, device)
+    N = D * H * W
+    T = max(1, triton.cdiv(tabs[0].max_cell * tabs[1].max_cell * tabs[2].max_cell, _BWD_BLOCK))
+    ncell = sd * sh * sw
+    part = new_output((B, ncell, T, 8, nd), compute_dtype, device) if need_coarse \
+        else torch.empty(1, dtype=compute_dtype, device=device)
+    C = 0 if moving_or_none is None else moving_or_none.shape[1]
+    if need_moving:
+        # fp32 accumulation for half inputs; the atomics write the result in place otherwise
+        acc_dtype = moving_or_none.dtype if moving_or_none.dtype in (torch.float32, torch.float64) else torch.float32
+        gmov = torch.zeros(moving_or_none.shape, dtype=acc_dtype, device=device)
+    else:
+        gmov = torch.empty(1, dtype=compute_dtype, device=device)
+    dummy = gout
+    warp_bwd_kernel[(B * ncell * T,)](
+        gout, moving_or_none if moving_or_none is not None else dummy,
+        coarse_or_none if coarse_or_none is not None else dummy, gmov, part,
+        *_table_args(tabs, True),
+        C, D, H, W, sd, sh, sw, T,
+        ND=nd, BORDER=padding_mode == "border", FIELD_GRAD=field_grad,
+        NEED_MOVING=need_moving, NEED_COARSE=need_coarse,
+        INT64=_needs_int64(N), BLOCK=_BWD_BLOCK)
+    grad_coarse = None
+    if need_coarse:
+        cells_sum = part.view(B, sd, sh, sw, T, 2, 2, 2, nd).sum(4)
+        grad_coarse = fold_cell_partials(cells_sum, coarse_shape[2:])
+    return gmov, grad_coarse
+
+
+def warp_fwd(moving: torch.Tensor, coarse: torch.Tensor, align_corners: bool, padding_mode: str) -> torch.Tensor:
+    out = new_output(moving.shape, moving.dtype, moving.device)
+    return _forward(moving, coarse, moving.shape[2:], align_corners, padding_mode, moving.shape[1], out, False)
+
+
+def warp_bwd(grad_out, moving, coarse, align_corners, padding_mode, need_moving, need_coarse):
+    gmov, gcrs = _backward(grad_out, moving, coarse.shape, coarse, moving.shape[2:], align_corners, padding_mode,
+                           need_moving, need_coarse, False, coarse.dtype)
+    gmov = gmov.to(moving.dtype) if need_moving else moving.new_empty(0)
+    return gmov, (gcrs if need_coarse else coarse.new_empty(0))
+
+
+def upsample_field_fwd(coarse: torch.Tensor, size, align_corners: bool) -> torch.Tensor:
+    out = new_output((coarse.shape[0], coarse.shape[1], *size), coarse.dtype, coarse.device)
+    return _forward(None, coarse, size, align_corners, "zeros", 0, out, True)
+
+
+def upsample_field_bwd(grad_field: torch.Tensor, coarse_size, align_corners: bool) -> torch.Tensor:
+    shape = (grad_field.shape[0], grad_field.shape[1], *coarse_size)
+    _, g = _backward(grad_field, None, shape, None, grad_field.shape[2:], align_corners, "zeros",
+                     False, True, True, grad_field.dtype)
+    return g

@@ -1,0 +1,423 @@
+// Geometry shared by the CPU kernels: the coarse-to-fine interpolation tables,
+// the per-row coarse field, bilinear/trilinear sampling taps and the
+// deterministic per-cell reduction of coarse-grid gradients.
+//
+// Every kernel works on a 3-D view: a 2-D problem (B, C, H, W) is seen as
+// (B, C, 1, H, W) with no displacement channel along d, so one code path (with
+// `ND` as a template parameter) serves both.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace coopseg {
+
+// A tensor for a kernel to fill. With COOPSEG_POISON=1 (the tests set it) it
+// starts as NaN, so an element a kernel forgets to write cannot pass unseen.
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  static const bool poison = [] {
+    const char* v = std::getenv("COOPSEG_POISON");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return poison ? at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options) : at::empty(sizes, options);
+}
+
+struct Dims3 {
+  int64_t d, h, w;
+  int64_t numel() const { return d * h * w; }
+};
+
+// Spatial sizes of a (B, C, *S) tensor seen as 3-D.
+inline Dims3 dims3(const at::Tensor& t) {
+  if (t.dim() == 4) return {1, t.size(2), t.size(3)};
+  return {t.size(2), t.size(3), t.size(4)};
+}
+
+// Linear interpolation of one axis from s coarse nodes to S voxels, with the
+// arithmetic of F.interpolate(mode="linear"/"bilinear"/"trilinear") on CPU so
+// that the fused kernels reproduce the reference to rounding.
+template <typename T>
+struct AxisInterp {
+  std::vector<int32_t> i0, i1;  // lower / upper node of each voxel (coarse sizes are < 2^31)
+  std::vector<T> l0, l1;        // their weights
+  // voxels [cell_begin[c], cell_begin[c + 1]) have i0 == c (a "cell"); a cell
+  // may be empty when the coarse axis is longer than the fine one.
+  std::vector<int64_t> cell_begin;
+  int64_t S = 0, s = 0;
+
+  AxisInterp(int64_t S_, int64_t s_, bool align_corners) : S(S_), s(s_) {
+    i0.resize(S);
+    i1.resize(S);
+    l0.resize(S);
+    l1.resize(S);
+    const T scale = align_corners ? (S > 1 ? T(s - 1) / T(S - 1) : T(0)) : T(s) / T(S);
+    for (int64_t x = 0; x < S; ++x) {
+      T src = align_corners ? scale * T(x) : std::max(scale * (T(x) + T(0.5)) - T(0.5), T(0));
+      int64_t lo = std::min(static_cast<int64_t>(std::floor(src)), s - 1);
+      T lam = std::min(std::max(src - T(lo), T(0)), T(1));
+      i0[x] = static_cast<int32_t>(lo);
+      i1[x] = static_cast<int32_t>(lo + (lo < s - 1 ? 1 : 0));
+      l1[x] = lam;
+      l0[x] = T(1) - lam;
+    }
+    cell_begin.assign(s + 1, 0);
+    for (int64_t x = 0; x < S; ++x) cell_begin[i0[x] + 1]++;
+    for (int64_t c = 0; c < s; ++c) cell_begin[c + 1] += cell_begin[c];
+  }
+  int64_t cell_size(int64_t c) const { return cell_begin[c + 1] - cell_begin[c]; }
+  int64_t upper(int64_t c) const { return std::min(c + 1, s - 1); }
+};
+
+template <typename T>
+struct FieldInterp {
+  AxisInterp<T> d, h, w;
+  FieldInterp(Dims3 S, Dims3 s, bool align_corners)
+      : d(S.d, s.d, align_corners), h(S.h, s.h, align_corners), w(S.w, s.w, align_corners) {}
+};
+
+// The coarse field of batch b interpolated along d and h for one fine row
+// (d, h): rowf[j * s.w + iw]. Along w each voxel then needs two taps only.
+template <typename T, int ND>
+inline void coarse_row(const T* coarse_b, Dims3 s, const FieldInterp<T>& I, int64_t d, int64_t h,
+                       T* rowf) {
+  const int64_t sc = s.numel();
+  const T ld0 = I.d.l0[d], ld1 = I.d.l1[d], lh0 = I.h.l0[h], lh1 = I.h.l1[h];
+  const int64_t r00 = (I.d.i0[d] * s.h + I.h.i0[h]) * s.w, r01 = (I.d.i0[d] * s.h + I.h.i1[h]) * s.w;
+  const int64_t r10 = (I.d.i1[d] * s.h + I.h.i0[h]) * s.w, r11 = (I.d.i1[d] * s.h + I.h.i1[h]) * s.w;
+  for (int j = 0; j < ND; ++j) {
+    const T* c = coarse_b + j * sc;
+    for (int64_t iw = 0; iw < s.w; ++iw)
+      rowf[j * s.w + iw] = ld0 * (lh0 * c[r00 + iw] + lh1 * c[r01 + iw]) +
+                           ld1 * (lh0 * c[r10 + iw] + lh1 * c[r11 + iw]);
+  }
+}
+
+// Sampling taps of every voxel of one output row, in structure-of-arrays form:
+// simple loops over a row vectorise (gathers) with -O3 -march=native, where one
+// loop doing everything in registers was measured slower. A tap outside the
+// image gets weight 0, derivative 0 and offset 0 (a safe address); `ok` keeps
+// which taps are real. Sampling follows grid_sample(align_corners=True) in voxel
+// units. In 2-D the d axis is one tap at offset 0 with weight 1. `I` is the
+// offset type: int32 when a volume has fewer than 2^31 voxels, int64 otherwise.
+enum TapBits : uint8_t { kD0 = 1, kD1 = 2, kH0 = 4, kH1 = 8, kW0 = 16, kW1 = 32 };
+
+template <int ND>
+constexpr int all_taps() {
+  return ND == 3 ? (kD0 | kD1 | kH0 | kH1 | kW0 | kW1) : (kD0 | kH0 | kH1 | kW0 | kW1);
+}
+
+template <typename T, typename I>
+struct RowTaps {
+  std::vector<I> od0, od1, oh0, oh1, ow0, ow1;  // offsets, strides applied
+  std::vector<T> wd0, wd1, wh0, wh1, ww0, ww1;  // weights
+  std::vector<T> gd0, gd1, gh0, gh1, gw0, gw1;  // d(weight)/d(position), border clip applied
+  std::vector<I> lower;                         // index of tap 0 along the slab axis (d in 3-D, h in 2-D)
+  std::vector<I> scratch;                       // lower indices of the other axes (unused)
+  std::vector<I> ok;                            // TapBits of the taps inside the image
+  std::vector<I> bad;                           // 1 where the position is NaN
+  std::vector<T> pd, ph, pw;                    // positions
+
+  explicit RowTaps(int64_t W) {
+    for (auto* v : {&od0, &od1, &oh0, &oh1, &ow0, &ow1, &lower, &scratch, &ok, &bad}) v->assign(W, I(0));
+    for (auto* v : {&wd0, &wd1, &wh0, &wh1, &ww0, &ww1, &gd0, &gd1, &gh0, &gh1, &gw0, &gw1, &pd, &ph, &pw})
+      v->assign(W, T(0));
+  }
+};
+
+// The taps of one axis for positions p[0..W); branch-free so that it vectorises.
+template <typename T, typename I, bool BORDER>
+inline void axis_taps(const T* __restrict p_, int64_t W, I n, I stride, I bit0, I bit1, I* __restrict o0,
+                      I* __restrict o1, T* __restrict w0, T* __restrict w1, T* __restrict g0,
+                      T* __restrict g1, I* __restrict lower, I* __restrict ok) {
+  const T hi = T(n - 1);
+#pragma omp simd
+  for (int64_t w = 0; w < W; ++w) {
+    T p = p_[w];
+    p = (p == p) ? p : T(0);  // NaN is flagged separately; keep the integer conversion defined
+    T clip = T(1);
+    if (BORDER) {
+      // grid_sample's clip: the border itself counts as outside for the gradient
+      clip = ((p > T(0)) & (p < hi)) ? T(1) : T(0);
+      p = std::min(std::max(p, T(0)), hi);
+    } else {
+      // beyond one voxel outside both taps are out anyway; also bounds huge values
+      p = std::min(std::max(p, T(-2)), hi + T(2));
+    }
+    // floor through truncation (p is clamped, so it fits I): std::floor does not vectorise
+    I i = static_cast<I>(p);
+    i -= (T(i) > p) ? I(1) : I(0);
+    const T f = p - T(i);
+    const bool k0 = (i >= 0) & (i < n);
+    const bool k1 = (i >= -1) & (i < n - 1);
+    o0[w] = k0 ? i * stride : I(0);
+    o1[w] = k1 ? (i + 1) * stride : I(0);
+    w0[w] = k0 ? T(1) - f : T(0);
+    w1[w] = k1 ? f : T(0);
+    g0[w] = k0 ? -clip : T(0);
+    g1[w] = k1 ? clip : T(0);
+    lower[w] = i;
+    ok[w] |= (k0 ? bit0 : I(0)) | (k1 ? bit1 : I(0));
+  }
+}
+
+// Positions x + u(x) of row (d, h) and their taps. Along w the field is linear
+// inside each coarse cell, so a cell's two node values are broadcast.
+template <typename T, typename I, int ND, bool BORDER>
+inline void row_taps(const T* rowf, Dims3 s, const AxisInterp<T>& Iw, Dims3 S, int64_t d, int64_t h,
+                     RowTaps<T, I>& R) {
+  const int64_t W = S.w;
+  const T* l1 = Iw.l1.data();
+  T* __restrict pd = R.pd.data();
+  T* __restrict ph = R.ph.data();
+  T* __restrict pw = R.pw.data();
+  I* __restrict ok = R.ok.data();
+  I* __restrict bad = R.bad.data();
+  for (int64_t cw = 0; cw < s.w; ++cw) {
+    const int64_t up = Iw.upper(cw);
+    T a[3] = {0, 0, 0}, b[3] = {0, 0, 0};  // u_j = a_j + b_j * l1(w) inside the cell
+    for (int j = 0; j < ND; ++j) {
+      a[3 - ND + j] = rowf[j * s.w + cw];
+      b[3 - ND + j] = rowf[j * s.w + up] - a[3 - ND + j];
+    }
+#pragma omp simd
+    for (int64_t w = Iw.cell_begin[cw]; w < Iw.cell_begin[cw + 1]; ++w) {
+      pd[w] = T(d) + (a[0] + b[0] * l1[w]);
+      ph[w] = T(h) + (a[1] + b[1] * l1[w]);
+      pw[w] = T(w) + (a[2] + b[2] * l1[w]);
+      bad[w] = ((pd[w] != pd[w]) | (ph[w] != ph[w]) | (pw[w] != pw[w])) ? I(1) : I(0);
+      ok[w] = ND == 3 ? I(0) : I(kD0);
+    }
+  }
+  axis_taps<T, I, BORDER>(ph, W, I(S.h), I(S.w), kH0, kH1, R.oh0.data(), R.oh1.data(), R.wh0.data(),
+                          R.wh1.data(), R.gh0.data(), R.gh1.data(),
+                          ND == 3 ? R.scratch.data() : R.lower.data(), ok);
+  axis_taps<T, I, BORDER>(pw, W, I(S.w), I(1), kW0, kW1, R.ow0.data(), R.ow1.data(), R.ww0.data(),
+                          R.ww1.data(), R.gw0.data(), R.gw1.data(), R.scratch.data(), ok);
+  if (ND == 3) {
+    axis_taps<T, I, BORDER>(pd, W, I(S.d), I(S.h * S.w), kD0, kD1, R.od0.data(), R.od1.data(), R.wd0.data(),
+                            R.wd1.data(), R.gd0.data(), R.gd1.data(), R.lower.data(), ok);
+  } else {
+    std::fill(R.od0.begin(), R.od0.end(), I(0));
+    std::fill(R.od1.begin(), R.od1.end(), I(0));
+    std::fill(R.wd0.begin(), R.wd0.end(), T(1));
+    std::fill(R.wd1.begin(), R.wd1.end(), T(0));
+    std::fill(R.gd0.begin(), R.gd0.end(), T(0));
+    std::fill(R.gd1.begin(), R.gd1.end(), T(0));
+  }
+}
+
+// Multilinear value of voxel w from its corner values v[d][h][w].
+template <typename T, typename I, int ND>
+inline T interp(const RowTaps<T, I>& R, int64_t w, T v000, T v001, T v010, T v011, T v100, T v101, T v110,
+                T v111) {
+  T v = R.wh0[w] * (R.ww0[w] * v000 + R.ww1[w] * v001) + R.wh1[w] * (R.ww0[w] * v010 + R.ww1[w] * v011);
+  if (ND == 3) {
+    const T v1 = R.wh0[w] * (R.ww0[w] * v100 + R.ww1[w] * v101) + R.wh1[w] * (R.ww0[w] * v110 + R.ww1[w] * v111);
+    v = R.wd0[w] * v + R.wd1[w] * v1;
+  }
+  return v;
+}
+
+// g times the gradient of the value w.r.t. the position, added to gp{d,h,w}.
+template <typename T, typename I, int ND>
+inline void interp_grad(const RowTaps<T, I>& R, int64_t w, T g, T v000, T v001, T v010, T v011, T v100,
+                        T v101, T v110, T v111, T& gpd, T& gph, T& gpw) {
+  const T vs[2][4] = {{v000, v001, v010, v011}, {v100, v101, v110, v111}};
+  T th[2], dh[2], tw[2];
+  for (int a = 0; a < (ND == 3 ? 2 : 1); ++a) {
+    const T* v = vs[a];
+    const T l0 = R.ww0[w] * v[0] + R.ww1[w] * v[1], l1 = R.ww0[w] * v[2] + R.ww1[w] * v[3];
+    const T d0 = R.gw0[w] * v[0] + R.gw1[w] * v[1], d1 = R.gw0[w] * v[2] + R.gw1[w] * v[3];
+    th[a] = R.wh0[w] * l0 + R.wh1[w] * l1;
+    dh[a] = R.gh0[w] * l0 + R.gh1[w] * l1;
+    tw[a] = R.wh0[w] * d0 + R.wh1[w] * d1;
+  }
+  if (ND == 3) {
+    gpd += g * (R.gd0[w] * th[0] + R.gd1[w] * th[1]);
+    gph += g * (R.wd0[w] * dh[0] + R.wd1[w] * dh[1]);
+    gpw += g * (R.wd0[w] * tw[0] + R.wd1[w] * tw[1]);
+  } else {
+    gph += g * dh[0];
+    gpw += g * tw[0];
+  }
+}
+
+// Calls fn(w, v000, ..., v111) for every voxel of the row with its corner
+// values (gathers). Taps outside the image read offset 0 with weight 0; in 2-D
+// the d = 1 corners are 0.
+template <typename T, typename I, int ND, typename Fn>
+inline void for_each_corners(const T* img, const RowTaps<T, I>& R, Dims3 S, Fn&& fn) {
+#pragma omp simd
+  for (int64_t w = 0; w < S.w; ++w) {
+    const I a = R.od0[w] + R.oh0[w], c = R.od0[w] + R.oh1[w];
+    const I e = R.od1[w] + R.oh0[w], f = R.od1[w] + R.oh1[w];
+    fn(w, img[a + R.ow0[w]], img[a + R.ow1[w]], img[c + R.ow0[w]], img[c + R.ow1[w]],
+       ND == 3 ? img[e + R.ow0[w]] : T(0), ND == 3 ? img[e + R.ow1[w]] : T(0),
+       ND == 3 ? img[f + R.ow0[w]] : T(0), ND == 3 ? img[f + R.ow1[w]] : T(0));
+  }
+}
+
+// out[w] = image sampled at the row's positions (NaN where the position is NaN).
+template <typename T, typename I, int ND>
+inline void row_sample(const T* img, const RowTaps<T, I>& R, Dims3 S, T* out) {
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for_each_corners<T, I, ND>(img, R, S, [&](int64_t w, T a, T b, T c, T d, T e, T f, T g, T h) {
+    out[w] = R.bad[w] ? nan : interp<T, I, ND>(R, w, a, b, c, d, e, f, g, h);
+  });
+}
+
+// gp{d,h,w}[w] += g[w] * d(sample)/d(position) for one channel.
+template <typename T, typename I, int ND>
+inline void row_position_grad(const T* img, const T* g, const RowTaps<T, I>& R, Dims3 S, T* gpd, T* gph,
+                              T* gpw) {
+  for_each_corners<T, I, ND>(img, R, S, [&](int64_t w, T a, T b, T c, T d, T e, T f, T gg, T h) {
+    interp_grad<T, I, ND>(R, w, g[w], a, b, c, d, e, f, gg, h, gpd[w], gph[w], gpw[w]);
+  });
+}
+
+// The image-gradient scatter of one row for the task owning the slab [lo, hi)
+// along the slab axis (d in 3-D, h in 2-D): gm[tap] += weight * g[x] over the
+// C channels (stride N), for the taps of x that lie in the slab. A task never
+// writes outside its slab, so tasks need no atomics and no private copies, and
+// a target sums its contributions in voxel order with the same arithmetic
+// whichever task adds them: the result does not depend on the thread count.
+template <typename T, typename I, int ND>
+inline void row_scatter(const T* g, const RowTaps<T, I>& R, Dims3 S, int64_t C, int64_t N, int64_t lo,
+                        int64_t hi, T* gm) {
+  for (int64_t w = 0; w < S.w; ++w) {
+    if (R.bad[w]) continue;
+    const int64_t z = R.lower[w];
+    const bool m0 = z >= lo && z < hi, m1 = z + 1 >= lo && z + 1 < hi;
+    if (!m0 && !m1) continue;
+    const I ok = R.ok[w];
+    const I od[2] = {R.od0[w], R.od1[w]}, oh[2] = {R.oh0[w], R.oh1[w]}, ow[2] = {R.ow0[w], R.ow1[w]};
+    const T wd[2] = {R.wd0[w], R.wd1[w]}, wh[2] = {R.wh0[w], R.wh1[w]}, ww[2] = {R.ww0[w], R.ww1[w]};
+    if (m0 && m1 && ok == I(all_taps<ND>())) {  // interior: every corner is real and ours
+      for (int64_t c = 0; c < C; ++c) {
+        const T gv = g[c * N + w];
+        T* out = gm + c * N;
+        for (int a = 0; a < (ND == 3 ? 2 : 1); ++a)
+          for (int b = 0; b < 2; ++b) {
+            const T wab = wd[a] * wh[b] * gv;
+            T* r = out + od[a] + oh[b];
+            r[ow[0]] += wab * ww[0];
+            r[ow[1]] += wab * ww[1];
+          }
+      }
+      continue;
+    }
+    for (int a = 0; a < (ND == 3 ? 2 : 1); ++a) {
+      if (!(ok & (a ? kD1 : kD0))) continue;
+      for (int b = 0; b < 2; ++b) {
+        if (!(ok & (b ? kH1 : kH0))) continue;
+        if (!((ND == 3 ? a : b) ? m1 : m0)) continue;  // the slab-axis tap is another task's
+        for (int e = 0; e < 2; ++e) {
+          if (!(ok & (e ? kW1 : kW0))) continue;
+          const I off = od[a] + oh[b] + ow[e];
+          for (int64_t c = 0; c < C; ++c) gm[c * N + off] += (wd[a] * wh[b] * g[c * N + w]) * ww[e];
+        }
+      }
+    }
+  }
+}
+
+// Deterministic gradient of the coarse grid: tasks own (b, cell_d, cell_h,
+// chunk of rows) and hold, per w-cell, 2^ND corner partial sums of each of the
+// ND channels. `make_visitor()` gives each parallel chunk its own row visitor;
+// `visit(b, d, h, rowf, Alo, Ahi)` stores, for every w-cell cw of row (d, h),
+// sum over the cell's voxels of l0w * g_j(x) in Alo[cw * ND + j] and of
+// l1w * g_j(x) in Ahi[cw * ND + j] (g_j = dLoss/du_j(x)). Partials are folded
+// into the nodes in one fixed order, so the result is bitwise reproducible and
+// independent of the thread count.
+template <typename T, int ND, typename MakeVisitor>
+at::Tensor reduce_coarse_grad(const at::Tensor& coarse, const FieldInterp<T>& I, bool with_rows,
+                              MakeVisitor make_visitor) {
+  using acc_t = double;
+  const Dims3 s = dims3(coarse);
+  const int64_t B = coarse.size(0);
+  int64_t max_rows = 1;
+  for (int64_t cd = 0; cd < s.d; ++cd)
+    for (int64_t ch = 0; ch < s.h; ++ch)
+      max_rows = std::max(max_rows, I.d.cell_size(cd) * I.h.cell_size(ch));
+  // Split the rows of a cell into chunks when there are few cells (a
+  // translation has one), so that every thread gets work. The split depends on
+  // shapes only, never on the thread count: the sums are bitwise reproducible.
+  constexpr int64_t kMinTasks = 64;
+  const int64_t ncell_rows = B * s.d * s.h;
+  const int64_t nchunk = std::min(max_rows, (kMinTasks + ncell_rows - 1) / ncell_rows);
+  const int64_t rows_per_task = (max_rows + nchunk - 1) / nchunk;
+  const int64_t ntask = ncell_rows * nchunk;
+  constexpr int64_t kCorners = (ND == 3 ? 8 : 4);
+  const int64_t per_task = s.w * kCorners * ND;
+  std::vector<acc_t> partial(static_cast<size_t>(ntask * per_task), acc_t(0));
+  const T* cp = coarse.data_ptr<T>();
+
+  at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> rowf(ND * s.w), Alo(s.w * ND), Ahi(s.w * ND);
+    auto visit_row = make_visitor();
+    for (int64_t t = t0; t < t1; ++t) {
+      int64_t r = t;
+      const int64_t chunk = r % nchunk; r /= nchunk;
+      const int64_t ch = r % s.h; r /= s.h;
+      const int64_t cd = r % s.d;
+      const int64_t b = r / s.d;
+      const int64_t nh = I.h.cell_size(ch);
+      const int64_t nrows = I.d.cell_size(cd) * nh;
+      acc_t* part = partial.data() + t * per_task;
+      const int64_t row_end = std::min(nrows, (chunk + 1) * rows_per_task);
+      for (int64_t row = chunk * rows_per_task; row < row_end; ++row) {
+        const int64_t d = I.d.cell_begin[cd] + row / nh;
+        const int64_t h = I.h.cell_begin[ch] + row % nh;
+        if (with_rows) coarse_row<T, ND>(cp + b * ND * s.numel(), s, I, d, h, rowf.data());
+        visit_row(b, d, h, rowf.data(), Alo.data(), Ahi.data());
+        const T ld[2] = {I.d.l0[d], I.d.l1[d]}, lh[2] = {I.h.l0[h], I.h.l1[h]};
+        for (int64_t cw = 0; cw < s.w; ++cw)
+          for (int a = 0; a < (ND == 3 ? 2 : 1); ++a)
+            for (int bb = 0; bb < 2; ++bb) {
+              const acc_t wdh = acc_t(ND == 3 ? ld[a] : T(1)) * acc_t(lh[bb]);
+              acc_t* pc = part + ((cw * kCorners) + (a * 2 + bb) * 2) * ND;
+              for (int j = 0; j < ND; ++j) {
+                pc[j] += wdh * acc_t(Alo[cw * ND + j]);
+                pc[ND + j] += wdh * acc_t(Ahi[cw * ND + j]);
+              }
+            }
+      }
+    }
+  });
+
+  // Fold the partials into the nodes, in task order.
+  std::vector<acc_t> nodes(static_cast<size_t>(B * ND * s.numel()), acc_t(0));
+  for (int64_t t = 0; t < ntask; ++t) {
+    int64_t r = t / nchunk;
+    const int64_t ch = r % s.h; r /= s.h;
+    const int64_t cd = r % s.d;
+    const int64_t b = r / s.d;
+    const int64_t nd_[2] = {cd, I.d.upper(cd)}, nh_[2] = {ch, I.h.upper(ch)};
+    const acc_t* part = partial.data() + t * per_task;
+    for (int64_t cw = 0; cw < s.w; ++cw) {
+      const int64_t nw_[2] = {cw, I.w.upper(cw)};
+      for (int a = 0; a < (ND == 3 ? 2 : 1); ++a)
+        for (int bb = 0; bb < 2; ++bb)
+          for (int cc = 0; cc < 2; ++cc) {
+            const acc_t* pc = part + (cw * kCorners + (a * 2 + bb) * 2 + cc) * ND;
+            const int64_t node = (nd_[a] * s.h + nh_[bb]) * s.w + nw_[cc];
+            for (int j = 0; j < ND; ++j) nodes[(b * ND + j) * s.numel() + node] += pc[j];
+          }
+    }
+  }
+  at::Tensor grad = new_output(coarse.sizes(), coarse.options());
+  T* gp = grad.data_ptr<T>();
+  for (size_t i = 0; i < nodes.size(); ++i) gp[i] = static_cast<T>(nodes[i]);
+  return grad;
+}
+
+}  // namespace coopseg

@@ -1,0 +1,342 @@
+// Fused coarse-field upsampling + multilinear warping on CPU.
+//
+// warp_fwd: one pass over the output rows; each row interpolates the coarse
+//   field along d and h once, then every voxel needs two taps along w.
+// warp_bwd: the coarse-grid gradient is reduced per coarse cell
+//   (reduce_coarse_grad, deterministic); the image gradient is a scatter in which
+//   each task owns a slab of the gradient along the outermost axis and visits only
+//   the output planes whose displacement can reach it, so no thread writes
+//   another's voxels and no per-thread copy of the image exists.
+// upsample_field_fwd / _bwd: the materialised field and its adjoint, on the
+//   same interpolation tables and reduction.
+#include "grid.h"
+
+#include <torch/library.h>
+
+namespace coopseg {
+namespace {
+
+void check_common(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), "coopseg: ", name, " must be a CPU tensor for the C++ kernels");
+  TORCH_CHECK(t.dim() == 4 || t.dim() == 5, "coopseg: ", name, " must be 4-D or 5-D, got ", t.dim(), "-D");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "coopseg: ", name,
+              " must be float32 or float64 for the C++ kernels, got ", t.scalar_type());
+}
+
+void check_pair(const at::Tensor& moving, const at::Tensor& coarse) {
+  check_common(moving, "moving");
+  check_common(coarse, "coarse");
+  TORCH_CHECK(moving.dim() == coarse.dim() && coarse.size(1) == moving.dim() - 2 &&
+                  coarse.size(0) == moving.size(0),
+              "coopseg: coarse must be (B, nd, *s) matching moving (B, C, *S)");
+  TORCH_CHECK(moving.scalar_type() == coarse.scalar_type(), "coopseg: moving and coarse dtypes differ");
+}
+
+template <typename T, typename I, int ND, bool BORDER>
+void warp_forward_impl(const at::Tensor& moving, const at::Tensor& coarse, bool align_corners,
+                       at::Tensor& out) {
+  const int64_t B = moving.size(0), C = moving.size(1);
+  const Dims3 S = dims3(moving), s = dims3(coarse);
+  const int64_t N = S.numel();
+  const FieldInterp<T> I3(S, s, align_corners);
+  const T* mp = moving.data_ptr<T>();
+  const T* cp = coarse.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, B * S.d * S.h, std::max<int64_t>(1, 2048 / S.w), [&](int64_t r0, int64_t r1) {
+    std::vector<T> rowf(ND * s.w);
+    RowTaps<T, I> R(S.w);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t h = r % S.h, d = (r / S.h) % S.d, b = r / (S.h * S.d);
+      coarse_row<T, ND>(cp + b * ND * s.numel(), s, I3, d, h, rowf.data());
+      row_taps<T, I, ND, BORDER>(rowf.data(), s, I3.w, S, d, h, R);
+      const int64_t row = (d * S.h + h) * S.w;
+      for (int64_t c = 0; c < C; ++c)
+        row_sample<T, I, ND>(mp + (b * C + c) * N, R, S, op + (b * C + c) * N + row);
+    }
+  });
+}
+
+template <typename T, typename I, int ND, bool BORDER>
+at::Tensor warp_coarse_grad_impl(const at::Tensor& grad_out, const at::Tensor& moving,
+                                 const at::Tensor& coarse, const FieldInterp<T>& I3) {
+  const int64_t C = moving.size(1);
+  const Dims3 S = dims3(moving), s = dims3(coarse);
+  const int64_t N = S.numel();
+  const T* mp = moving.data_ptr<T>();
+  const T* gp = grad_out.data_ptr<T>();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  return reduce_coarse_grad<T, ND>(coarse, I3, true, [&] {
+    // per parallel chunk: the row's taps and position gradients
+    return [&, R = RowTaps<T, I>(S.w), gpos = std::vector<T>(3 * S.w)](
+               int64_t b, int64_t d, int64_t h, const T* rowf, T* Alo, T* Ahi) mutable {
+      row_taps<T, I, ND, BORDER>(rowf, s, I3.w, S, d, h, R);
+      T* gpd = gpos.data();
+      T* gph = gpd + S.w;
+      T* gpw = gph + S.w;
+      std::fill(gpos.begin(), gpos.end(), T(0));
+      const int64_t row = (d * S.h + h) * S.w;
+      for (int64_t c = 0; c < C; ++c)
+        row_position_grad<T, I, ND>(mp + (b * C + c) * N, gp + (b * C + c) * N + row, R, S, gpd, gph, gpw);
+      for (int64_t w = 0; w < S.w; ++w)  // a NaN position has a NaN gradient (documented)
+        if (R.bad[w]) gpd[w] = gph[w] = gpw[w] = nan;
+      const T* l0 = I3.w.l0.data();
+      const T* l1 = I3.w.l1.data();
+      for (int64_t cw = 0; cw < s.w; ++cw) {
+        const int64_t w0 = I3.w.cell_begin[cw], w1 = I3.w.cell_begin[cw + 1];
+        for (int j = 0; j < ND; ++j) {
+          const T* gj = gpos.data() + (3 - ND + j) * S.w;
+          T lo = 0, hi = 0;
+#pragma omp simd reduction(+ : lo, hi)
+          for (int64_t w = w0; w < w1; ++w) {
+            lo += l0[w] * gj[w];
+            hi += l1[w] * gj[w];
+          }
+          Alo[cw * ND + j] = lo;
+          Ahi[cw * ND + j] = hi;
+        }
+      }
+    };
+  });
+}
+
+template <typename T, typename I, int ND, bool BORDER>
+void warp_moving_grad_impl(const at::Tensor& grad_out, const at::Tensor& coarse,
+                           const FieldInterp<T>& I3, at::Tensor& grad_moving) {
+  const int64_t B = grad_moving.size(0), C = grad_moving.size(1);
+  const Dims3 S = dims3(grad_moving), s = dims3(coarse);
+  const int64_t N = S.numel();
+  // The slab axis: d in 3-D, h in 2-D. Its displacement is coarse channel 0.
+  const int64_t n_sa = (ND == 3 ? S.d : S.h);
+  const AxisInterp<T>& Isa = (ND == 3 ? I3.d : I3.h);
+  const int64_t plane_stride = (ND == 3 ? S.h * S.w : S.w);
+  const T* cp = coarse.data_ptr<T>();
+  const T* gp = grad_out.data_ptr<T>();
+  T* gm = grad_moving.data_ptr<T>();
+
+  // Range of the slab-axis displacement over the coarse nodes of each node
+  // index along that axis: plane q is displaced by no more than these.
+  const int64_t s_sa = (ND == 3 ? s.d : s.h);
+  const int64_t inner = s.numel() / s_sa;
+  std::vector<T> umin(B * s_sa), umax(B * s_sa);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < s_sa; ++k) {
+      const T* c = cp + b * ND * s.numel() + k * inner;
+      T lo = std::numeric_limits<T>::infinity(), hi = -lo;
+      for (int64_t i = 0; i < inner; ++i) {  // fmin/fmax skip NaN nodes; NaN voxels scatter nothing
+        lo = std::fmin(lo, c[i]);
+        hi = std::fmax(hi, c[i]);
+      }
+      umin[b * s_sa + k] = lo;
+      umax[b * s_sa + k] = hi;
+    }
+
+  const int64_t nslab = std::max<int64_t>(1, std::min<int64_t>(n_sa, (at::get_num_threads() + B - 1) / B));
+  at::parallel_for(0, B * nslab, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<T> rowf(ND * s.w);
+    RowTaps<T, I> R(S.w);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / nslab, k = t % nslab;
+      const int64_t lo = n_sa * k / nslab, hi = n_sa * (k + 1) / nslab;
+      for (int64_t c = 0; c < C; ++c)
+        std::fill(gm + (b * C + c) * N + lo * plane_stride, gm + (b * C + c) * N + hi * plane_stride, T(0));
+      for (int64_t q = 0; q < n_sa; ++q) {
+        // Positions along the slab axis lie in [q + umin, q + umax]; the taps of
+        // p are floor(p) and floor(p) + 1, so plane q can reach the slab only if
+        // some p lies in [lo - 1, hi).
+        const int64_t n0 = Isa.i0[q], n1 = Isa.i1[q];
+        T pmin = T(q) + std::fmin(umin[b * s_sa + n0], umin[b * s_sa + n1]);
+        T pmax = T(q) + std::fmax(umax[b * s_sa + n0], umax[b * s_sa + n1]);
+        if (BORDER) {
+          pmin = std::min(std::max(pmin, T(0)), T(n_sa - 1));
+          pmax = std::min(std::max(pmax, T(0)), T(n_sa - 1));
+        }
+        if (!(pmax >= T(lo - 1) && pmin < T(hi))) continue;
+        const int64_t h_begin = (ND == 3 ? 0 : q), h_end = (ND == 3 ? S.h : q + 1);
+        const int64_t d = (ND == 3 ? q : 0);
+        for (int64_t h = h_begin; h < h_end; ++h) {
+          coarse_row<T, ND>(cp + b * ND * s.numel(), s, I3, d, h, rowf.data());
+          row_taps<T, I, ND, BORDER>(rowf.data(), s, I3.w, S, d, h, R);
+          const int64_t row = (d * S.h + h) * S.w;
+          row_scatter<T, I, ND>(gp + b * C * N + row, R, S, C, N, lo, hi, gm + b * C * N);
+        }
+      }
+    }
+  });
+}
+
+template <typename T, typename I, int ND, bool BORDER>
+std::tuple<at::Tensor, at::Tensor> warp_backward_typed(const at::Tensor& grad_out, const at::Tensor& moving,
+                                                       const at::Tensor& coarse, bool align_corners,
+                                                       bool need_moving, bool need_coarse) {
+  at::Tensor gm = need_moving ? new_output(moving.sizes(), moving.options()) : at::empty({0}, moving.options());
+  at::Tensor gc = at::empty({0}, coarse.options());
+  const FieldInterp<T> I3(dims3(moving), dims3(coarse), align_corners);
+  if (need_coarse) gc = warp_coarse_grad_impl<T, I, ND, BORDER>(grad_out, moving, coarse, I3);
+  if (need_moving) warp_moving_grad_impl<T, I, ND, BORDER>(grad_out, coarse, I3, gm);
+  return {gm, gc};
+}
+
+// Calls fn.template operator()<T, I, ND, BORDER>() for the runtime dtype,
+// volume size, dimensionality and padding mode.
+template <typename Fn>
+auto dispatch_warp(const at::Tensor& moving, bool border, Fn&& fn) {
+  const bool three = moving.dim() == 5;
+  const bool small = dims3(moving).numel() < (int64_t(1) << 31);
+  return AT_DISPATCH_FLOATING_TYPES(moving.scalar_type(), "coopseg_warp", [&] {
+    using T = scalar_t;
+    if (small) {
+      if (three) return border ? fn.template operator()<T, int32_t, 3, true>() : fn.template operator()<T, int32_t, 3, false>();
+      return border ? fn.template operator()<T, int32_t, 2, true>() : fn.template operator()<T, int32_t, 2, false>();
+    }
+    if (three) return border ? fn.template operator()<T, int64_t, 3, true>() : fn.template operator()<T, int64_t, 3, false>();
+    return border ? fn.template operator()<T, int64_t, 2, true>() : fn.template operator()<T, int64_t, 2, false>();
+  });
+}
+
+struct ForwardFn {
+  const at::Tensor &moving, &coarse;
+  bool align_corners;
+  at::Tensor& out;
+  template <typename T, typename I, int ND, bool BORDER>
+  void operator()() const {
+    warp_forward_impl<T, I, ND, BORDER>(moving, coarse, align_corners, out);
+  }
+};
+
+struct BackwardFn {
+  const at::Tensor &grad_out, &moving, &coarse;
+  bool align_corners, need_moving, need_coarse;
+  template <typename T, typename I, int ND, bool BORDER>
+  std::tuple<at::Tensor, at::Tensor> operator()() const {
+    return warp_backward_typed<T, I, ND, BORDER>(grad_out, moving, coarse, align_corners, need_moving,
+                                                 need_coarse);
+  }
+};
+
+bool is_border(c10::string_view padding_mode) {
+  TORCH_CHECK(padding_mode == "zeros" || padding_mode == "border",
+              "coopseg: padding_mode must be 'zeros' or 'border', got '", padding_mode, "'");
+  return padding_mode == "border";
+}
+
+at::Tensor warp_fwd(const at::Tensor& moving_, const at::Tensor& coarse_, bool align_corners,
+                    c10::string_view padding_mode) {
+  check_pair(moving_, coarse_);
+  const at::Tensor moving = moving_.contiguous(), coarse = coarse_.contiguous();
+  at::Tensor out = new_output(moving.sizes(), moving.options());
+  dispatch_warp(moving, is_border(padding_mode), ForwardFn{moving, coarse, align_corners, out});
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> warp_bwd(const at::Tensor& grad_out_, const at::Tensor& moving_,
+                                            const at::Tensor& coarse_, bool align_corners,
+                                            c10::string_view padding_mode, bool need_moving,
+                                            bool need_coarse) {
+  check_pair(moving_, coarse_);
+  TORCH_CHECK(grad_out_.sizes() == moving_.sizes() && grad_out_.scalar_type() == moving_.scalar_type(),
+              "coopseg: grad_out must match moving in shape and dtype");
+  const at::Tensor grad_out = grad_out_.contiguous(), moving = moving_.contiguous(),
+                   coarse = coarse_.contiguous();
+  return dispatch_warp(moving, is_border(padding_mode),
+                       BackwardFn{grad_out, moving, coarse, align_corners, need_moving, need_coarse});
+}
+
+template <typename T, int ND>
+void upsample_forward_impl(const at::Tensor& coarse, at::Tensor& field, bool align_corners) {
+  const int64_t B = coarse.size(0);
+  const Dims3 S = dims3(field), s = dims3(coarse);
+  const int64_t N = S.numel();
+  const FieldInterp<T> I(S, s, align_corners);
+  const T* cp = coarse.data_ptr<T>();
+  T* fp = field.data_ptr<T>();
+  at::parallel_for(0, B * S.d * S.h, std::max<int64_t>(1, 2048 / S.w), [&](int64_t r0, int64_t r1) {
+    std::vector<T> rowf(ND * s.w);
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t h = r % S.h, d = (r / S.h) % S.d, b = r / (S.h * S.d);
+      coarse_row<T, ND>(cp + b * ND * s.numel(), s, I, d, h, rowf.data());
+      T* f = fp + b * ND * N + (d * S.h + h) * S.w;
+      const int32_t* i0 = I.w.i0.data();
+      const int32_t* i1 = I.w.i1.data();
+      const T* l0 = I.w.l0.data();
+      const T* l1 = I.w.l1.data();
+      for (int j = 0; j < ND; ++j) {
+        const T* fj = rowf.data() + j * s.w;
+#pragma omp simd
+        for (int64_t w = 0; w < S.w; ++w) f[j * N + w] = l0[w] * fj[i0[w]] + l1[w] * fj[i1[w]];
+      }
+    }
+  });
+}
+
+std::vector<int64_t> checked_size(at::IntArrayRef size, int64_t nd) {
+  TORCH_CHECK(static_cast<int64_t>(size.size()) == nd, "coopseg: size must have ", nd, " entries");
+  for (int64_t n : size) TORCH_CHECK(n >= 1, "coopseg: sizes must be >= 1");
+  return size.vec();
+}
+
+at::Tensor upsample_field_fwd(const at::Tensor& coarse_, at::IntArrayRef size, bool align_corners) {
+  check_common(coarse_, "coarse");
+  const at::Tensor coarse = coarse_.contiguous();
+  const int64_t nd = coarse.dim() - 2;
+  TORCH_CHECK(coarse.size(1) == nd, "coopseg: coarse must have ", nd, " channels");
+  std::vector<int64_t> shape = {coarse.size(0), nd};
+  for (int64_t n : checked_size(size, nd)) shape.push_back(n);
+  at::Tensor field = new_output(shape, coarse.options());
+  AT_DISPATCH_FLOATING_TYPES(coarse.scalar_type(), "coopseg_upsample_fwd", [&] {
+    if (nd == 3) upsample_forward_impl<scalar_t, 3>(coarse, field, align_corners);
+    else upsample_forward_impl<scalar_t, 2>(coarse, field, align_corners);
+  });
+  return field;
+}
+
+template <typename T, int ND>
+at::Tensor upsample_backward_impl(const at::Tensor& grad_field, const at::Tensor& shape_of_coarse,
+                                  bool align_corners) {
+  const Dims3 S = dims3(grad_field), s = dims3(shape_of_coarse);
+  const int64_t N = S.numel();
+  const FieldInterp<T> I(S, s, align_corners);
+  const T* gp = grad_field.data_ptr<T>();
+  return reduce_coarse_grad<T, ND>(shape_of_coarse, I, false, [&] {
+    return [&](int64_t b, int64_t d, int64_t h, const T*, T* Alo, T* Ahi) {
+        const T* g = gp + b * ND * N + (d * S.h + h) * S.w;
+        for (int64_t cw = 0; cw < s.w; ++cw)
+          for (int j = 0; j < ND; ++j) {
+            T lo = 0, hi = 0;
+            for (int64_t w = I.w.cell_begin[cw]; w < I.w.cell_begin[cw + 1]; ++w) {
+              lo += I.w.l0[w] * g[j * N + w];
+              hi += I.w.l1[w] * g[j * N + w];
+            }
+            Alo[cw * ND + j] = lo;
+            Ahi[cw * ND + j] = hi;
+          }
+    };
+  });
+}
+
+at::Tensor upsample_field_bwd(const at::Tensor& grad_field_, at::IntArrayRef coarse_size,
+                              bool align_corners) {
+  check_common(grad_field_, "grad_field");
+  const at::Tensor grad_field = grad_field_.contiguous();
+  const int64_t nd = grad_field.dim() - 2;
+  std::vector<int64_t> shape = {grad_field.size(0), nd};
+  for (int64_t n : checked_size(coarse_size, nd)) shape.push_back(n);
+  // Only the shape of the coarse grid is needed: an uninitialised carrier.
+  const at::Tensor shape_of_coarse = at::empty(shape, grad_field.options());
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(grad_field.scalar_type(), "coopseg_upsample_bwd", [&] {
+    out = nd == 3 ? upsample_backward_impl<scalar_t, 3>(grad_field, shape_of_coarse, align_corners)
+                  : upsample_backward_impl<scalar_t, 2>(grad_field, shape_of_coarse, align_corners);
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(coopseg, CPU, m) {
+  m.impl("warp_fwd", &warp_fwd);
+  m.impl("warp_bwd", &warp_bwd);
+  m.impl("upsample_field_fwd", &upsample_field_fwd);
+  m.impl("upsample_field_bwd", &upsample_field_bwd);
+}
+
+}  // namespace coopseg

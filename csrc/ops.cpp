@@ -1,0 +1,22 @@
+// Schemas of the raw kernels. They carry no autograd: the Python layer
+// (coopseg_kernels/ops/*.py) wraps them in torch.library custom ops with fake
+// and autograd registrations, and routes CUDA tensors to the Triton kernels.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// `import coopseg_kernels._C` loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(coopseg, m) {
+  m.def("warp_fwd(Tensor moving, Tensor coarse, bool align_corners, str padding_mode) -> Tensor");
+  m.def(
+      "warp_bwd(Tensor grad_out, Tensor moving, Tensor coarse, bool align_corners, str padding_mode, "
+      "bool need_moving, bool need_coarse) -> (Tensor, Tensor)");
+  m.def("upsample_field_fwd(Tensor coarse, int[] size, bool align_corners) -> Tensor");
+  m.def("upsample_field_bwd(Tensor grad_field, int[] coarse_size, bool align_corners) -> Tensor");
+}

@@ -1,0 +1,53 @@
+"""Test setup: the Triton kernels run on CPU under the interpreter, and every
+kernel output starts as NaN (COOPSEG_POISON) so unwritten elements fail."""
+import os
+
+# Both must be set before triton / the extension read them.
+os.environ["TRITON_INTERPRET"] = "1"
+os.environ["COOPSEG_POISON"] = "1"
+os.environ.pop("COOPSEG_BACKEND", None)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import coopseg_kernels  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# Backends that run in this process: C++ on CPU, Triton on CPU through the interpreter.
+CPU_BACKENDS = [
+    pytest.param("cpp", marks=pytest.mark.skipif(not coopseg_kernels.HAS_CPP, reason="C++ extension not built")),
+    pytest.param("triton", marks=pytest.mark.skipif(not _has_triton(), reason="triton not installed")),
+]
+
+
+@pytest.fixture(params=CPU_BACKENDS)
+def backend(request):
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(1234)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "cuda: needs a CUDA device (make gpu-check)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
