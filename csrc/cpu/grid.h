@@ -110,24 +110,19 @@ inline void coarse_row(const T* coarse_b, Dims3 s, const FieldInterp<T>& I, int6
 // offset type: int32 when a volume has fewer than 2^31 voxels, int64 otherwise.
 enum TapBits : uint8_t { kD0 = 1, kD1 = 2, kH0 = 4, kH1 = 8, kW0 = 16, kW1 = 32 };
 
-template <int ND>
-constexpr int all_taps() {
-  return ND == 3 ? (kD0 | kD1 | kH0 | kH1 | kW0 | kW1) : (kD0 | kH0 | kH1 | kW0 | kW1);
-}
-
 template <typename T, typename I>
 struct RowTaps {
   std::vector<I> od0, od1, oh0, oh1, ow0, ow1;  // offsets, strides applied
   std::vector<T> wd0, wd1, wh0, wh1, ww0, ww1;  // weights
   std::vector<T> gd0, gd1, gh0, gh1, gw0, gw1;  // d(weight)/d(position), border clip applied
   std::vector<I> lower;                         // index of tap 0 along the slab axis (d in 3-D, h in 2-D)
-  std::vector<I> scratch;                       // lower indices of the other axes (unused)
+  std::vector<I> lower_w;                       // index of tap 0 along w (in 3-D first scratch for h)
   std::vector<I> ok;                            // TapBits of the taps inside the image
   std::vector<I> bad;                           // 1 where the position is NaN
   std::vector<T> pd, ph, pw;                    // positions
 
   explicit RowTaps(int64_t W) {
-    for (auto* v : {&od0, &od1, &oh0, &oh1, &ow0, &ow1, &lower, &scratch, &ok, &bad}) v->assign(W, I(0));
+    for (auto* v : {&od0, &od1, &oh0, &oh1, &ow0, &ow1, &lower, &lower_w, &ok, &bad}) v->assign(W, I(0));
     for (auto* v : {&wd0, &wd1, &wh0, &wh1, &ww0, &ww1, &gd0, &gd1, &gh0, &gh1, &gw0, &gw1, &pd, &ph, &pw})
       v->assign(W, T(0));
   }
@@ -158,13 +153,13 @@ inline void axis_taps(const T* __restrict p_, int64_t W, I n, I stride, I bit0, 
     const T f = p - T(i);
     const bool k0 = (i >= 0) & (i < n);
     const bool k1 = (i >= -1) & (i < n - 1);
+    lower[w] = i;
     o0[w] = k0 ? i * stride : I(0);
     o1[w] = k1 ? (i + 1) * stride : I(0);
     w0[w] = k0 ? T(1) - f : T(0);
     w1[w] = k1 ? f : T(0);
     g0[w] = k0 ? -clip : T(0);
     g1[w] = k1 ? clip : T(0);
-    lower[w] = i;
     ok[w] |= (k0 ? bit0 : I(0)) | (k1 ? bit1 : I(0));
   }
 }
@@ -199,9 +194,9 @@ inline void row_taps(const T* rowf, Dims3 s, const AxisInterp<T>& Iw, Dims3 S, i
   }
   axis_taps<T, I, BORDER>(ph, W, I(S.h), I(S.w), kH0, kH1, R.oh0.data(), R.oh1.data(), R.wh0.data(),
                           R.wh1.data(), R.gh0.data(), R.gh1.data(),
-                          ND == 3 ? R.scratch.data() : R.lower.data(), ok);
+                          ND == 3 ? R.lower_w.data() : R.lower.data(), ok);
   axis_taps<T, I, BORDER>(pw, W, I(S.w), I(1), kW0, kW1, R.ow0.data(), R.ow1.data(), R.ww0.data(),
-                          R.ww1.data(), R.gw0.data(), R.gw1.data(), R.scratch.data(), ok);
+                          R.ww1.data(), R.gw0.data(), R.gw1.data(), R.lower_w.data(), ok);
   if (ND == 3) {
     axis_taps<T, I, BORDER>(pd, W, I(S.d), I(S.h * S.w), kD0, kD1, R.od0.data(), R.od1.data(), R.wd0.data(),
                             R.wd1.data(), R.gd0.data(), R.gd1.data(), R.lower.data(), ok);
@@ -284,15 +279,11 @@ inline void row_position_grad(const T* img, const T* g, const RowTaps<T, I>& R, 
   });
 }
 
-// The image-gradient scatter of one row for the task owning the slab [lo, hi)
-// along the slab axis (d in 3-D, h in 2-D): gm[tap] += weight * g[x] over the
-// C channels (stride N), for the taps of x that lie in the slab. A task never
-// writes outside its slab, so tasks need no atomics and no private copies, and
-// a target sums its contributions in voxel order with the same arithmetic
-// whichever task adds them: the result does not depend on the thread count.
+// row_scatter for rows whose gradient holds a non-finite value: voxel by
+// voxel, real taps only.
 template <typename T, typename I, int ND>
-inline void row_scatter(const T* g, const RowTaps<T, I>& R, Dims3 S, int64_t C, int64_t N, int64_t lo,
-                        int64_t hi, T* gm) {
+inline void row_scatter_exact(const T* g, const RowTaps<T, I>& R, Dims3 S, int64_t C, int64_t N,
+                              int64_t lo, int64_t hi, T* gm) {
   for (int64_t w = 0; w < S.w; ++w) {
     if (R.bad[w]) continue;
     const int64_t z = R.lower[w];
@@ -301,20 +292,6 @@ inline void row_scatter(const T* g, const RowTaps<T, I>& R, Dims3 S, int64_t C, 
     const I ok = R.ok[w];
     const I od[2] = {R.od0[w], R.od1[w]}, oh[2] = {R.oh0[w], R.oh1[w]}, ow[2] = {R.ow0[w], R.ow1[w]};
     const T wd[2] = {R.wd0[w], R.wd1[w]}, wh[2] = {R.wh0[w], R.wh1[w]}, ww[2] = {R.ww0[w], R.ww1[w]};
-    if (m0 && m1 && ok == I(all_taps<ND>())) {  // interior: every corner is real and ours
-      for (int64_t c = 0; c < C; ++c) {
-        const T gv = g[c * N + w];
-        T* out = gm + c * N;
-        for (int a = 0; a < (ND == 3 ? 2 : 1); ++a)
-          for (int b = 0; b < 2; ++b) {
-            const T wab = wd[a] * wh[b] * gv;
-            T* r = out + od[a] + oh[b];
-            r[ow[0]] += wab * ww[0];
-            r[ow[1]] += wab * ww[1];
-          }
-      }
-      continue;
-    }
     for (int a = 0; a < (ND == 3 ? 2 : 1); ++a) {
       if (!(ok & (a ? kD1 : kD0))) continue;
       for (int b = 0; b < 2; ++b) {
@@ -323,25 +300,175 @@ inline void row_scatter(const T* g, const RowTaps<T, I>& R, Dims3 S, int64_t C, 
         for (int e = 0; e < 2; ++e) {
           if (!(ok & (e ? kW1 : kW0))) continue;
           const I off = od[a] + oh[b] + ow[e];
-          for (int64_t c = 0; c < C; ++c) gm[c * N + off] += (wd[a] * wh[b] * g[c * N + w]) * ww[e];
+          for (int64_t c = 0; c < C; ++c) gm[c * N + off] += (wd[a] * wh[b] * ww[e]) * g[c * N + w];
         }
       }
     }
   }
 }
 
-// Deterministic gradient of the coarse grid: tasks own (b, cell_d, cell_h,
-// chunk of rows) and hold, per w-cell, 2^ND corner partial sums of each of the
-// ND channels. `make_visitor()` gives each parallel chunk its own row visitor;
-// `visit(b, d, h, rowf, Alo, Ahi)` stores, for every w-cell cw of row (d, h),
-// sum over the cell's voxels of l0w * g_j(x) in Alo[cw * ND + j] and of
-// l1w * g_j(x) in Ahi[cw * ND + j] (g_j = dLoss/du_j(x)). Partials are folded
-// into the nodes in one fixed order, so the result is bitwise reproducible and
-// independent of the thread count.
+// The image-gradient scatter of one row for the task owning the slab [lo, hi)
+// along the slab axis (d in 3-D, h in 2-D): gm[tap] += weight * g[x] over the
+// C channels (stride N), for the taps of x that lie in the slab. A task never
+// writes outside its slab, so tasks need no atomics and no private copies.
+//
+// One vectorised loop forms, for each of a voxel's 2^(ND-1) corner rows, a
+// pair of neighbouring elements [base, base + 1] inside the row that holds
+// both w taps (a tap outside the image gets weight 0; a corner row outside the
+// image or the slab writes zeros to the slab's first two elements). Then one
+// minimal scalar loop per corner row does 2-element read-modify-writes, even
+// voxels first: neighbouring voxels' pairs overlap, and a load overlapping the
+// previous store would stall. Each target receives a row's contributions in
+// the same order, with the same arithmetic, whichever task adds them, so the
+// result does not depend on the thread count. Rows whose gradient holds a
+// non-finite value take row_scatter_exact, which touches real taps only.
+template <typename T, typename I>
+struct ScatterScratch {
+  std::vector<I> base;  // [corner row][w]
+  std::vector<T> wt;    // [corner row][w][2]
+  explicit ScatterScratch(int64_t W) : base(4 * W), wt(8 * W) {}
+};
+
+template <typename T, typename I, int ND>
+inline void row_scatter(const T* g, const RowTaps<T, I>& R, Dims3 S, int64_t C, int64_t N, int64_t lo,
+                        int64_t hi, T* gm, ScatterScratch<T, I>& X) {
+  const int64_t W = S.w;
+  bool finite = true;
+  for (int64_t c = 0; c < C; ++c)
+    for (int64_t w = 0; w < W; ++w) finite &= std::isfinite(g[c * N + w]);
+  if (!finite) {
+    row_scatter_exact<T, I, ND>(g, R, S, C, N, lo, hi, gm);
+    return;
+  }
+  const I safe = I(lo * (ND == 3 ? S.h * S.w : S.w));
+  I* __restrict base = X.base.data();
+  T* __restrict wt = X.wt.data();
+#pragma omp simd
+  for (int64_t w = 0; w < W; ++w) {
+    const I z = R.lower[w];
+    const I live = R.bad[w] == 0;
+    const I ok = R.ok[w];
+    // the slab-axis taps that are this task's
+    const I s0 = live & (z >= I(lo)) & (z < I(hi));
+    const I s1 = live & (z + 1 >= I(lo)) & (z + 1 < I(hi));
+    // the w pair and the weights of its two elements
+    const I i = R.lower_w[w];
+    const I pb = std::min(std::max(i, I(0)), I(W - 2));
+    const T same = T(i == pb), left = T(i + 1 == pb), right = T(i == pb + 1);
+    const T pw0 = same * R.ww0[w] + left * R.ww1[w], pw1 = same * R.ww1[w] + right * R.ww0[w];
+    const I od[2] = {R.od0[w], R.od1[w]}, oh[2] = {R.oh0[w], R.oh1[w]};
+    const T wd[2] = {R.wd0[w], R.wd1[w]}, wh[2] = {R.wh0[w], R.wh1[w]};
+    for (int a = 0; a < (ND == 3 ? 2 : 1); ++a)
+      for (int b = 0; b < 2; ++b) {
+        const int k = a * 2 + b;
+        const I bits = I((a ? kD1 : kD0) | (b ? kH1 : kH0));
+        const I mine = ((ok & bits) == bits) & ((ND == 3 ? a : b) ? s1 : s0);
+        const T wab = wd[a] * wh[b];
+        base[k * W + w] = mine ? od[a] + oh[b] + pb : safe;
+        wt[(k * W + w) * 2] = mine ? wab * pw0 : T(0);
+        wt[(k * W + w) * 2 + 1] = mine ? wab * pw1 : T(0);
+      }
+  }
+  const int64_t n_even = (W + 1) / 2;
+  for (int64_t c = 0; c < C; ++c) {
+    const T* gc = g + c * N;
+    T* out = gm + c * N;
+    for (int k = 0; k < (ND == 3 ? 4 : 2); ++k) {
+      const I* bk = base + k * W;
+      const T* wk = wt + k * W * 2;
+      for (int64_t j = 0; j < W; ++j) {
+        const int64_t w = j < n_even ? 2 * j : 2 * (j - n_even) + 1;
+        T* p = out + bk[w];
+        const T gv = gc[w];
+        T v[2];
+        std::memcpy(v, p, sizeof(v));
+        v[0] += wk[2 * w] * gv;
+        v[1] += wk[2 * w + 1] * gv;
+        std::memcpy(p, v, sizeof(v));
+      }
+    }
+  }
+}
+
+// Partial sums of the coarse-grid gradient. A set holds, for one row of
+// coarse cells (b, cell_d, cell_h) and one chunk of its fine rows, 2^ND corner
+// sums of each of the ND channels per w-cell, in fp64. Whoever fills a set
+// visits its fine rows in order; fold() adds the sets into the nodes in one
+// fixed order. So the gradient is bitwise reproducible and, as long as the
+// chunking depends on shapes only, independent of the thread count.
+template <typename T, int ND>
+struct CellPartials {
+  static constexpr int64_t kCorners = ND == 3 ? 8 : 4;
+  int64_t B, nchunk, per_set;
+  Dims3 s;
+  std::vector<double> sums;
+
+  CellPartials(int64_t B_, Dims3 s_, int64_t nchunk_)
+      : B(B_), nchunk(nchunk_), per_set(s_.w * kCorners * ND), s(s_),
+        sums(static_cast<size_t>(B_ * s_.d * s_.h * nchunk_ * per_set), 0.0) {}
+
+  int64_t nsets() const { return B * s.d * s.h * nchunk; }
+  double* set(int64_t b, int64_t cd, int64_t ch, int64_t chunk) {
+    return sums.data() + (((b * s.d + cd) * s.h + ch) * nchunk + chunk) * per_set;
+  }
+
+  // Adds fine row (d, h): Alo/Ahi[cw * ND + j] are the sums over the row's voxels
+  // of w-cell cw of l0w * g_j and l1w * g_j (g_j = dLoss/du_j).
+  static void add_row(double* part, const FieldInterp<T>& I, int64_t d, int64_t h, const T* Alo,
+                      const T* Ahi, int64_t sw) {
+    const T ld[2] = {I.d.l0[d], I.d.l1[d]}, lh[2] = {I.h.l0[h], I.h.l1[h]};
+    for (int64_t cw = 0; cw < sw; ++cw)
+      for (int a = 0; a < (ND == 3 ? 2 : 1); ++a)
+        for (int b = 0; b < 2; ++b) {
+          const double wdh = double(ND == 3 ? ld[a] : T(1)) * double(lh[b]);
+          double* pc = part + ((cw * kCorners) + (a * 2 + b) * 2) * ND;
+          for (int j = 0; j < ND; ++j) {
+            pc[j] += wdh * double(Alo[cw * ND + j]);
+            pc[ND + j] += wdh * double(Ahi[cw * ND + j]);
+          }
+        }
+  }
+
+  // The gradient (B, ND, *s) with the options of `like`.
+  at::Tensor fold(const FieldInterp<T>& I, const at::TensorOptions& like) const {
+    std::vector<double> nodes(static_cast<size_t>(B * ND * s.numel()), 0.0);
+    for (int64_t t = 0; t < nsets(); ++t) {
+      int64_t r = t / nchunk;
+      const int64_t ch = r % s.h;
+      r /= s.h;
+      const int64_t cd = r % s.d;
+      const int64_t b = r / s.d;
+      const int64_t nd_[2] = {cd, I.d.upper(cd)}, nh_[2] = {ch, I.h.upper(ch)};
+      const double* part = sums.data() + t * per_set;
+      for (int64_t cw = 0; cw < s.w; ++cw) {
+        const int64_t nw_[2] = {cw, I.w.upper(cw)};
+        for (int a = 0; a < (ND == 3 ? 2 : 1); ++a)
+          for (int bb = 0; bb < 2; ++bb)
+            for (int cc = 0; cc < 2; ++cc) {
+              const double* pc = part + (cw * kCorners + (a * 2 + bb) * 2 + cc) * ND;
+              const int64_t node = (nd_[a] * s.h + nh_[bb]) * s.w + nw_[cc];
+              for (int j = 0; j < ND; ++j) nodes[(b * ND + j) * s.numel() + node] += pc[j];
+            }
+      }
+    }
+    std::vector<int64_t> shape = {B, ND};
+    if (ND == 3) shape.push_back(s.d);
+    shape.push_back(s.h);
+    shape.push_back(s.w);
+    at::Tensor grad = new_output(shape, like);
+    T* gp = grad.data_ptr<T>();
+    for (size_t i = 0; i < nodes.size(); ++i) gp[i] = static_cast<T>(nodes[i]);
+    return grad;
+  }
+};
+
+// Deterministic gradient of the coarse grid by cells: tasks own (b, cell_d,
+// cell_h, chunk of rows). `make_visitor()` gives each parallel chunk its own
+// row visitor; `visit(b, d, h, rowf, Alo, Ahi)` fills Alo/Ahi for row (d, h) as
+// CellPartials::add_row takes them.
 template <typename T, int ND, typename MakeVisitor>
 at::Tensor reduce_coarse_grad(const at::Tensor& coarse, const FieldInterp<T>& I, bool with_rows,
                               MakeVisitor make_visitor) {
-  using acc_t = double;
   const Dims3 s = dims3(coarse);
   const int64_t B = coarse.size(0);
   int64_t max_rows = 1;
@@ -350,74 +477,78 @@ at::Tensor reduce_coarse_grad(const at::Tensor& coarse, const FieldInterp<T>& I,
       max_rows = std::max(max_rows, I.d.cell_size(cd) * I.h.cell_size(ch));
   // Split the rows of a cell into chunks when there are few cells (a
   // translation has one), so that every thread gets work. The split depends on
-  // shapes only, never on the thread count: the sums are bitwise reproducible.
+  // shapes only, never on the thread count.
   constexpr int64_t kMinTasks = 64;
   const int64_t ncell_rows = B * s.d * s.h;
   const int64_t nchunk = std::min(max_rows, (kMinTasks + ncell_rows - 1) / ncell_rows);
   const int64_t rows_per_task = (max_rows + nchunk - 1) / nchunk;
-  const int64_t ntask = ncell_rows * nchunk;
-  constexpr int64_t kCorners = (ND == 3 ? 8 : 4);
-  const int64_t per_task = s.w * kCorners * ND;
-  std::vector<acc_t> partial(static_cast<size_t>(ntask * per_task), acc_t(0));
+  CellPartials<T, ND> P(B, s, nchunk);
   const T* cp = coarse.data_ptr<T>();
 
-  at::parallel_for(0, ntask, 1, [&](int64_t t0, int64_t t1) {
+  at::parallel_for(0, P.nsets(), 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> rowf(ND * s.w), Alo(s.w * ND), Ahi(s.w * ND);
     auto visit_row = make_visitor();
     for (int64_t t = t0; t < t1; ++t) {
       int64_t r = t;
-      const int64_t chunk = r % nchunk; r /= nchunk;
-      const int64_t ch = r % s.h; r /= s.h;
+      const int64_t chunk = r % nchunk;
+      r /= nchunk;
+      const int64_t ch = r % s.h;
+      r /= s.h;
       const int64_t cd = r % s.d;
       const int64_t b = r / s.d;
       const int64_t nh = I.h.cell_size(ch);
       const int64_t nrows = I.d.cell_size(cd) * nh;
-      acc_t* part = partial.data() + t * per_task;
+      double* part = P.set(b, cd, ch, chunk);
       const int64_t row_end = std::min(nrows, (chunk + 1) * rows_per_task);
       for (int64_t row = chunk * rows_per_task; row < row_end; ++row) {
         const int64_t d = I.d.cell_begin[cd] + row / nh;
         const int64_t h = I.h.cell_begin[ch] + row % nh;
         if (with_rows) coarse_row<T, ND>(cp + b * ND * s.numel(), s, I, d, h, rowf.data());
         visit_row(b, d, h, rowf.data(), Alo.data(), Ahi.data());
-        const T ld[2] = {I.d.l0[d], I.d.l1[d]}, lh[2] = {I.h.l0[h], I.h.l1[h]};
-        for (int64_t cw = 0; cw < s.w; ++cw)
-          for (int a = 0; a < (ND == 3 ? 2 : 1); ++a)
-            for (int bb = 0; bb < 2; ++bb) {
-              const acc_t wdh = acc_t(ND == 3 ? ld[a] : T(1)) * acc_t(lh[bb]);
-              acc_t* pc = part + ((cw * kCorners) + (a * 2 + bb) * 2) * ND;
-              for (int j = 0; j < ND; ++j) {
-                pc[j] += wdh * acc_t(Alo[cw * ND + j]);
-                pc[ND + j] += wdh * acc_t(Ahi[cw * ND + j]);
-              }
-            }
+        CellPartials<T, ND>::add_row(part, I, d, h, Alo.data(), Ahi.data(), s.w);
       }
     }
   });
-
-  // Fold the partials into the nodes, in task order.
-  std::vector<acc_t> nodes(static_cast<size_t>(B * ND * s.numel()), acc_t(0));
-  for (int64_t t = 0; t < ntask; ++t) {
-    int64_t r = t / nchunk;
-    const int64_t ch = r % s.h; r /= s.h;
-    const int64_t cd = r % s.d;
-    const int64_t b = r / s.d;
-    const int64_t nd_[2] = {cd, I.d.upper(cd)}, nh_[2] = {ch, I.h.upper(ch)};
-    const acc_t* part = partial.data() + t * per_task;
-    for (int64_t cw = 0; cw < s.w; ++cw) {
-      const int64_t nw_[2] = {cw, I.w.upper(cw)};
-      for (int a = 0; a < (ND == 3 ? 2 : 1); ++a)
-        for (int bb = 0; bb < 2; ++bb)
-          for (int cc = 0; cc < 2; ++cc) {
-            const acc_t* pc = part + (cw * kCorners + (a * 2 + bb) * 2 + cc) * ND;
-            const int64_t node = (nd_[a] * s.h + nh_[bb]) * s.w + nw_[cc];
-            for (int j = 0; j < ND; ++j) nodes[(b * ND + j) * s.numel() + node] += pc[j];
-          }
-    }
-  }
-  at::Tensor grad = new_output(coarse.sizes(), coarse.options());
-  T* gp = grad.data_ptr<T>();
-  for (size_t i = 0; i < nodes.size(); ++i) gp[i] = static_cast<T>(nodes[i]);
-  return grad;
+  return P.fold(I, coarse.options());
 }
+
+// Which output planes (along the slab axis: d in 3-D, h in 2-D) can reach a
+// slab of the image gradient. Positions along that axis in plane q lie in
+// [q + umin, q + umax], the extremes of the displacement channel over the coarse
+// nodes of q's cell; the taps of p are floor(p) and floor(p) + 1, so plane q can
+// reach [lo, hi) only if some p lies in [lo - 1, hi).
+template <typename T, int ND, bool BORDER>
+struct SlabReach {
+  const AxisInterp<T>& Isa;
+  int64_t s_sa, n_sa;
+  std::vector<T> umin, umax;  // [b][node index along the slab axis]
+
+  SlabReach(const T* coarse, int64_t B, Dims3 s, const FieldInterp<T>& I)
+      : Isa(ND == 3 ? I.d : I.h), s_sa(ND == 3 ? s.d : s.h), n_sa(Isa.S), umin(B * s_sa), umax(B * s_sa) {
+    const int64_t inner = s.numel() / s_sa;
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t k = 0; k < s_sa; ++k) {
+        const T* c = coarse + b * ND * s.numel() + k * inner;  // channel 0: the slab axis
+        T lo = std::numeric_limits<T>::infinity(), hi = -lo;
+        for (int64_t i = 0; i < inner; ++i) {  // fmin/fmax skip NaN nodes: NaN voxels scatter nothing
+          lo = std::fmin(lo, c[i]);
+          hi = std::fmax(hi, c[i]);
+        }
+        umin[b * s_sa + k] = lo;
+        umax[b * s_sa + k] = hi;
+      }
+  }
+
+  bool reaches(int64_t b, int64_t q, int64_t lo, int64_t hi) const {
+    const int64_t n0 = Isa.i0[q], n1 = Isa.i1[q];
+    T pmin = T(q) + std::fmin(umin[b * s_sa + n0], umin[b * s_sa + n1]);
+    T pmax = T(q) + std::fmax(umax[b * s_sa + n0], umax[b * s_sa + n1]);
+    if (BORDER) {
+      pmin = std::min(std::max(pmin, T(0)), T(n_sa - 1));
+      pmax = std::min(std::max(pmax, T(0)), T(n_sa - 1));
+    }
+    return pmax >= T(lo - 1) && pmin < T(hi);
+  }
+};
 
 }  // namespace coopseg

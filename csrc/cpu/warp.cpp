@@ -56,6 +56,39 @@ void warp_forward_impl(const at::Tensor& moving, const at::Tensor& coarse, bool 
   });
 }
 
+// Alo/Ahi of one output row for CellPartials::add_row: the gradient of the
+// loss w.r.t. each voxel's displacement (summed over channels), reduced per
+// w-cell with the two interpolation weights.
+template <typename T, typename I, int ND>
+void row_coarse_sums(const RowTaps<T, I>& R, const T* img, const T* g, int64_t C, int64_t N, Dims3 S,
+                     const AxisInterp<T>& Iw, std::vector<T>& gpos, T* Alo, T* Ahi) {
+  T* gpd = gpos.data();
+  T* gph = gpd + S.w;
+  T* gpw = gph + S.w;
+  std::fill(gpos.begin(), gpos.end(), T(0));
+  for (int64_t c = 0; c < C; ++c) row_position_grad<T, I, ND>(img + c * N, g + c * N, R, S, gpd, gph, gpw);
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t w = 0; w < S.w; ++w)  // a NaN position has a NaN gradient (documented)
+    if (R.bad[w]) gpd[w] = gph[w] = gpw[w] = nan;
+  const T* l0 = Iw.l0.data();
+  const T* l1 = Iw.l1.data();
+  for (int64_t cw = 0; cw < Iw.s; ++cw) {
+    const int64_t w0 = Iw.cell_begin[cw], w1 = Iw.cell_begin[cw + 1];
+    for (int j = 0; j < ND; ++j) {
+      const T* gj = gpos.data() + (3 - ND + j) * S.w;
+      T lo = 0, hi = 0;
+#pragma omp simd reduction(+ : lo, hi)
+      for (int64_t w = w0; w < w1; ++w) {
+        lo += l0[w] * gj[w];
+        hi += l1[w] * gj[w];
+      }
+      Alo[cw * ND + j] = lo;
+      Ahi[cw * ND + j] = hi;
+    }
+  }
+}
+
+// Coarse gradient alone: tasks by cells (reduce_coarse_grad).
 template <typename T, typename I, int ND, bool BORDER>
 at::Tensor warp_coarse_grad_impl(const at::Tensor& grad_out, const at::Tensor& moving,
                                  const at::Tensor& coarse, const FieldInterp<T>& I3) {
@@ -64,100 +97,67 @@ at::Tensor warp_coarse_grad_impl(const at::Tensor& grad_out, const at::Tensor& m
   const int64_t N = S.numel();
   const T* mp = moving.data_ptr<T>();
   const T* gp = grad_out.data_ptr<T>();
-  const T nan = std::numeric_limits<T>::quiet_NaN();
   return reduce_coarse_grad<T, ND>(coarse, I3, true, [&] {
-    // per parallel chunk: the row's taps and position gradients
     return [&, R = RowTaps<T, I>(S.w), gpos = std::vector<T>(3 * S.w)](
                int64_t b, int64_t d, int64_t h, const T* rowf, T* Alo, T* Ahi) mutable {
       row_taps<T, I, ND, BORDER>(rowf, s, I3.w, S, d, h, R);
-      T* gpd = gpos.data();
-      T* gph = gpd + S.w;
-      T* gpw = gph + S.w;
-      std::fill(gpos.begin(), gpos.end(), T(0));
-      const int64_t row = (d * S.h + h) * S.w;
-      for (int64_t c = 0; c < C; ++c)
-        row_position_grad<T, I, ND>(mp + (b * C + c) * N, gp + (b * C + c) * N + row, R, S, gpd, gph, gpw);
-      for (int64_t w = 0; w < S.w; ++w)  // a NaN position has a NaN gradient (documented)
-        if (R.bad[w]) gpd[w] = gph[w] = gpw[w] = nan;
-      const T* l0 = I3.w.l0.data();
-      const T* l1 = I3.w.l1.data();
-      for (int64_t cw = 0; cw < s.w; ++cw) {
-        const int64_t w0 = I3.w.cell_begin[cw], w1 = I3.w.cell_begin[cw + 1];
-        for (int j = 0; j < ND; ++j) {
-          const T* gj = gpos.data() + (3 - ND + j) * S.w;
-          T lo = 0, hi = 0;
-#pragma omp simd reduction(+ : lo, hi)
-          for (int64_t w = w0; w < w1; ++w) {
-            lo += l0[w] * gj[w];
-            hi += l1[w] * gj[w];
-          }
-          Alo[cw * ND + j] = lo;
-          Ahi[cw * ND + j] = hi;
-        }
-      }
+      row_coarse_sums<T, I, ND>(R, mp + b * C * N, gp + b * C * N + (d * S.h + h) * S.w, C, N, S, I3.w, gpos,
+                                Alo, Ahi);
     };
   });
 }
 
+// The image gradient by slabs (see row_scatter): each task zeroes and owns a
+// slab along the slab axis (d in 3-D, h in 2-D) and visits the output planes
+// that can reach it. With `P`, the same pass also gives the coarse gradient:
+// slabs are then unions of coarse cells along the slab axis and each task
+// also adds its own planes' rows to their cells' partial sums -- one set per
+// cell row, filled by one task in row order, so the result does not depend on
+// the partition. The taps of a row are then computed once for both gradients.
 template <typename T, typename I, int ND, bool BORDER>
-void warp_moving_grad_impl(const at::Tensor& grad_out, const at::Tensor& coarse,
-                           const FieldInterp<T>& I3, at::Tensor& grad_moving) {
-  const int64_t B = grad_moving.size(0), C = grad_moving.size(1);
-  const Dims3 S = dims3(grad_moving), s = dims3(coarse);
+void warp_slab_pass(const at::Tensor& grad_out, const at::Tensor& moving, const at::Tensor& coarse,
+                    const FieldInterp<T>& I3, at::Tensor& grad_moving, CellPartials<T, ND>* P) {
+  const int64_t B = moving.size(0), C = moving.size(1);
+  const Dims3 S = dims3(moving), s = dims3(coarse);
   const int64_t N = S.numel();
-  // The slab axis: d in 3-D, h in 2-D. Its displacement is coarse channel 0.
-  const int64_t n_sa = (ND == 3 ? S.d : S.h);
   const AxisInterp<T>& Isa = (ND == 3 ? I3.d : I3.h);
+  const int64_t n_sa = Isa.S, s_sa = Isa.s;
   const int64_t plane_stride = (ND == 3 ? S.h * S.w : S.w);
+  const T* mp = moving.data_ptr<T>();
   const T* cp = coarse.data_ptr<T>();
   const T* gp = grad_out.data_ptr<T>();
   T* gm = grad_moving.data_ptr<T>();
+  const SlabReach<T, ND, BORDER> reach(cp, B, s, I3);
+  const int64_t units = P ? s_sa : n_sa;  // slabs are made of cells (fused) or of planes
+  const int64_t nslab = std::max<int64_t>(1, std::min<int64_t>(units, (at::get_num_threads() + B - 1) / B));
 
-  // Range of the slab-axis displacement over the coarse nodes of each node
-  // index along that axis: plane q is displaced by no more than these.
-  const int64_t s_sa = (ND == 3 ? s.d : s.h);
-  const int64_t inner = s.numel() / s_sa;
-  std::vector<T> umin(B * s_sa), umax(B * s_sa);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < s_sa; ++k) {
-      const T* c = cp + b * ND * s.numel() + k * inner;
-      T lo = std::numeric_limits<T>::infinity(), hi = -lo;
-      for (int64_t i = 0; i < inner; ++i) {  // fmin/fmax skip NaN nodes; NaN voxels scatter nothing
-        lo = std::fmin(lo, c[i]);
-        hi = std::fmax(hi, c[i]);
-      }
-      umin[b * s_sa + k] = lo;
-      umax[b * s_sa + k] = hi;
-    }
-
-  const int64_t nslab = std::max<int64_t>(1, std::min<int64_t>(n_sa, (at::get_num_threads() + B - 1) / B));
   at::parallel_for(0, B * nslab, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<T> rowf(ND * s.w);
+    std::vector<T> rowf(ND * s.w), gpos(3 * S.w), Alo(s.w * ND), Ahi(s.w * ND);
     RowTaps<T, I> R(S.w);
+    ScatterScratch<T, I> X(S.w);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nslab, k = t % nslab;
-      const int64_t lo = n_sa * k / nslab, hi = n_sa * (k + 1) / nslab;
+      const int64_t u0 = units * k / nslab, u1 = units * (k + 1) / nslab;
+      const int64_t lo = P ? Isa.cell_begin[u0] : u0, hi = P ? Isa.cell_begin[u1] : u1;
       for (int64_t c = 0; c < C; ++c)
         std::fill(gm + (b * C + c) * N + lo * plane_stride, gm + (b * C + c) * N + hi * plane_stride, T(0));
       for (int64_t q = 0; q < n_sa; ++q) {
-        // Positions along the slab axis lie in [q + umin, q + umax]; the taps of
-        // p are floor(p) and floor(p) + 1, so plane q can reach the slab only if
-        // some p lies in [lo - 1, hi).
-        const int64_t n0 = Isa.i0[q], n1 = Isa.i1[q];
-        T pmin = T(q) + std::fmin(umin[b * s_sa + n0], umin[b * s_sa + n1]);
-        T pmax = T(q) + std::fmax(umax[b * s_sa + n0], umax[b * s_sa + n1]);
-        if (BORDER) {
-          pmin = std::min(std::max(pmin, T(0)), T(n_sa - 1));
-          pmax = std::min(std::max(pmax, T(0)), T(n_sa - 1));
-        }
-        if (!(pmax >= T(lo - 1) && pmin < T(hi))) continue;
+        const bool own = P && q >= lo && q < hi;
+        const bool scatter = reach.reaches(b, q, lo, hi);
+        if (!own && !scatter) continue;
         const int64_t h_begin = (ND == 3 ? 0 : q), h_end = (ND == 3 ? S.h : q + 1);
         const int64_t d = (ND == 3 ? q : 0);
         for (int64_t h = h_begin; h < h_end; ++h) {
           coarse_row<T, ND>(cp + b * ND * s.numel(), s, I3, d, h, rowf.data());
           row_taps<T, I, ND, BORDER>(rowf.data(), s, I3.w, S, d, h, R);
           const int64_t row = (d * S.h + h) * S.w;
-          row_scatter<T, I, ND>(gp + b * C * N + row, R, S, C, N, lo, hi, gm + b * C * N);
+          if (own) {
+            row_coarse_sums<T, I, ND>(R, mp + b * C * N, gp + b * C * N + row, C, N, S, I3.w, gpos, Alo.data(),
+                                      Ahi.data());
+            CellPartials<T, ND>::add_row(P->set(b, I3.d.i0[d], I3.h.i0[h], 0), I3, d, h, Alo.data(), Ahi.data(),
+                                         s.w);
+          }
+          if (scatter) row_scatter<T, I, ND>(gp + b * C * N + row, R, S, C, N, lo, hi, gm + b * C * N, X);
         }
       }
     }
@@ -171,8 +171,15 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_typed(const at::Tensor& grad_ou
   at::Tensor gm = need_moving ? new_output(moving.sizes(), moving.options()) : at::empty({0}, moving.options());
   at::Tensor gc = at::empty({0}, coarse.options());
   const FieldInterp<T> I3(dims3(moving), dims3(coarse), align_corners);
+  const int64_t cells_sa = ND == 3 ? I3.d.s : I3.h.s;
+  if (need_moving && need_coarse && cells_sa >= 2) {
+    // one pass for both; chosen from shapes only, so results never depend on the thread count
+    CellPartials<T, ND> P(moving.size(0), dims3(coarse), 1);
+    warp_slab_pass<T, I, ND, BORDER>(grad_out, moving, coarse, I3, gm, &P);
+    return {gm, P.fold(I3, coarse.options())};
+  }
   if (need_coarse) gc = warp_coarse_grad_impl<T, I, ND, BORDER>(grad_out, moving, coarse, I3);
-  if (need_moving) warp_moving_grad_impl<T, I, ND, BORDER>(grad_out, coarse, I3, gm);
+  if (need_moving) warp_slab_pass<T, I, ND, BORDER>(grad_out, moving, coarse, I3, gm, nullptr);
   return {gm, gc};
 }
 
