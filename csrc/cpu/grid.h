@@ -129,7 +129,8 @@ struct RowTaps {
 };
 
 // The taps of one axis for positions p[0..W); branch-free so that it vectorises.
-template <typename T, typename I, bool BORDER>
+// Without GRAD the weight derivatives are not written (forward and scatter).
+template <typename T, typename I, bool BORDER, bool GRAD>
 inline void axis_taps(const T* __restrict p_, int64_t W, I n, I stride, I bit0, I bit1, I* __restrict o0,
                       I* __restrict o1, T* __restrict w0, T* __restrict w1, T* __restrict g0,
                       T* __restrict g1, I* __restrict lower, I* __restrict ok) {
@@ -158,15 +159,18 @@ inline void axis_taps(const T* __restrict p_, int64_t W, I n, I stride, I bit0, 
     o1[w] = k1 ? (i + 1) * stride : I(0);
     w0[w] = k0 ? T(1) - f : T(0);
     w1[w] = k1 ? f : T(0);
-    g0[w] = k0 ? -clip : T(0);
-    g1[w] = k1 ? clip : T(0);
+    if (GRAD) {
+      g0[w] = k0 ? -clip : T(0);
+      g1[w] = k1 ? clip : T(0);
+    }
     ok[w] |= (k0 ? bit0 : I(0)) | (k1 ? bit1 : I(0));
   }
 }
 
 // Positions x + u(x) of row (d, h) and their taps. Along w the field is linear
-// inside each coarse cell, so a cell's two node values are broadcast.
-template <typename T, typename I, int ND, bool BORDER>
+// inside each coarse cell, so a cell's two node values are broadcast. GRAD: also
+// the weight derivatives (for gradients w.r.t. the positions).
+template <typename T, typename I, int ND, bool BORDER, bool GRAD>
 inline void row_taps(const T* rowf, Dims3 s, const AxisInterp<T>& Iw, Dims3 S, int64_t d, int64_t h,
                      RowTaps<T, I>& R) {
   const int64_t W = S.w;
@@ -192,13 +196,13 @@ inline void row_taps(const T* rowf, Dims3 s, const AxisInterp<T>& Iw, Dims3 S, i
       ok[w] = ND == 3 ? I(0) : I(kD0);
     }
   }
-  axis_taps<T, I, BORDER>(ph, W, I(S.h), I(S.w), kH0, kH1, R.oh0.data(), R.oh1.data(), R.wh0.data(),
+  axis_taps<T, I, BORDER, GRAD>(ph, W, I(S.h), I(S.w), kH0, kH1, R.oh0.data(), R.oh1.data(), R.wh0.data(),
                           R.wh1.data(), R.gh0.data(), R.gh1.data(),
                           ND == 3 ? R.lower_w.data() : R.lower.data(), ok);
-  axis_taps<T, I, BORDER>(pw, W, I(S.w), I(1), kW0, kW1, R.ow0.data(), R.ow1.data(), R.ww0.data(),
+  axis_taps<T, I, BORDER, GRAD>(pw, W, I(S.w), I(1), kW0, kW1, R.ow0.data(), R.ow1.data(), R.ww0.data(),
                           R.ww1.data(), R.gw0.data(), R.gw1.data(), R.lower_w.data(), ok);
   if (ND == 3) {
-    axis_taps<T, I, BORDER>(pd, W, I(S.d), I(S.h * S.w), kD0, kD1, R.od0.data(), R.od1.data(), R.wd0.data(),
+    axis_taps<T, I, BORDER, GRAD>(pd, W, I(S.d), I(S.h * S.w), kD0, kD1, R.od0.data(), R.od1.data(), R.wd0.data(),
                             R.wd1.data(), R.gd0.data(), R.gd1.data(), R.lower.data(), ok);
   } else {
     std::fill(R.od0.begin(), R.od0.end(), I(0));

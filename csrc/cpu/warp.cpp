@@ -48,7 +48,7 @@ void warp_forward_impl(const at::Tensor& moving, const at::Tensor& coarse, bool 
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t h = r % S.h, d = (r / S.h) % S.d, b = r / (S.h * S.d);
       coarse_row<T, ND>(cp + b * ND * s.numel(), s, I3, d, h, rowf.data());
-      row_taps<T, I, ND, BORDER>(rowf.data(), s, I3.w, S, d, h, R);
+      row_taps<T, I, ND, BORDER, false>(rowf.data(), s, I3.w, S, d, h, R);
       const int64_t row = (d * S.h + h) * S.w;
       for (int64_t c = 0; c < C; ++c)
         row_sample<T, I, ND>(mp + (b * C + c) * N, R, S, op + (b * C + c) * N + row);
@@ -100,7 +100,7 @@ at::Tensor warp_coarse_grad_impl(const at::Tensor& grad_out, const at::Tensor& m
   return reduce_coarse_grad<T, ND>(coarse, I3, true, [&] {
     return [&, R = RowTaps<T, I>(S.w), gpos = std::vector<T>(3 * S.w)](
                int64_t b, int64_t d, int64_t h, const T* rowf, T* Alo, T* Ahi) mutable {
-      row_taps<T, I, ND, BORDER>(rowf, s, I3.w, S, d, h, R);
+      row_taps<T, I, ND, BORDER, true>(rowf, s, I3.w, S, d, h, R);
       row_coarse_sums<T, I, ND>(R, mp + b * C * N, gp + b * C * N + (d * S.h + h) * S.w, C, N, S, I3.w, gpos,
                                 Alo, Ahi);
     };
@@ -149,7 +149,10 @@ void warp_slab_pass(const at::Tensor& grad_out, const at::Tensor& moving, const 
         const int64_t d = (ND == 3 ? q : 0);
         for (int64_t h = h_begin; h < h_end; ++h) {
           coarse_row<T, ND>(cp + b * ND * s.numel(), s, I3, d, h, rowf.data());
-          row_taps<T, I, ND, BORDER>(rowf.data(), s, I3.w, S, d, h, R);
+          if (own)
+            row_taps<T, I, ND, BORDER, true>(rowf.data(), s, I3.w, S, d, h, R);
+          else
+            row_taps<T, I, ND, BORDER, false>(rowf.data(), s, I3.w, S, d, h, R);
           const int64_t row = (d * S.h + h) * S.w;
           if (own) {
             row_coarse_sums<T, I, ND>(R, mp + b * C * N, gp + b * C * N + row, C, N, S, I3.w, gpos, Alo.data(),
