@@ -51,6 +51,38 @@ def warp_cases(device: torch.device, dtype=torch.float32) -> list[Case]:
     return cases
 
 
+def _dense_conv(x: torch.Tensor) -> torch.Tensor:
+    """One depthwise 3x3(x3) convolution with the outer product of [1, 2, 1] / 4."""
+    nd = x.dim() - 2
+    k = torch.tensor([0.25, 0.5, 0.25], device=x.device, dtype=x.dtype)
+    w = k
+    for _ in range(nd - 1):
+        w = w.unsqueeze(-1) * k
+    C = x.shape[1]
+    w = w.expand(C, 1, *([3] * nd)).contiguous()
+    conv = torch.nn.functional.conv3d if nd == 3 else torch.nn.functional.conv2d
+    return conv(x, w, padding=1, groups=C)
+
+
+def blur_cases(device: torch.device, dtype=torch.float32) -> list[Case]:
+    cases = []
+    for size, big in [((128, 128, 64), False), ((256, 256, 128), True), ((1024, 1024), False)]:
+        def make(size=size):
+            g = torch.Generator().manual_seed(2)
+            return {"x": torch.rand(1, 1, *size, generator=g).to(device=device, dtype=dtype)}
+
+        cases.append(Case(
+            op="blur", shape="x".join(map(str, size)) + " [1,2,1]", make=make,
+            fused=lambda x: ck.blur(x["x"]),
+            naive=lambda x: reference.blur(x["x"]),
+            grad_inputs=("x",),
+            bytes_moved=lambda x: 2 * x["x"].numel() * x["x"].element_size(),
+            others={"dense conv": lambda x: _dense_conv(x["x"])},
+            big=big,
+        ))
+    return cases
+
+
 def all_cases(device: torch.device, ops: list[str] | None = None) -> list[Case]:
-    cases = warp_cases(device)
+    cases = warp_cases(device) + blur_cases(device)
     return [c for c in cases if ops is None or c.op in ops]

@@ -61,6 +61,7 @@ def measure(case: Case, device: torch.device, repeats: int) -> dict:
 def markdown(rows: list[dict], info: dict, bandwidth: float | None) -> str:
     head = ("| op | shape | fwd naive ms | fwd fused ms | fwd × | fwd+bwd naive ms | fwd+bwd fused ms | fwd+bwd × "
             "| peak naive MiB | peak fused MiB | fused/naive peak |")
+    head += " other baselines |"
     if bandwidth:
         head += " fwd % copy BW |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -69,10 +70,10 @@ def markdown(rows: list[dict], info: dict, bandwidth: float | None) -> str:
                 f"{r['fwd_speedup']:.1f} | {r['fwdbwd_ms_naive']:.1f} | {r['fwdbwd_ms_fused']:.2f} | "
                 f"{r['fwdbwd_speedup']:.1f} | {r['peak_mib_naive']:.1f} | {r['peak_mib_fused']:.1f} | "
                 f"{r['peak_ratio']:.4f} |")
-        for k in r:
-            if k.startswith("fwd_ms_") and k not in ("fwd_ms_naive", "fwd_ms_fused"):
-                name = k[len("fwd_ms_"):]
-                line += f" {name}: fwd {r[k]:.1f} ms, fwd+bwd {r['fwdbwd_ms_' + name]:.1f} ms |"
+        others = [k[len("fwd_ms_"):] for k in r
+                  if k.startswith("fwd_ms_") and k not in ("fwd_ms_naive", "fwd_ms_fused")]
+        line += " " + "; ".join(f"{n}: fwd {r['fwd_ms_' + n]:.1f} ms, fwd+bwd {r['fwdbwd_ms_' + n]:.1f} ms, "
+                                f"peak {r['peak_mib_' + n]:.1f} MiB" for n in others) + " |"
         if bandwidth:
             line += f" {100 * r['bytes_moved'] / (r['fwd_ms_fused'] / 1e3) / bandwidth:.0f} |"
         lines.append(line)

@@ -7,7 +7,8 @@ F.interpolate(align_corners=...); sampling like grid_sample(align_corners=True).
 """
 from . import convert, reference
 from ._backend import BACKENDS, HAS_CPP
+from .ops.blur import blur, blur_adjoint
 from .ops.warp import upsample_field, warp
 
-__all__ = ["warp", "upsample_field", "reference", "convert", "BACKENDS", "HAS_CPP"]
+__all__ = ["warp", "upsample_field", "blur", "blur_adjoint", "reference", "convert", "BACKENDS", "HAS_CPP"]
 __version__ = "0.1.0"

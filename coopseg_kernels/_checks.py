@@ -7,6 +7,7 @@ from typing import Sequence
 import torch
 
 PADDING_MODES = ("zeros", "border")
+BLUR_BOUNDARIES = ("zeros", "replicate", "reflect")
 _MAX_SIZE = 2**31 - 1
 
 
@@ -21,7 +22,7 @@ def tensor(name: str, t, *, floating: bool = True) -> None:
         raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}")
 
 
-def image(name: str, t: torch.Tensor) -> int:
+def image(name: str, t: torch.Tensor, min_size: int = 2) -> int:
     """A channel-first image batch (B, C, H, W) or (B, C, D, H, W); returns nd."""
     tensor(name, t)
     if t.dim() not in (4, 5):
@@ -29,8 +30,8 @@ def image(name: str, t: torch.Tensor) -> int:
     if t.shape[0] < 1 or t.shape[1] < 1:
         raise ValueError(f"{name} needs B >= 1 and C >= 1, got shape {_shape(t)}")
     spatial = t.shape[2:]
-    if min(spatial) < 2:
-        raise ValueError(f"{name} spatial sizes must be >= 2, got shape {_shape(t)}")
+    if min(spatial) < min_size:
+        raise ValueError(f"{name} spatial sizes must be >= {min_size}, got shape {_shape(t)}")
     if max(spatial) > _MAX_SIZE:
         raise ValueError(f"{name} spatial sizes must be < 2**31, got shape {_shape(t)}")
     return t.dim() - 2
@@ -88,3 +89,33 @@ def kernel_dtype(name: str, t: torch.Tensor, backend: str, allowed: Sequence[tor
         names = "/".join(str(d).replace("torch.", "") for d in allowed)
         raise TypeError(f"{name} dtype {t.dtype} is not supported by backend {backend!r} ({names}); "
                         "use backend='reference' or cast the input")
+
+
+def blur_kernel(kernel) -> tuple[float, ...]:
+    """An odd-length 1-D kernel of finite numbers with a nonzero sum."""
+    if isinstance(kernel, torch.Tensor):
+        if kernel.dim() != 1:
+            raise ValueError(f"kernel must be 1-D, got shape {_shape(kernel)}")
+        kernel = kernel.tolist()
+    try:
+        k = tuple(float(v) for v in kernel)
+    except (TypeError, ValueError):
+        raise TypeError(f"kernel must be a sequence of numbers, got {kernel!r}") from None
+    if len(k) == 0 or len(k) % 2 == 0:
+        raise ValueError(f"kernel must have an odd length (1, 3, 5, ...), got length {len(k)}")
+    if not all(v == v and abs(v) != float("inf") for v in k):
+        raise ValueError(f"kernel must be finite, got {k}")
+    if sum(k) == 0:
+        raise ValueError(f"kernel must not sum to 0 (it is normalised to sum 1), got {k}")
+    return k
+
+
+def blur_inputs(x, kernel, boundary: str) -> tuple[float, ...]:
+    image("x", x, min_size=1)
+    choice("boundary", boundary, BLUR_BOUNDARIES)
+    k = blur_kernel(kernel)
+    r = len(k) // 2
+    if boundary == "reflect" and min(x.shape[2:]) <= r:
+        raise ValueError(f"boundary='reflect' needs every spatial size > kernel radius {r}, "
+                         f"got x of shape {_shape(x)}")
+    return k

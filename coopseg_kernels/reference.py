@@ -9,6 +9,8 @@ import torch.nn.functional as F
 
 from .convert import field_to_grid
 
+_PAD_MODES = {"zeros": "constant", "replicate": "replicate", "reflect": "reflect"}
+
 _MODES = {2: "bilinear", 3: "trilinear"}
 
 
@@ -32,3 +34,36 @@ def warp(moving: torch.Tensor, coarse: torch.Tensor, *, align_corners: bool = Tr
     grid = field_to_grid(field, align_corners=True)
     out = F.grid_sample(moving.to(dtype), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
     return out.to(moving.dtype)
+
+
+def normalized_kernel(kernel) -> list[float]:
+    """The 1-D blur kernel scaled to sum 1 (float64 arithmetic)."""
+    k = [float(v) for v in kernel]
+    total = sum(k)
+    return [v / total for v in k]
+
+
+def blur(x: torch.Tensor, *, kernel=(1.0, 2.0, 1.0), boundary: str = "zeros") -> torch.Tensor:
+    """Separable blur: correlation with the normalised 1-D kernel along every
+    spatial axis, as depthwise convolutions of the F.pad-ed input."""
+    nd = x.dim() - 2
+    C = x.shape[1]
+    k = torch.tensor(normalized_kernel(kernel), dtype=math_dtype(x.dtype), device=x.device)
+    r = len(k) // 2
+    conv = F.conv2d if nd == 2 else F.conv3d
+    y = x.to(k.dtype)
+    for axis in range(nd):
+        shape = [1] * nd
+        shape[axis] = len(k)
+        weight = k.view(1, 1, *shape).expand(C, 1, *shape).contiguous()
+        pad = [0] * (2 * nd)
+        pad[2 * (nd - 1 - axis)] = pad[2 * (nd - 1 - axis) + 1] = r
+        y = conv(F.pad(y, pad, mode=_PAD_MODES[boundary]), weight, groups=C)
+    return y.to(x.dtype)
+
+
+def blur_adjoint(y: torch.Tensor, *, kernel=(1.0, 2.0, 1.0), boundary: str = "zeros") -> torch.Tensor:
+    """The adjoint of `blur` (the map its backward applies), by autograd through it."""
+    x = torch.zeros_like(y, requires_grad=True)  # blur is linear: the point does not matter
+    with torch.enable_grad():
+        return torch.autograd.grad(blur(x, kernel=kernel, boundary=boundary), x, y, create_graph=y.requires_grad)[0]

@@ -19,4 +19,6 @@ TORCH_LIBRARY(coopseg, m) {
       "bool need_moving, bool need_coarse) -> (Tensor, Tensor)");
   m.def("upsample_field_fwd(Tensor coarse, int[] size, bool align_corners) -> Tensor");
   m.def("upsample_field_bwd(Tensor grad_field, int[] coarse_size, bool align_corners) -> Tensor");
+  // separable banded operator: the blur and its adjoint (tables from coopseg_kernels/ops/blur.py)
+  m.def("blur_apply(Tensor x, Tensor[] idx, Tensor[] wt) -> Tensor");
 }
