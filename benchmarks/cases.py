@@ -23,6 +23,7 @@ class Case:
     bytes_moved: Callable[[dict], int]    # minimal forward traffic (for % of copy bandwidth)
     others: dict[str, Callable[[dict], torch.Tensor]] = field(default_factory=dict)
     big: bool = False                     # skipped by --quick
+    backward: bool = True                 # False: a forward-only computation (no fwd+bwd columns)
 
 
 def _smooth_coarse(B, size, spacing, device, amplitude=3.0):
@@ -83,6 +84,59 @@ def blur_cases(device: torch.device, dtype=torch.float32) -> list[Case]:
     return cases
 
 
+def _masks(size, device, seed):
+    """Two overlapping blob masks (float), the second a deformed copy of the first."""
+    g = torch.Generator().manual_seed(seed)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in size], indexing="ij"))
+    m = torch.zeros(size)
+    for _ in range(3):
+        c = torch.tensor([float(torch.randint(n // 4, 3 * n // 4, (), generator=g)) for n in size])
+        m = torch.maximum(m, (((grid - c.view(-1, *[1] * len(size))) ** 2).sum(0) <= (min(size) / 5) ** 2).float())
+    m = m[None, None].to(device)
+    return m, (ck.warp(m, _smooth_coarse(1, size, 16, device)) > 0.5).float()
+
+
+def similarity_cases(device: torch.device) -> list[Case]:
+    size = (256, 256, 128)
+
+    def make_step():
+        s1, s2 = _masks(size, device, 3)
+        return {"s1b": ck.blur(s1), "s2b": ck.blur(s2), "coarse": _smooth_coarse(1, size, 16, device, 1.0)}
+
+    cases = [Case(
+        op="D_S iteration", shape="256x256x128 /16", make=make_step,
+        fused=lambda x: ck.similarity_step(x["s1b"], x["s2b"], x["coarse"])[1],
+        naive=lambda x: reference.similarity_step(x["s1b"], x["s2b"], x["coarse"])[1],
+        grad_inputs=(), bytes_moved=lambda x: 2 * x["s1b"].numel() * x["s1b"].element_size(),
+        big=True, backward=False)]
+    for size_t, bound in [((64, 64, 32), 4), ((128, 128, 64), 3)]:
+        def make_t(size_t=size_t):
+            s1, s2 = _masks(size_t, device, 4)
+            return {"s1": s1 > 0.5, "s2": s2 > 0.5}
+
+        cases.append(Case(
+            op="translation search", shape="x".join(map(str, size_t)) + f" shifts<={bound}", make=make_t,
+            fused=lambda x, b=bound: ck.translation_search(x["s1"], x["s2"], [b] * 3)[1],
+            naive=lambda x, b=bound: brute_force_translation(x["s1"], x["s2"], b),
+            grad_inputs=(), bytes_moved=lambda x: 2 * x["s1"].numel(), backward=False))
+    return cases
+
+
+def brute_force_translation(s1: torch.Tensor, s2: torch.Tensor, bound: int) -> torch.Tensor:
+    """Dice of s1 shifted by every integer t (|t_k| <= bound), by explicit slicing: the
+    baseline of the FFT search."""
+    best = torch.zeros(s1.shape[0], dtype=torch.float64, device=s1.device)
+    size = s1.shape[2:]
+    r = range(-bound, bound + 1)
+    for t in [(a, b, c) for a in r for b in r for c in r]:
+        shifted = torch.zeros_like(s1)
+        src = tuple(slice(max(v, 0), n + min(v, 0)) for v, n in zip(t, size))
+        dst = tuple(slice(max(-v, 0), n + min(-v, 0)) for v, n in zip(t, size))
+        shifted[(..., *dst)] = s1[(..., *src)]
+        best = torch.maximum(best, ck.dice(shifted, s2))
+    return best
+
+
 def all_cases(device: torch.device, ops: list[str] | None = None) -> list[Case]:
-    cases = warp_cases(device) + blur_cases(device)
+    cases = warp_cases(device) + blur_cases(device) + similarity_cases(device)
     return [c for c in cases if ops is None or c.op in ops]

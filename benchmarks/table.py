@@ -42,14 +42,19 @@ def measure(case: Case, device: torch.device, repeats: int) -> dict:
     inputs = case.make()
     with torch.no_grad():
         out = case.fused(inputs)
-    grad_out = torch.rand_like(out)
-    row = {"op": case.op, "shape": case.shape, "dtype": str(out.dtype).replace("torch.", "")}
+    row = {"op": case.op, "shape": case.shape}
     impls = {"naive": case.naive, "fused": case.fused, **case.others}
     for name, fn in impls.items():
         with torch.no_grad():
             row[f"fwd_ms_{name}"] = 1e3 * median_seconds(lambda: fn(inputs), device, repeats=repeats)
-        run = fwd_bwd(fn, _with_grads(case, inputs), grad_out)
-        row[f"fwdbwd_ms_{name}"] = 1e3 * median_seconds(run, device, repeats=repeats)
+        if case.backward:
+            run = fwd_bwd(fn, _with_grads(case, inputs), torch.rand_like(out))
+            row[f"fwdbwd_ms_{name}"] = 1e3 * median_seconds(run, device, repeats=repeats)
+        else:  # the peak of the computation itself
+            def run(fn=fn):
+                with torch.no_grad():
+                    fn(inputs)
+            row[f"fwdbwd_ms_{name}"] = float("nan")
         row[f"peak_mib_{name}"] = peak_bytes(run, device) / MiB
     row["fwd_speedup"] = row["fwd_ms_naive"] / row["fwd_ms_fused"]
     row["fwdbwd_speedup"] = row["fwdbwd_ms_naive"] / row["fwdbwd_ms_fused"]
@@ -61,18 +66,22 @@ def measure(case: Case, device: torch.device, repeats: int) -> dict:
 def markdown(rows: list[dict], info: dict, bandwidth: float | None) -> str:
     head = ("| op | shape | fwd naive ms | fwd fused ms | fwd × | fwd+bwd naive ms | fwd+bwd fused ms | fwd+bwd × "
             "| peak naive MiB | peak fused MiB | fused/naive peak |")
+    # peak: of forward+backward, or of the computation itself where it has no backward (— columns)
     head += " other baselines |"
     if bandwidth:
         head += " fwd % copy BW |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def num(v, fmt):
+        return "—" if v != v else format(v, fmt)
     for r in rows:
         line = (f"| {r['op']} | {r['shape']} | {r['fwd_ms_naive']:.1f} | {r['fwd_ms_fused']:.2f} | "
-                f"{r['fwd_speedup']:.1f} | {r['fwdbwd_ms_naive']:.1f} | {r['fwdbwd_ms_fused']:.2f} | "
-                f"{r['fwdbwd_speedup']:.1f} | {r['peak_mib_naive']:.1f} | {r['peak_mib_fused']:.1f} | "
+                f"{r['fwd_speedup']:.1f} | {num(r['fwdbwd_ms_naive'], '.1f')} | {num(r['fwdbwd_ms_fused'], '.2f')} | "
+                f"{num(r['fwdbwd_speedup'], '.1f')} | {r['peak_mib_naive']:.1f} | {r['peak_mib_fused']:.3f} | "
                 f"{r['peak_ratio']:.4f} |")
         others = [k[len("fwd_ms_"):] for k in r
                   if k.startswith("fwd_ms_") and k not in ("fwd_ms_naive", "fwd_ms_fused")]
-        line += " " + "; ".join(f"{n}: fwd {r['fwd_ms_' + n]:.1f} ms, fwd+bwd {r['fwdbwd_ms_' + n]:.1f} ms, "
+        line += " " + "; ".join(f"{n}: fwd {r['fwd_ms_' + n]:.1f} ms, fwd+bwd {num(r['fwdbwd_ms_' + n], '.1f')} ms, "
                                 f"peak {r['peak_mib_' + n]:.1f} MiB" for n in others) + " |"
         if bandwidth:
             line += f" {100 * r['bytes_moved'] / (r['fwd_ms_fused'] / 1e3) / bandwidth:.0f} |"

@@ -8,7 +8,10 @@ F.interpolate(align_corners=...); sampling like grid_sample(align_corners=True).
 from . import convert, reference
 from ._backend import BACKENDS, HAS_CPP
 from .ops.blur import blur, blur_adjoint
+from .ops.similarity import similarity_step
 from .ops.warp import upsample_field, warp
+from .similarity import SimilarityResult, dice, relative_similarity, translation_search
 
-__all__ = ["warp", "upsample_field", "blur", "blur_adjoint", "reference", "convert", "BACKENDS", "HAS_CPP"]
+__all__ = ["warp", "upsample_field", "blur", "blur_adjoint", "similarity_step", "relative_similarity", "dice",
+           "translation_search", "SimilarityResult", "reference", "convert", "BACKENDS", "HAS_CPP"]
 __version__ = "0.1.0"

@@ -119,3 +119,31 @@ def blur_inputs(x, kernel, boundary: str) -> tuple[float, ...]:
         raise ValueError(f"boundary='reflect' needs every spatial size > kernel radius {r}, "
                          f"got x of shape {_shape(x)}")
     return k
+
+
+def same_shape(**tensors: torch.Tensor) -> None:
+    shapes = {name: tuple(t.shape) for name, t in tensors.items()}
+    if len(set(shapes.values())) > 1:
+        listed = ", ".join(f"{n} {s}" for n, s in shapes.items())
+        raise ValueError(f"shapes must match, got {listed}")
+
+
+def similarity_inputs(s1, s2, coarse) -> int:
+    nd = image("s1_blurred", s1)
+    tensor("s2_blurred", s2)
+    same_shape(s1_blurred=s1, s2_blurred=s2)
+    coarse_field("coarse", coarse, nd, batch=s1.shape[0])
+    same_device(s1_blurred=s1, s2_blurred=s2, coarse=coarse)
+    return nd
+
+
+def mask(name: str, t) -> None:
+    """A mask batch: bool, uint8 or floating, (B, C, *S) with 2 or 3 spatial dims."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (t.dtype in (torch.bool, torch.uint8) or t.dtype.is_floating_point):
+        raise TypeError(f"{name} must be bool, uint8 or floating, got {t.dtype}")
+    if t.dim() not in (4, 5):
+        raise ValueError(f"{name} must be (B, C, H, W) or (B, C, D, H, W), got shape {_shape(t)}")
+    if min(t.shape[2:]) < 2 or t.shape[0] < 1 or t.shape[1] < 1:
+        raise ValueError(f"{name} needs B, C >= 1 and spatial sizes >= 2, got shape {_shape(t)}")

@@ -67,3 +67,16 @@ def blur_adjoint(y: torch.Tensor, *, kernel=(1.0, 2.0, 1.0), boundary: str = "ze
     x = torch.zeros_like(y, requires_grad=True)  # blur is linear: the point does not matter
     with torch.enable_grad():
         return torch.autograd.grad(blur(x, kernel=kernel, boundary=boundary), x, y, create_graph=y.requires_grad)[0]
+
+
+def similarity_step(s1_blurred: torch.Tensor, s2_blurred: torch.Tensor, coarse: torch.Tensor, *,
+                    align_corners: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """One D_S optimizer step's loss mean((tau(s1b) - s2b)^2) per batch item and
+    its gradient w.r.t. the coarse grid tau, by autograd through `warp`."""
+    dtype = math_dtype(s1_blurred.dtype)
+    c = coarse.detach().to(dtype).requires_grad_()
+    with torch.enable_grad():
+        out = warp(s1_blurred.to(dtype), c, align_corners=align_corners, padding_mode="zeros")
+        loss = (out - s2_blurred.to(dtype)).square().flatten(1).mean(1)
+        (grad,) = torch.autograd.grad(loss.sum(), c)
+    return loss.detach(), grad

@@ -21,4 +21,6 @@ TORCH_LIBRARY(coopseg, m) {
   m.def("upsample_field_bwd(Tensor grad_field, int[] coarse_size, bool align_corners) -> Tensor");
   // separable banded operator: the blur and its adjoint (tables from coopseg_kernels/ops/blur.py)
   m.def("blur_apply(Tensor x, Tensor[] idx, Tensor[] wt) -> Tensor");
+  // one D_S optimizer step: per-item loss mean((tau(s1b) - s2b)^2) and its gradient w.r.t. tau
+  m.def("similarity_pass(Tensor s1_blurred, Tensor s2_blurred, Tensor coarse, bool align_corners) -> (Tensor, Tensor)");
 }

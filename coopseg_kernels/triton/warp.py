@@ -7,7 +7,9 @@ warp_fwd_kernel   one program per BLOCK output voxels of one batch item: the
 warp_bwd_kernel   one program per (batch item, coarse cell, tile of the cell's
                   voxels): the cell's 2^nd nodes are loaded once, the gradient of
                   each voxel's displacement is formed (from the sampled image or,
-                  with FIELD_GRAD, read from a field gradient) and reduced to
+                  with FIELD_GRAD, read from a field gradient; with SIMILARITY the
+                  output gradient is the residual against s2, as in one D_S
+                  optimizer step, whose loss is summed per program) and reduced to
                   2^nd * nd partial sums per program, which the host folds into the
                   nodes in a fixed order (deterministic, no atomics). The image
                   gradient is an atomic scatter.
@@ -144,20 +146,24 @@ def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
 
 
 @triton.jit
-def _corner(base, idx, m, wt_d, wt_h, wt_w, dd, dh, dw, g, gm_base, NEED_MOVING: tl.constexpr):
-    """One corner of the backward: returns its contributions to the position
-    gradient (d, h, w) and scatters g * weight into the image gradient."""
-    v = tl.load(base + idx, mask=m, other=0.0).to(wt_w.dtype)
+def _corner_value(base, idx, m, wt_w):
+    return tl.load(base + idx, mask=m, other=0.0).to(wt_w.dtype)
+
+
+@triton.jit
+def _corner(v, idx, m, wt_d, wt_h, wt_w, dd, dh, dw, g, gm_base, NEED_MOVING: tl.constexpr):
+    """One corner (value v) of the backward: returns its contributions to the
+    position gradient (d, h, w) and scatters g * weight into the image gradient."""
     if NEED_MOVING:
         tl.atomic_add(gm_base + idx, (g * wt_d * wt_h * wt_w).to(gm_base.dtype.element_ty), mask=m)
     return dd * wt_h * wt_w * v, wt_d * dh * wt_w * v, wt_d * wt_h * dw * v
 
 
 @triton.jit
-def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr,
+def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
                     i0d, l1d, cbd, i0h, l1h, cbh, i0w, l1w, cbw,
-                    C, D, H, W, sd, sh, sw, T,
-                    ND: tl.constexpr, BORDER: tl.constexpr, FIELD_GRAD: tl.constexpr,
+                    C, D, H, W, sd, sh, sw, T, scale,
+                    ND: tl.constexpr, BORDER: tl.constexpr, FIELD_GRAD: tl.constexpr, SIMILARITY: tl.constexpr,
                     NEED_MOVING: tl.constexpr, NEED_COARSE: tl.constexpr,
                     INT64: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
@@ -224,6 +230,7 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr,
         zw, fw, okw0, okw1, clw = _taps(tl.where(bad, 0.0, pw), W, BORDER)
         mg = m & ~bad
         row = (zd * H + zh) * W + zw
+        loss = tl.zeros_like(fw)
         gd = tl.zeros_like(fw)
         gh = tl.zeros_like(fw)
         gw = tl.zeros_like(fw)
@@ -231,19 +238,45 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr,
             base = mov_ptr + (b * C + c) * N
             gmb = gmov_ptr + (b * C + c) * N
             g = tl.load(gout_ptr + (b * C + c) * N + vox, mask=m, other=0.0).to(fw.dtype)
-            a0, a1, a2 = _corner(base, row, mg & okd0 & okh0 & okw0, 1.0 - fd, 1.0 - fh, 1.0 - fw, -cld, -clh, -clw, g, gmb, NEED_MOVING)
-            b0, b1, b2 = _corner(base, row + 1, mg & okd0 & okh0 & okw1, 1.0 - fd, 1.0 - fh, fw, -cld, -clh, clw, g, gmb, NEED_MOVING)
-            c0, c1, c2 = _corner(base, row + W, mg & okd0 & okh1 & okw0, 1.0 - fd, fh, 1.0 - fw, -cld, clh, -clw, g, gmb, NEED_MOVING)
-            e0, e1, e2 = _corner(base, row + W + 1, mg & okd0 & okh1 & okw1, 1.0 - fd, fh, fw, -cld, clh, clw, g, gmb, NEED_MOVING)
+            m000 = mg & okd0 & okh0 & okw0
+            m001 = mg & okd0 & okh0 & okw1
+            m010 = mg & okd0 & okh1 & okw0
+            m011 = mg & okd0 & okh1 & okw1
+            v000 = _corner_value(base, row, m000, fw)
+            v001 = _corner_value(base, row + 1, m001, fw)
+            v010 = _corner_value(base, row + W, m010, fw)
+            v011 = _corner_value(base, row + W + 1, m011, fw)
+            val = (1.0 - fh) * ((1.0 - fw) * v000 + fw * v001) + fh * ((1.0 - fw) * v010 + fw * v011)
+            if ND == 3:
+                r1 = row + H * W
+                m100 = mg & okd1 & okh0 & okw0
+                m101 = mg & okd1 & okh0 & okw1
+                m110 = mg & okd1 & okh1 & okw0
+                m111 = mg & okd1 & okh1 & okw1
+                v100 = _corner_value(base, r1, m100, fw)
+                v101 = _corner_value(base, r1 + 1, m101, fw)
+                v110 = _corner_value(base, r1 + W, m110, fw)
+                v111 = _corner_value(base, r1 + W + 1, m111, fw)
+                val1 = (1.0 - fh) * ((1.0 - fw) * v100 + fw * v101) + fh * ((1.0 - fw) * v110 + fw * v111)
+                val = (1.0 - fd) * val + fd * val1
+            if SIMILARITY:
+                # g was s2 at this voxel: the residual, and d(loss)/d(sample) = scale * residual
+                res = tl.where(m, val - g, 0.0)
+                res = tl.where(bad, nan, res)
+                loss += res * res
+                g = scale * res
+            a0, a1, a2 = _corner(v000, row, m000, 1.0 - fd, 1.0 - fh, 1.0 - fw, -cld, -clh, -clw, g, gmb, NEED_MOVING)
+            b0, b1, b2 = _corner(v001, row + 1, m001, 1.0 - fd, 1.0 - fh, fw, -cld, -clh, clw, g, gmb, NEED_MOVING)
+            c0, c1, c2 = _corner(v010, row + W, m010, 1.0 - fd, fh, 1.0 - fw, -cld, clh, -clw, g, gmb, NEED_MOVING)
+            e0, e1, e2 = _corner(v011, row + W + 1, m011, 1.0 - fd, fh, fw, -cld, clh, clw, g, gmb, NEED_MOVING)
             sd_ = a0 + b0 + c0 + e0
             sh_ = a1 + b1 + c1 + e1
             sw_ = a2 + b2 + c2 + e2
             if ND == 3:
-                r1 = row + H * W
-                a0, a1, a2 = _corner(base, r1, mg & okd1 & okh0 & okw0, fd, 1.0 - fh, 1.0 - fw, cld, -clh, -clw, g, gmb, NEED_MOVING)
-                b0, b1, b2 = _corner(base, r1 + 1, mg & okd1 & okh0 & okw1, fd, 1.0 - fh, fw, cld, -clh, clw, g, gmb, NEED_MOVING)
-                c0, c1, c2 = _corner(base, r1 + W, mg & okd1 & okh1 & okw0, fd, fh, 1.0 - fw, cld, clh, -clw, g, gmb, NEED_MOVING)
-                e0, e1, e2 = _corner(base, r1 + W + 1, mg & okd1 & okh1 & okw1, fd, fh, fw, cld, clh, clw, g, gmb, NEED_MOVING)
+                a0, a1, a2 = _corner(v100, r1, m100, fd, 1.0 - fh, 1.0 - fw, cld, -clh, -clw, g, gmb, NEED_MOVING)
+                b0, b1, b2 = _corner(v101, r1 + 1, m101, fd, 1.0 - fh, fw, cld, -clh, clw, g, gmb, NEED_MOVING)
+                c0, c1, c2 = _corner(v110, r1 + W, m110, fd, fh, 1.0 - fw, cld, clh, -clw, g, gmb, NEED_MOVING)
+                e0, e1, e2 = _corner(v111, r1 + W + 1, m111, fd, fh, fw, cld, clh, clw, g, gmb, NEED_MOVING)
                 sd_ += a0 + b0 + c0 + e0
                 sh_ += a1 + b1 + c1 + e1
                 sw_ += a2 + b2 + c2 + e2
@@ -254,6 +287,8 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr,
         gd = tl.where(bad, nan, gd)
         gh = tl.where(bad, nan, gh)
         gw = tl.where(bad, nan, gw)
+        if SIMILARITY:
+            tl.store(loss_ptr + pid, tl.sum(tl.where(m, loss, 0.0), 0))
 
     if NEED_COARSE:
         # partial sums of this program, layout [B, ncell, T, 2, 2, 2, nd]
@@ -330,8 +365,10 @@ def _forward(moving_or_none, coarse, size, align_corners, padding_mode, C, out, 
     return out
 
 
-def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_corners, padding_mode,
-              need_moving, need_coarse, field_grad, compute_dtype):
+def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_corners, padding_mode, *,
+              need_moving, need_coarse, compute_dtype, field_grad=False, similarity=False):
+    """warp_bwd_kernel launch. gout is the output gradient, or the field gradient
+    (field_grad), or s2_blurred (similarity: then the per-item loss is returned too)."""
     nd = len(coarse_shape) - 2
     B = coarse_shape[0]
     D, H, W = _grid3(size)
@@ -341,29 +378,31 @@ def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_co
     N = D * H * W
     T = max(1, triton.cdiv(tabs[0].max_cell * tabs[1].max_cell * tabs[2].max_cell, _BWD_BLOCK))
     ncell = sd * sh * sw
-    part = new_output((B, ncell, T, 8, nd), compute_dtype, device) if need_coarse \
-        else torch.empty(1, dtype=compute_dtype, device=device)
+    nprog = B * ncell * T
+    unused = torch.empty(1, dtype=compute_dtype, device=device)
+    part = new_output((B, ncell, T, 8, nd), compute_dtype, device) if need_coarse else unused
+    loss = new_output((nprog,), compute_dtype, device) if similarity else unused
     C = 0 if moving_or_none is None else moving_or_none.shape[1]
     if need_moving:
         # fp32 accumulation for half inputs; the atomics write the result in place otherwise
         acc_dtype = moving_or_none.dtype if moving_or_none.dtype in (torch.float32, torch.float64) else torch.float32
         gmov = torch.zeros(moving_or_none.shape, dtype=acc_dtype, device=device)
     else:
-        gmov = torch.empty(1, dtype=compute_dtype, device=device)
-    dummy = gout
-    warp_bwd_kernel[(B * ncell * T,)](
-        gout, moving_or_none if moving_or_none is not None else dummy,
-        coarse_or_none if coarse_or_none is not None else dummy, gmov, part,
+        gmov = unused
+    warp_bwd_kernel[(nprog,)](
+        gout, moving_or_none if moving_or_none is not None else gout,
+        coarse_or_none if coarse_or_none is not None else gout, gmov, part, loss,
         *_table_args(tabs, True),
-        C, D, H, W, sd, sh, sw, T,
-        ND=nd, BORDER=padding_mode == "border", FIELD_GRAD=field_grad,
+        C, D, H, W, sd, sh, sw, T, 2.0 / (N * C) if similarity else 0.0,
+        ND=nd, BORDER=padding_mode == "border", FIELD_GRAD=field_grad, SIMILARITY=similarity,
         NEED_MOVING=need_moving, NEED_COARSE=need_coarse,
         INT64=_needs_int64(N), BLOCK=_BWD_BLOCK)
     grad_coarse = None
     if need_coarse:
         cells_sum = part.view(B, sd, sh, sw, T, 2, 2, 2, nd).sum(4)
         grad_coarse = fold_cell_partials(cells_sum, coarse_shape[2:])
-    return gmov, grad_coarse
+    loss_per_item = loss.view(B, -1).sum(1) / (N * C) if similarity else None
+    return gmov, grad_coarse, loss_per_item
 
 
 def warp_fwd(moving: torch.Tensor, coarse: torch.Tensor, align_corners: bool, padding_mode: str) -> torch.Tensor:
@@ -372,8 +411,8 @@ def warp_fwd(moving: torch.Tensor, coarse: torch.Tensor, align_corners: bool, pa
 
 
 def warp_bwd(grad_out, moving, coarse, align_corners, padding_mode, need_moving, need_coarse):
-    gmov, gcrs = _backward(grad_out, moving, coarse.shape, coarse, moving.shape[2:], align_corners, padding_mode,
-                           need_moving, need_coarse, False, coarse.dtype)
+    gmov, gcrs, _ = _backward(grad_out, moving, coarse.shape, coarse, moving.shape[2:], align_corners, padding_mode,
+                              need_moving=need_moving, need_coarse=need_coarse, compute_dtype=coarse.dtype)
     gmov = gmov.to(moving.dtype) if need_moving else moving.new_empty(0)
     return gmov, (gcrs if need_coarse else coarse.new_empty(0))
 
@@ -385,6 +424,16 @@ def upsample_field_fwd(coarse: torch.Tensor, size, align_corners: bool) -> torch
 
 def upsample_field_bwd(grad_field: torch.Tensor, coarse_size, align_corners: bool) -> torch.Tensor:
     shape = (grad_field.shape[0], grad_field.shape[1], *coarse_size)
-    _, g = _backward(grad_field, None, shape, None, grad_field.shape[2:], align_corners, "zeros",
-                     False, True, True, grad_field.dtype)
+    _, g, _ = _backward(grad_field, None, shape, None, grad_field.shape[2:], align_corners, "zeros",
+                        need_moving=False, need_coarse=True, compute_dtype=grad_field.dtype, field_grad=True)
     return g
+
+
+def similarity_pass(s1_blurred: torch.Tensor, s2_blurred: torch.Tensor, coarse: torch.Tensor,
+                    align_corners: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-item mean((tau(s1b) - s2b)^2) and its gradient w.r.t. the coarse grid tau,
+    in one pass (the backward kernel with the residual as the output gradient)."""
+    _, g, loss = _backward(s2_blurred, s1_blurred, coarse.shape, coarse, s1_blurred.shape[2:], align_corners,
+                           "zeros", need_moving=False, need_coarse=True, compute_dtype=coarse.dtype,
+                           similarity=True)
+    return loss, g

@@ -394,6 +394,97 @@ inline void row_scatter(const T* g, const RowTaps<T, I>& R, Dims3 S, int64_t C, 
   }
 }
 
+// Sums of the position gradients gpos (3 rows: d, h, w) per w-cell, with the
+// two interpolation weights: Alo/Ahi as CellPartials::add_row takes them. A
+// NaN position has a NaN gradient (documented).
+template <typename T, typename I, int ND>
+inline void cell_sums(const RowTaps<T, I>& R, std::vector<T>& gpos, Dims3 S, const AxisInterp<T>& Iw, T* Alo,
+                      T* Ahi) {
+  T* gpd = gpos.data();
+  T* gph = gpd + S.w;
+  T* gpw = gph + S.w;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t w = 0; w < S.w; ++w)
+    if (R.bad[w]) gpd[w] = gph[w] = gpw[w] = nan;
+  const T* l0 = Iw.l0.data();
+  const T* l1 = Iw.l1.data();
+  for (int64_t cw = 0; cw < Iw.s; ++cw) {
+    const int64_t w0 = Iw.cell_begin[cw], w1 = Iw.cell_begin[cw + 1];
+    for (int j = 0; j < ND; ++j) {
+      const T* gj = gpos.data() + (3 - ND + j) * S.w;
+      T lo = 0, hi = 0;
+#pragma omp simd reduction(+ : lo, hi)
+      for (int64_t w = w0; w < w1; ++w) {
+        lo += l0[w] * gj[w];
+        hi += l1[w] * gj[w];
+      }
+      Alo[cw * ND + j] = lo;
+      Ahi[cw * ND + j] = hi;
+    }
+  }
+}
+
+// Alo/Ahi of one output row for CellPartials::add_row: the gradient of the
+// loss w.r.t. each voxel's displacement (summed over channels), reduced per
+// w-cell with the two interpolation weights.
+template <typename T, typename I, int ND>
+inline void row_coarse_sums(const RowTaps<T, I>& R, const T* img, const T* g, int64_t C, int64_t N, Dims3 S,
+                     const AxisInterp<T>& Iw, std::vector<T>& gpos, T* Alo, T* Ahi) {
+  T* gpd = gpos.data();
+  T* gph = gpd + S.w;
+  T* gpw = gph + S.w;
+  std::fill(gpos.begin(), gpos.end(), T(0));
+  for (int64_t c = 0; c < C; ++c) row_position_grad<T, I, ND>(img + c * N, g + c * N, R, S, gpd, gph, gpw);
+  cell_sums<T, I, ND>(R, gpos, S, Iw, Alo, Ahi);
+}
+
+// Alo/Ahi of one output row for the D_S optimizer step: the loss is
+// scale/2 * sum (tau(s1)(x) - s2(x))^2, so each voxel's position gradient is
+// scale * residual * d(s1 sampled)/d(position). Returns the row's sum of
+// squared residuals (in double).
+template <typename T, typename I, int ND>
+inline double row_similarity_sums(const RowTaps<T, I>& R, const T* s1, const T* s2, int64_t C, int64_t N, Dims3 S,
+                                  const AxisInterp<T>& Iw, T scale, std::vector<T>& gpos, std::vector<T>& resid,
+                                  T* Alo, T* Ahi) {
+  T* gpd = gpos.data();
+  T* gph = gpd + S.w;
+  T* gpw = gph + S.w;
+  std::fill(gpos.begin(), gpos.end(), T(0));
+  double loss = 0.0;
+  T* r = resid.data();
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t c = 0; c < C; ++c) {
+    const T* s2c = s2 + c * N;
+    // value and position gradient from one read of the corners
+    for_each_corners<T, I, ND>(s1 + c * N, R, S, [&](int64_t w, T a, T b, T cc, T d, T e, T f, T g, T h) {
+      const T res = R.bad[w] ? nan : interp<T, I, ND>(R, w, a, b, cc, d, e, f, g, h) - s2c[w];
+      r[w] = res;
+      interp_grad<T, I, ND>(R, w, scale * res, a, b, cc, d, e, f, g, h, gpd[w], gph[w], gpw[w]);
+    });
+#pragma omp simd reduction(+ : loss)
+    for (int64_t w = 0; w < S.w; ++w) loss += double(r[w]) * double(r[w]);
+  }
+  cell_sums<T, I, ND>(R, gpos, S, Iw, Alo, Ahi);
+  return loss;
+}
+
+// Calls fn.template operator()<T, I, ND, BORDER>() for the runtime dtype,
+// volume size, dimensionality and padding mode.
+template <typename Fn>
+auto dispatch_warp(const at::Tensor& moving, bool border, Fn&& fn) {
+  const bool three = moving.dim() == 5;
+  const bool small = dims3(moving).numel() < (int64_t(1) << 31);
+  return AT_DISPATCH_FLOATING_TYPES(moving.scalar_type(), "coopseg_warp", [&] {
+    using T = scalar_t;
+    if (small) {
+      if (three) return border ? fn.template operator()<T, int32_t, 3, true>() : fn.template operator()<T, int32_t, 3, false>();
+      return border ? fn.template operator()<T, int32_t, 2, true>() : fn.template operator()<T, int32_t, 2, false>();
+    }
+    if (three) return border ? fn.template operator()<T, int64_t, 3, true>() : fn.template operator()<T, int64_t, 3, false>();
+    return border ? fn.template operator()<T, int64_t, 2, true>() : fn.template operator()<T, int64_t, 2, false>();
+  });
+}
+
 // Partial sums of the coarse-grid gradient. A set holds, for one row of
 // coarse cells (b, cell_d, cell_h) and one chunk of its fine rows, 2^ND corner
 // sums of each of the ND channels per w-cell, in fp64. Whoever fills a set
@@ -469,10 +560,12 @@ struct CellPartials {
 // Deterministic gradient of the coarse grid by cells: tasks own (b, cell_d,
 // cell_h, chunk of rows). `make_visitor()` gives each parallel chunk its own
 // row visitor; `visit(b, d, h, rowf, Alo, Ahi)` fills Alo/Ahi for row (d, h) as
-// CellPartials::add_row takes them.
+// CellPartials::add_row takes them and returns a number (a row's share of a
+// loss, say) that is summed per batch item, also in a fixed order, into
+// `per_batch` when given.
 template <typename T, int ND, typename MakeVisitor>
 at::Tensor reduce_coarse_grad(const at::Tensor& coarse, const FieldInterp<T>& I, bool with_rows,
-                              MakeVisitor make_visitor) {
+                              MakeVisitor make_visitor, std::vector<double>* per_batch = nullptr) {
   const Dims3 s = dims3(coarse);
   const int64_t B = coarse.size(0);
   int64_t max_rows = 1;
@@ -487,6 +580,7 @@ at::Tensor reduce_coarse_grad(const at::Tensor& coarse, const FieldInterp<T>& I,
   const int64_t nchunk = std::min(max_rows, (kMinTasks + ncell_rows - 1) / ncell_rows);
   const int64_t rows_per_task = (max_rows + nchunk - 1) / nchunk;
   CellPartials<T, ND> P(B, s, nchunk);
+  std::vector<double> extra(P.nsets(), 0.0);
   const T* cp = coarse.data_ptr<T>();
 
   at::parallel_for(0, P.nsets(), 1, [&](int64_t t0, int64_t t1) {
@@ -508,11 +602,16 @@ at::Tensor reduce_coarse_grad(const at::Tensor& coarse, const FieldInterp<T>& I,
         const int64_t d = I.d.cell_begin[cd] + row / nh;
         const int64_t h = I.h.cell_begin[ch] + row % nh;
         if (with_rows) coarse_row<T, ND>(cp + b * ND * s.numel(), s, I, d, h, rowf.data());
-        visit_row(b, d, h, rowf.data(), Alo.data(), Ahi.data());
+        extra[t] += visit_row(b, d, h, rowf.data(), Alo.data(), Ahi.data());
         CellPartials<T, ND>::add_row(part, I, d, h, Alo.data(), Ahi.data(), s.w);
       }
     }
   });
+  if (per_batch) {
+    const int64_t per_b = P.nsets() / B;
+    per_batch->assign(B, 0.0);
+    for (int64_t t = 0; t < P.nsets(); ++t) (*per_batch)[t / per_b] += extra[t];
+  }
   return P.fold(I, coarse.options());
 }
 

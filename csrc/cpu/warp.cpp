@@ -56,38 +56,6 @@ void warp_forward_impl(const at::Tensor& moving, const at::Tensor& coarse, bool 
   });
 }
 
-// Alo/Ahi of one output row for CellPartials::add_row: the gradient of the
-// loss w.r.t. each voxel's displacement (summed over channels), reduced per
-// w-cell with the two interpolation weights.
-template <typename T, typename I, int ND>
-void row_coarse_sums(const RowTaps<T, I>& R, const T* img, const T* g, int64_t C, int64_t N, Dims3 S,
-                     const AxisInterp<T>& Iw, std::vector<T>& gpos, T* Alo, T* Ahi) {
-  T* gpd = gpos.data();
-  T* gph = gpd + S.w;
-  T* gpw = gph + S.w;
-  std::fill(gpos.begin(), gpos.end(), T(0));
-  for (int64_t c = 0; c < C; ++c) row_position_grad<T, I, ND>(img + c * N, g + c * N, R, S, gpd, gph, gpw);
-  const T nan = std::numeric_limits<T>::quiet_NaN();
-  for (int64_t w = 0; w < S.w; ++w)  // a NaN position has a NaN gradient (documented)
-    if (R.bad[w]) gpd[w] = gph[w] = gpw[w] = nan;
-  const T* l0 = Iw.l0.data();
-  const T* l1 = Iw.l1.data();
-  for (int64_t cw = 0; cw < Iw.s; ++cw) {
-    const int64_t w0 = Iw.cell_begin[cw], w1 = Iw.cell_begin[cw + 1];
-    for (int j = 0; j < ND; ++j) {
-      const T* gj = gpos.data() + (3 - ND + j) * S.w;
-      T lo = 0, hi = 0;
-#pragma omp simd reduction(+ : lo, hi)
-      for (int64_t w = w0; w < w1; ++w) {
-        lo += l0[w] * gj[w];
-        hi += l1[w] * gj[w];
-      }
-      Alo[cw * ND + j] = lo;
-      Ahi[cw * ND + j] = hi;
-    }
-  }
-}
-
 // Coarse gradient alone: tasks by cells (reduce_coarse_grad).
 template <typename T, typename I, int ND, bool BORDER>
 at::Tensor warp_coarse_grad_impl(const at::Tensor& grad_out, const at::Tensor& moving,
@@ -103,6 +71,7 @@ at::Tensor warp_coarse_grad_impl(const at::Tensor& grad_out, const at::Tensor& m
       row_taps<T, I, ND, BORDER, true>(rowf, s, I3.w, S, d, h, R);
       row_coarse_sums<T, I, ND>(R, mp + b * C * N, gp + b * C * N + (d * S.h + h) * S.w, C, N, S, I3.w, gpos,
                                 Alo, Ahi);
+      return 0.0;
     };
   });
 }
@@ -184,23 +153,6 @@ std::tuple<at::Tensor, at::Tensor> warp_backward_typed(const at::Tensor& grad_ou
   if (need_coarse) gc = warp_coarse_grad_impl<T, I, ND, BORDER>(grad_out, moving, coarse, I3);
   if (need_moving) warp_slab_pass<T, I, ND, BORDER>(grad_out, moving, coarse, I3, gm, nullptr);
   return {gm, gc};
-}
-
-// Calls fn.template operator()<T, I, ND, BORDER>() for the runtime dtype,
-// volume size, dimensionality and padding mode.
-template <typename Fn>
-auto dispatch_warp(const at::Tensor& moving, bool border, Fn&& fn) {
-  const bool three = moving.dim() == 5;
-  const bool small = dims3(moving).numel() < (int64_t(1) << 31);
-  return AT_DISPATCH_FLOATING_TYPES(moving.scalar_type(), "coopseg_warp", [&] {
-    using T = scalar_t;
-    if (small) {
-      if (three) return border ? fn.template operator()<T, int32_t, 3, true>() : fn.template operator()<T, int32_t, 3, false>();
-      return border ? fn.template operator()<T, int32_t, 2, true>() : fn.template operator()<T, int32_t, 2, false>();
-    }
-    if (three) return border ? fn.template operator()<T, int64_t, 3, true>() : fn.template operator()<T, int64_t, 3, false>();
-    return border ? fn.template operator()<T, int64_t, 2, true>() : fn.template operator()<T, int64_t, 2, false>();
-  });
 }
 
 struct ForwardFn {
@@ -319,6 +271,7 @@ at::Tensor upsample_backward_impl(const at::Tensor& grad_field, const at::Tensor
             Alo[cw * ND + j] = lo;
             Ahi[cw * ND + j] = hi;
           }
+      return 0.0;
     };
   });
 }
