@@ -45,6 +45,13 @@ def test_similarity_step_is_deterministic(backend):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+def test_similarity_step_opcheck(backend):
+    s1, s2 = torch.rand(1, 1, 4, 5, 6, dtype=torch.float64), torch.rand(1, 1, 4, 5, 6, dtype=torch.float64)
+    c = torch.randn(1, 3, 2, 2, 3, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.coopseg.similarity_step.default, (s1, s2, c, True, backend),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
 def test_similarity_step_errors():
     s = torch.rand(1, 1, 5, 6, 7)
     with pytest.raises(ValueError, match="shapes must match"):
