@@ -113,25 +113,25 @@ _blur.register_autograd(_blur_grad, setup_context=_setup)
 _blur_adjoint.register_autograd(_blur_adjoint_grad, setup_context=_setup)
 
 
+def _dispatch(t: Tensor, kernel, boundary: str, backend: str, adjoint: bool) -> Tensor:
+    k = _checks.blur_inputs(t, kernel, boundary)
+    be = _backend.resolve(backend, t.device)
+    if be == "reference":
+        spec = reference.blur_adjoint if adjoint else reference.blur
+        return spec(t, kernel=k, boundary=boundary)
+    _checks.kernel_dtype("x", t, be, _backend.kernel_dtypes(be))
+    return (_blur_adjoint if adjoint else _blur)(t.contiguous(), list(k), boundary, be)
+
+
 def blur(x: Tensor, *, kernel: Sequence[float] = (1.0, 2.0, 1.0), boundary: str = "zeros",
          backend: str = "auto") -> Tensor:
     """Blur `x` (B, C, *S) by correlating every spatial axis with `kernel`
     (odd length, normalised to sum 1) under `boundary` ("zeros", "replicate",
     "reflect" -- as F.pad). Differentiable; the backward is the exact adjoint."""
-    k = _checks.blur_inputs(x, kernel, boundary)
-    be = _backend.resolve(backend, x.device)
-    if be == "reference":
-        return reference.blur(x, kernel=k, boundary=boundary)
-    _checks.kernel_dtype("x", x, be, _backend.kernel_dtypes(be))
-    return _blur(x.contiguous(), list(k), boundary, be)
+    return _dispatch(x, kernel, boundary, backend, adjoint=False)
 
 
-def blur_adjoint(y: Tensor, *, kernel: Sequence[float] = (1.0, 2.0, 1.0), boundary: str = "zeros",
+def blur_adjoint(x: Tensor, *, kernel: Sequence[float] = (1.0, 2.0, 1.0), boundary: str = "zeros",
                  backend: str = "auto") -> Tensor:
     """The adjoint of `blur` (what its backward applies to a gradient)."""
-    k = _checks.blur_inputs(y, kernel, boundary)
-    be = _backend.resolve(backend, y.device)
-    if be == "reference":
-        return reference.blur_adjoint(y, kernel=k, boundary=boundary)
-    _checks.kernel_dtype("y", y, be, _backend.kernel_dtypes(be))
-    return _blur_adjoint(y.contiguous(), list(k), boundary, be)
+    return _dispatch(x, kernel, boundary, backend, adjoint=True)

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import new_output
+from .geometry import block_voxels, new_output
 
 _BLOCK = 256
 
@@ -20,16 +20,9 @@ _BLOCK = 256
 @triton.jit
 def blur_apply_kernel(x_ptr, out_ptr, idx_d, wt_d, idx_h, wt_h, idx_w, wt_w, D, H, W,
                       M: tl.constexpr, ND: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
     bc = tl.program_id(1).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    if INT64:
-        offs = offs.to(tl.int64)
+    offs, mask, d, h, w = block_voxels(tl.program_id(0), D, H, W, INT64, BLOCK)
     N = D * H * W
-    mask = offs < N
-    w = offs % W
-    h = (offs // W) % H
-    d = offs // (W * H)
     base = x_ptr + bc * N
     acc = tl.zeros([BLOCK], dtype=wt_w.dtype.element_ty)
     for a in range(M if ND == 3 else 1):

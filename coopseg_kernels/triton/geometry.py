@@ -1,5 +1,6 @@
-"""Host-side geometry for the Triton kernels: interpolation tables and the fold
-of per-cell partial sums into coarse-grid nodes.
+"""Geometry shared by the Triton kernels: interpolation tables and the fold of
+per-cell partial sums into coarse-grid nodes (host side), and the block-to-voxel
+index helper (device side).
 
 The tables repeat F.interpolate's arithmetic (scale, source index, clamping) in
 the kernels' compute dtype, so the fused field equals the reference to rounding.
@@ -12,6 +13,8 @@ import os
 from typing import NamedTuple, Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 
 class AxisTable(NamedTuple):
@@ -79,3 +82,16 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     if os.environ.get("COOPSEG_POISON") == "1":
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+@triton.jit
+def block_voxels(pid, D, H, W, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """The BLOCK flat voxel indices of program `pid` in a (D, H, W) volume, their
+    mask and (d, h, w) coordinates (int64 offsets when INT64)."""
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    if INT64:
+        offs = offs.to(tl.int64)
+    m = offs < D * H * W
+    w = offs % W
+    t = offs // W
+    return offs, m, t // H, t % H, w

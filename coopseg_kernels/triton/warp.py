@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import axis_tables, fold_cell_partials, new_output
+from .geometry import axis_tables, block_voxels, fold_cell_partials, new_output
 
 _FWD_BLOCK = 256
 _BWD_BLOCK = 256
@@ -87,17 +87,9 @@ def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
                     C, D, H, W, sd, sh, sw,
                     ND: tl.constexpr, BORDER: tl.constexpr, WRITE_FIELD: tl.constexpr,
                     INT64: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
     b = tl.program_id(1).to(tl.int64)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    if INT64:
-        offs = offs.to(tl.int64)
+    offs, m, d, h, w = block_voxels(tl.program_id(0), D, H, W, INT64, BLOCK)
     N = D * H * W
-    m = offs < N
-    w = offs % W
-    t = offs // W
-    h = t % H
-    d = t // H
 
     iw0, iw1, lw0, lw1 = _interp(i0w, l1w, w, sw, m)
     ih0, ih1, lh0, lh1 = _interp(i0h, l1h, h, sh, m)
@@ -146,8 +138,17 @@ def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
 
 
 @triton.jit
-def _corner_value(base, idx, m, wt_w):
-    return tl.load(base + idx, mask=m, other=0.0).to(wt_w.dtype)
+def _plane_corners(base, row, W, md, okh0, okh1, okw0, okw1, like):
+    """The four (h, w) corners of one d plane of the sampling taps, and their masks."""
+    m00 = md & okh0 & okw0
+    m01 = md & okh0 & okw1
+    m10 = md & okh1 & okw0
+    m11 = md & okh1 & okw1
+    v00 = tl.load(base + row, mask=m00, other=0.0).to(like.dtype)
+    v01 = tl.load(base + row + 1, mask=m01, other=0.0).to(like.dtype)
+    v10 = tl.load(base + row + W, mask=m10, other=0.0).to(like.dtype)
+    v11 = tl.load(base + row + W + 1, mask=m11, other=0.0).to(like.dtype)
+    return v00, v01, v10, v11, m00, m01, m10, m11
 
 
 @triton.jit
@@ -238,25 +239,13 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
             base = mov_ptr + (b * C + c) * N
             gmb = gmov_ptr + (b * C + c) * N
             g = tl.load(gout_ptr + (b * C + c) * N + vox, mask=m, other=0.0).to(fw.dtype)
-            m000 = mg & okd0 & okh0 & okw0
-            m001 = mg & okd0 & okh0 & okw1
-            m010 = mg & okd0 & okh1 & okw0
-            m011 = mg & okd0 & okh1 & okw1
-            v000 = _corner_value(base, row, m000, fw)
-            v001 = _corner_value(base, row + 1, m001, fw)
-            v010 = _corner_value(base, row + W, m010, fw)
-            v011 = _corner_value(base, row + W + 1, m011, fw)
+            v000, v001, v010, v011, m000, m001, m010, m011 = _plane_corners(base, row, W, mg & okd0, okh0, okh1,
+                                                                           okw0, okw1, fw)
             val = (1.0 - fh) * ((1.0 - fw) * v000 + fw * v001) + fh * ((1.0 - fw) * v010 + fw * v011)
             if ND == 3:
                 r1 = row + H * W
-                m100 = mg & okd1 & okh0 & okw0
-                m101 = mg & okd1 & okh0 & okw1
-                m110 = mg & okd1 & okh1 & okw0
-                m111 = mg & okd1 & okh1 & okw1
-                v100 = _corner_value(base, r1, m100, fw)
-                v101 = _corner_value(base, r1 + 1, m101, fw)
-                v110 = _corner_value(base, r1 + W, m110, fw)
-                v111 = _corner_value(base, r1 + W + 1, m111, fw)
+                v100, v101, v110, v111, m100, m101, m110, m111 = _plane_corners(base, r1, W, mg & okd1, okh0, okh1,
+                                                                               okw0, okw1, fw)
                 val1 = (1.0 - fh) * ((1.0 - fw) * v100 + fw * v101) + fh * ((1.0 - fw) * v110 + fw * v111)
                 val = (1.0 - fd) * val + fd * val1
             if SIMILARITY:
