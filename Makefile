@@ -40,7 +40,7 @@ bench-pytest: $(STAMP)
 gpu-check:
 	python3 -m pip install --no-deps --no-build-isolation -e .
 	python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
-	python3 -m pytest tests -m cuda -q -p no:cacheprovider
+	TRITON_INTERPRET=0 python3 -m pytest tests -m cuda -q -p no:cacheprovider
 	python3 benchmarks/table.py --device cuda
 	python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider --benchmark-json=benchmarks/results/pytest-benchmark-cuda.json
 	if [ -n "$$OUT" ]; then cp benchmarks/results/*.json "$$OUT"/; fi

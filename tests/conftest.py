@@ -1,9 +1,10 @@
-"""Test setup: the Triton kernels run on CPU under the interpreter, and every
-kernel output starts as NaN (COOPSEG_POISON) so unwritten elements fail."""
+"""Test setup: the Triton kernels run on CPU under the interpreter (unless the
+caller set TRITON_INTERPRET, as `make gpu-check` does with 0 for the CUDA tests),
+and every kernel output starts as NaN (COOPSEG_POISON) so unwritten elements fail."""
 import os
 
 # Both must be set before triton / the extension read them.
-os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ["COOPSEG_POISON"] = "1"
 os.environ.pop("COOPSEG_BACKEND", None)
 
