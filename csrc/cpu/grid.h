@@ -394,9 +394,26 @@ inline void row_scatter(const T* g, const RowTaps<T, I>& R, Dims3 S, int64_t C, 
   }
 }
 
-// Sums of the position gradients gpos (3 rows: d, h, w) per w-cell, with the
-// two interpolation weights: Alo/Ahi as CellPartials::add_row takes them. A
-// NaN position has a NaN gradient (documented).
+// Channel j of a row's Alo/Ahi (as CellPartials::add_row takes them): per
+// w-cell, the sums of l0w * g[w] and l1w * g[w] over the cell's voxels.
+template <typename T, int ND>
+inline void cell_channel_sums(const T* g, const AxisInterp<T>& Iw, int j, T* Alo, T* Ahi) {
+  const T* l0 = Iw.l0.data();
+  const T* l1 = Iw.l1.data();
+  for (int64_t cw = 0; cw < Iw.s; ++cw) {
+    T lo = 0, hi = 0;
+#pragma omp simd reduction(+ : lo, hi)
+    for (int64_t w = Iw.cell_begin[cw]; w < Iw.cell_begin[cw + 1]; ++w) {
+      lo += l0[w] * g[w];
+      hi += l1[w] * g[w];
+    }
+    Alo[cw * ND + j] = lo;
+    Ahi[cw * ND + j] = hi;
+  }
+}
+
+// Alo/Ahi of the position gradients gpos (3 rows: d, h, w) of one row. A NaN
+// position has a NaN gradient (documented).
 template <typename T, typename I, int ND>
 inline void cell_sums(const RowTaps<T, I>& R, std::vector<T>& gpos, Dims3 S, const AxisInterp<T>& Iw, T* Alo,
                       T* Ahi) {
@@ -406,22 +423,7 @@ inline void cell_sums(const RowTaps<T, I>& R, std::vector<T>& gpos, Dims3 S, con
   const T nan = std::numeric_limits<T>::quiet_NaN();
   for (int64_t w = 0; w < S.w; ++w)
     if (R.bad[w]) gpd[w] = gph[w] = gpw[w] = nan;
-  const T* l0 = Iw.l0.data();
-  const T* l1 = Iw.l1.data();
-  for (int64_t cw = 0; cw < Iw.s; ++cw) {
-    const int64_t w0 = Iw.cell_begin[cw], w1 = Iw.cell_begin[cw + 1];
-    for (int j = 0; j < ND; ++j) {
-      const T* gj = gpos.data() + (3 - ND + j) * S.w;
-      T lo = 0, hi = 0;
-#pragma omp simd reduction(+ : lo, hi)
-      for (int64_t w = w0; w < w1; ++w) {
-        lo += l0[w] * gj[w];
-        hi += l1[w] * gj[w];
-      }
-      Alo[cw * ND + j] = lo;
-      Ahi[cw * ND + j] = hi;
-    }
-  }
+  for (int j = 0; j < ND; ++j) cell_channel_sums<T, ND>(gpos.data() + (3 - ND + j) * S.w, Iw, j, Alo, Ahi);
 }
 
 // Alo/Ahi of one output row for CellPartials::add_row: the gradient of the

@@ -260,17 +260,8 @@ at::Tensor upsample_backward_impl(const at::Tensor& grad_field, const at::Tensor
   const T* gp = grad_field.data_ptr<T>();
   return reduce_coarse_grad<T, ND>(shape_of_coarse, I, false, [&] {
     return [&](int64_t b, int64_t d, int64_t h, const T*, T* Alo, T* Ahi) {
-        const T* g = gp + b * ND * N + (d * S.h + h) * S.w;
-        for (int64_t cw = 0; cw < s.w; ++cw)
-          for (int j = 0; j < ND; ++j) {
-            T lo = 0, hi = 0;
-            for (int64_t w = I.w.cell_begin[cw]; w < I.w.cell_begin[cw + 1]; ++w) {
-              lo += I.w.l0[w] * g[j * N + w];
-              hi += I.w.l1[w] * g[j * N + w];
-            }
-            Alo[cw * ND + j] = lo;
-            Ahi[cw * ND + j] = hi;
-          }
+      const T* g = gp + b * ND * N + (d * S.h + h) * S.w;
+      for (int j = 0; j < ND; ++j) cell_channel_sums<T, ND>(g + j * N, I.w, j, Alo, Ahi);
       return 0.0;
     };
   });
