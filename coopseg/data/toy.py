@@ -120,7 +120,7 @@ def save_toy_figure(path, seed: int = 0, n: int = 3, size: int = 240) -> None:
 
     fig, axes = plt.subplots(n, 3, figsize=(9, 3 * n), squeeze=False)
     for row in range(n):
-        p = make_toy_pair(seed + row, size)
+        p = make_toy_pair(seed + row, size, 32 * size // 240)
         s1, s2 = p["s1"][0].numpy(), p["s2"][0].numpy()
         for ax, img, mask, title in ((axes[row, 0], p["x1"][0], s1, "x1 (angle)"),
                                      (axes[row, 1], p["x2"][0], s2, "x2 (frequency)")):
