@@ -1,7 +1,8 @@
 # coopseg: two commands.
 #   make test   create .venv, install torch (CPU) + triton + the package, run the tests
 #   make bench  same setup, print the fused-vs-naive table (benchmarks/results/*.json)
-# Other targets: bench-pytest (pytest-benchmark), gpu-check (on a CUDA machine), clean.
+# Other targets: bench-pytest (pytest-benchmark), bench-train (memory/time of one training step),
+# toy (the toy lambda sweep, TOY_OUT=toy-out, TOY_ARGS=--full on a GPU), gpu-check (on a CUDA machine), clean.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test bench bench-pytest gpu-check clean
+.PHONY: test bench bench-pytest bench-train toy gpu-check clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,19 @@ bench: $(STAMP)
 bench-pytest: $(STAMP)
 	$(VPY) -m pytest benchmarks --benchmark-only --benchmark-columns=min,median,max
 
+# Peak memory and time of one joint training step over cubic crops, per
+# configuration (naive ... fused + checkpointing + bf16); BENCH_TRAIN_ARGS e.g.
+# "--crops 16 32 48 64" or "--device cuda".
+BENCH_TRAIN_ARGS ?= --breakdown 32
+bench-train: $(STAMP)
+	$(VPY) benchmarks/train_memory.py $(BENCH_TRAIN_ARGS)
+
+# The toy experiment of the paper (section 3.1): reduced CPU sweep by default.
+TOY_OUT ?= toy-out
+TOY_ARGS ?=
+toy: $(STAMP)
+	$(VPY) -m coopseg.cli toy --out $(TOY_OUT) $(TOY_ARGS)
+
 # On a lent GPU machine: its own python3 (torch with CUDA, triton, pytest), no venv,
 # no network. Runs the CUDA tests and the benchmarks; copies results to $OUT if set.
 gpu-check:
@@ -42,6 +56,7 @@ gpu-check:
 	python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
 	TRITON_INTERPRET=0 python3 -m pytest tests -m cuda -q -p no:cacheprovider
 	python3 benchmarks/table.py --device cuda
+	python3 benchmarks/train_memory.py --device cuda --breakdown 64
 	python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider --benchmark-json=benchmarks/results/pytest-benchmark-cuda.json
 	if [ -n "$$OUT" ]; then cp benchmarks/results/*.json "$$OUT"/; fi
 

@@ -165,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--a", required=True, help="column of method A")
     w.add_argument("--b", required=True, help="column of method B")
     w.set_defaults(fn=cmd_wilcoxon)
+    from . import toy
+
+    toy.add_parser(sub)
     return ap
 
 

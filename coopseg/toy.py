@@ -1,0 +1,296 @@
+"""The toy experiment of the paper (§3.1): how lambda_p trades accuracy for similarity.
+
+    coopseg toy --out DIR [--full] [--lambda-r 0 0.2 ...] [--test-pairs N] [--device cpu|cuda]
+
+Models are trained on the 2-D toy pairs (coopseg.data.toy: sine textures whose
+angle / frequency encode the foreground, blobs translated by at most 32 px) with a
+translation registor, for several lambda_p in [0, 1], lambda_r = 1 - lambda_p and
+lambda_g = 1. Stages 1-2 (segmentor with L_r, registor with L_g on the annotations)
+do not depend on lambda: they are trained once (DIR/pretrain) and every sweep
+point starts its joint stage from that checkpoint (DIR/lambda_r_<v>).
+
+On a held-out test set (toy seeds disjoint from the training seeds) each pair's
+predicted masks (sigmoid > 0.5) get D_S relative to translations
+(coopseg_kernels.relative_similarity, omega="translation", max_translation=32),
+as do the annotations; gain = D_S(pred) - D_S(truth). Written: DIR/toy.csv (one
+row per lambda_r and pair: lambda_r, pair, ds_pred, ds_truth, gain, dice1, dice2,
+where dice_k compares the prediction of modality k with its annotation),
+DIR/toy.png (box plot of the gain per lambda_r, the paper's Fig. 3) and a table
+on stdout (DIR/toy.md).
+
+The default is a reduced setting that runs on a 2-core CPU in under 30 minutes
+(REDUCED); --full is the paper's sweep (30 models, the full-width segmentor), for
+a GPU. Each run resumes: a sweep point whose DIR/lambda_r_<v>/last.pt holds a
+finished joint stage is not trained again.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+TEST_SEED_OFFSET = 1_000_000  # test pairs: make_toy_pair(TEST_SEED_OFFSET + i), far from the training seeds
+
+
+@dataclasses.dataclass(frozen=True)
+class ToySettings:
+    """What the sweep trains and evaluates (the rest of the Config keeps its defaults)."""
+    lambda_r: tuple[float, ...]
+    width: float
+    steps_segmentor: int
+    steps_registor: int
+    steps_joint: int
+    crop_min: int
+    crop_max: int
+    test_pairs: int
+    lr: float = 1e-3
+    seed: int = 0
+    device: str = "cpu"
+
+
+# Reduced: 6 sweep points, a quarter-width segmentor, 128-px crops; sized for a
+# 2-core CPU (see README "Toy experiment" for the measured wall time).
+REDUCED = ToySettings(lambda_r=(0.0, 0.2, 0.4, 0.6, 0.8, 1.0), width=0.25, steps_segmentor=400,
+                      steps_registor=300, steps_joint=300, crop_min=128, crop_max=128, test_pairs=40)
+# Full: the paper's 30 models (lambda_p evenly spaced in [0, 1]), the Genesis-width segmentor.
+FULL = ToySettings(lambda_r=tuple(round(1 - i / 29, 4) for i in range(30)), width=1.0, steps_segmentor=3000,
+                   steps_registor=2000, steps_joint=3000, crop_min=128, crop_max=240, test_pairs=200,
+                   device="cuda")
+
+
+def base_config(s: ToySettings):
+    """The training Config shared by every sweep point (lambdas set per point)."""
+    from .train import Config
+
+    return Config(seed=s.seed, spatial_dims=2, data="toy", omega="translation", width=s.width,
+                  steps_segmentor=s.steps_segmentor, steps_registor=s.steps_registor,
+                  steps_joint=s.steps_joint, crop_min=s.crop_min, crop_max=s.crop_max, lr=s.lr,
+                  lambda_g=1.0, lambda_r=1.0, lambda_p=0.0, checkpointing=False, device=s.device)
+
+
+def lambda_dir(out: Path, lr: float) -> Path:
+    return out / f"lambda_r_{lr:.4f}"
+
+
+def _finished(ckpt: Path, stage: str, steps: int) -> bool:
+    """True when ckpt holds a run that completed `stage` (resume support of the sweep)."""
+    if not ckpt.exists():
+        return False
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    return state.get("stage") == stage and int(state.get("step", -1)) >= steps
+
+
+def test_set(n: int, size: int = 240) -> dict:
+    """The held-out pairs stacked: x1, x2, s1, s2 of shape (n, 1, size, size)."""
+    from .data.toy import make_toy_pair
+
+    pairs = [make_toy_pair(TEST_SEED_OFFSET + i, size=size) for i in range(n)]
+    return {k: torch.stack([p[k] for p in pairs]).float() for k in ("x1", "x2", "s1", "s2")}
+
+
+@torch.no_grad()
+def predict(model, data: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary masks (n, 1, *S) of both modalities (logit > 0). The segmentor's
+    default ContBatchNorm normalises with batch statistics even in eval, so each
+    pair is predicted alone (batch 1, as in training)."""
+    model.eval().to(device)
+    m1, m2 = [], []
+    for i in range(data["x1"].shape[0]):
+        x1 = data["x1"][i:i + 1].to(device)
+        x2 = data["x2"][i:i + 1].to(device)
+        logits1, logits2, _ = model(x1, x2)
+        m1.append((logits1.float() > 0).cpu())
+        m2.append((logits2.float() > 0).cpu())
+    return torch.cat(m1), torch.cat(m2)
+
+
+def ds_translation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    import coopseg_kernels as ck
+
+    return ck.relative_similarity(a, b, omega="translation", max_translation=32).score.flatten().cpu()
+
+
+def evaluate(model, data: dict, ds_truth: torch.Tensor, device: torch.device) -> list[dict]:
+    import coopseg_kernels as ck
+
+    m1, m2 = predict(model, data, device)
+    ds_pred = ds_translation(m1, m2)
+    d1 = ck.dice(m1, data["s1"] > 0.5).flatten()
+    d2 = ck.dice(m2, data["s2"] > 0.5).flatten()
+    return [dict(pair=i, ds_pred=float(ds_pred[i]), ds_truth=float(ds_truth[i]),
+                 gain=float(ds_pred[i] - ds_truth[i]), dice1=float(d1[i]), dice2=float(d2[i]))
+            for i in range(len(ds_pred))]
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per lambda_r: median and quartiles of the gain, medians of D_S, mean Dice."""
+    out = []
+    for lr in sorted({r["lambda_r"] for r in rows}):
+        rs = [r for r in rows if r["lambda_r"] == lr]
+        g = sorted(r["gain"] for r in rs)
+        q = statistics.quantiles(g, n=4) if len(g) > 1 else [g[0]] * 3
+        out.append(dict(lambda_r=lr, n=len(rs), gain_median=q[1], gain_q1=q[0], gain_q3=q[2],
+                        gain_positive=sum(v > 0 for v in g) / len(g),
+                        ds_pred=statistics.median(r["ds_pred"] for r in rs),
+                        ds_truth=statistics.median(r["ds_truth"] for r in rs),
+                        dice1=statistics.fmean(r["dice1"] for r in rs),
+                        dice2=statistics.fmean(r["dice2"] for r in rs)))
+    return out
+
+
+def table(summary: list[dict]) -> str:
+    lines = ["| λ_r | λ_p | pairs | median gain | gain IQR | gain > 0 | median D_S pred | median D_S truth "
+             "| Dice 1 | Dice 2 |", "|" + "---|" * 10]
+    for s in summary:
+        lines.append(f"| {s['lambda_r']:.2f} | {1 - s['lambda_r']:.2f} | {s['n']} | {s['gain_median']:+.4f} | "
+                     f"[{s['gain_q1']:+.4f}, {s['gain_q3']:+.4f}] | {100 * s['gain_positive']:.0f} % | "
+                     f"{s['ds_pred']:.4f} | {s['ds_truth']:.4f} | {s['dice1']:.3f} | {s['dice2']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lrs = sorted({r["lambda_r"] for r in rows})
+    data = [[r["gain"] for r in rows if r["lambda_r"] == lr] for lr in lrs]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(lrs) + 2), 3.2), dpi=100)
+    ax.boxplot(data, positions=range(len(lrs)), widths=0.6, showfliers=True, flierprops=dict(markersize=2))
+    ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+    step = max(1, len(lrs) // 10)
+    ax.set_xticks(range(0, len(lrs), step), [f"{lr:.2f}" for lr in lrs[::step]])
+    ax.set_xlabel("λ_r = 1 − λ_p")
+    ax.set_ylabel("D_S(pred) − D_S(truth)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    fields = ["lambda_r", "pair", "ds_pred", "ds_truth", "gain", "dice1", "dice2"]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields)
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in fields})
+    tmp.replace(path)
+
+
+def run_toy(out: Path, settings: ToySettings, *, log=print) -> list[dict]:
+    """Pretrain once, train the joint stage per lambda_r, evaluate; returns the summary rows."""
+    from .train import load_model, train
+
+    for v in settings.lambda_r:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError(f"lambda_r values must be in [0, 1], got {v!r}")
+    if settings.test_pairs < 1:
+        raise ValueError(f"test_pairs must be >= 1, got {settings.test_pairs!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.device(settings.device)
+    t0 = time.perf_counter()
+    base = base_config(settings)
+
+    pre_dir = out / "pretrain"
+    pre_ckpt = pre_dir / "last.pt"
+    if _finished(pre_ckpt, "registor", settings.steps_registor):
+        log(f"pretrained stages 1-2 found: {pre_ckpt}")
+    else:
+        log(f"stages 1-2 (shared by the sweep) -> {pre_dir}")
+        pre_ckpt = train(base, pre_dir, resume=pre_ckpt.exists(), stages=("segmentor", "registor"))
+
+    data = test_set(settings.test_pairs)
+    ds_truth = ds_translation(data["s1"] > 0.5, data["s2"] > 0.5)
+    rows: list[dict] = []
+    for i, lr in enumerate(settings.lambda_r, 1):
+        d = lambda_dir(out, lr)
+        ckpt = d / "last.pt"
+        cfg = dataclasses.replace(base, lambda_r=lr, lambda_p=round(1.0 - lr, 6), lambda_g=1.0)
+        if not _finished(ckpt, "joint", settings.steps_joint):
+            log(f"[{i}/{len(settings.lambda_r)}] joint stage, lambda_r {lr:.2f} -> {d}")
+            if ckpt.exists():
+                ckpt = train(cfg, d, resume=True, stages=("joint",))
+            else:
+                ckpt = train(cfg, d, stages=("joint",), init_checkpoint=pre_ckpt)
+        model, _ = load_model(ckpt, map_location=device)
+        rows += [dict(lambda_r=lr, **r) for r in evaluate(model, data, ds_truth, device)]
+        write_csv(rows, out / "toy.csv")
+    summary = summarise(rows)
+    md = table(summary)
+    minutes = (time.perf_counter() - t0) / 60
+    title = (f"toy: {len(settings.lambda_r)} models, width {settings.width:g}, "
+             f"{settings.steps_joint} joint steps, {settings.test_pairs} test pairs")
+    plot(rows, out / "toy.png", title)
+    (out / "toy.md").write_text(md + f"\n\n{title}; {minutes:.1f} min on {settings.device}\n")
+    log(md)
+    log(f"wrote {out / 'toy.csv'}, {out / 'toy.png'}, {out / 'toy.md'} ({minutes:.1f} min)")
+    return summary
+
+
+# ---- command line (wired by coopseg/cli.py) ---------------------------------------------------
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("toy", help="the toy lambda sweep of §3.1 (D_S gain of predictions vs annotations)")
+    p.add_argument("--out", required=True, help="output directory (checkpoints, toy.csv, toy.png, toy.md)")
+    p.add_argument("--full", action="store_true", help="the paper's 30 models at full width (GPU)")
+    p.add_argument("--lambda-r", type=float, nargs="+", default=None, metavar="V",
+                   help="lambda_r values in [0, 1] (default: 6 reduced / 30 full)")
+    p.add_argument("--test-pairs", type=int, default=None, help="held-out toy pairs (default 40 reduced / 200 full)")
+    p.add_argument("--steps", type=int, nargs=3, default=None, metavar=("SEG", "REG", "JOINT"),
+                   help="training steps of the three stages")
+    p.add_argument("--width", type=float, default=None, help="segmentor width multiplier")
+    p.add_argument("--crop", type=int, default=None, help="training crop size (a multiple of 16, <= 240)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu reduced, cuda full)")
+    p.set_defaults(fn=run)
+
+
+def settings_from_args(args) -> ToySettings:
+    from .cli import CliError
+
+    s = FULL if args.full else REDUCED
+    changes = {}
+    if args.lambda_r is not None:
+        bad = [v for v in args.lambda_r if not (0.0 <= v <= 1.0) or math.isnan(v)]
+        if bad:
+            raise CliError(f"--lambda-r: values must be in [0, 1], got {bad[0]}")
+        changes["lambda_r"] = tuple(args.lambda_r)
+    if args.test_pairs is not None:
+        if args.test_pairs < 1:
+            raise CliError(f"--test-pairs: must be >= 1, got {args.test_pairs}")
+        changes["test_pairs"] = args.test_pairs
+    if args.steps is not None:
+        if min(args.steps) < 0:
+            raise CliError(f"--steps: must be >= 0, got {args.steps}")
+        changes.update(steps_segmentor=args.steps[0], steps_registor=args.steps[1], steps_joint=args.steps[2])
+    if args.width is not None:
+        if not args.width > 0:
+            raise CliError(f"--width: must be > 0, got {args.width}")
+        changes["width"] = args.width
+    if args.crop is not None:
+        if args.crop <= 0 or args.crop % 16 or args.crop > 240:
+            raise CliError(f"--crop: must be a multiple of 16 in [16, 240], got {args.crop}")
+        changes.update(crop_min=args.crop, crop_max=args.crop)
+    if args.device is not None:
+        if args.device not in ("cpu", "cuda"):
+            raise CliError(f"--device: expected cpu or cuda, got {args.device!r}")
+        changes["device"] = args.device
+    s = dataclasses.replace(s, **changes)
+    if s.device == "cuda" and not torch.cuda.is_available():
+        raise CliError("--device cuda (the --full default): no CUDA device; pass --device cpu to run it here")
+    return s
+
+
+def run(args) -> int:
+    settings = settings_from_args(args)
+    run_toy(Path(args.out), settings, log=lambda m: print(m, file=sys.stdout, flush=True))
+    return 0

@@ -1,0 +1,94 @@
+"""The toy experiment (coopseg/toy.py): a seconds-long smoke run of the whole
+pipeline (pretrain once, joint stage per lambda_r, D_S evaluation, CSV, plot,
+resume) and the command-line errors."""
+import csv
+
+import pytest
+import torch
+
+import coopseg_kernels as ck
+from coopseg import cli, toy
+
+TINY = toy.ToySettings(lambda_r=(0.0, 1.0), width=0.125, steps_segmentor=2, steps_registor=2, steps_joint=2,
+                       crop_min=32, crop_max=32, test_pairs=3)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    summary = toy.run_toy(out, TINY, log=lambda m: None)
+    return out, summary
+
+
+def test_toy_pipeline_writes_csv_plot_and_table(tiny_run):
+    out, summary = tiny_run
+    with open(out / "toy.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["lambda_r", "pair", "ds_pred", "ds_truth", "gain", "dice1", "dice2"]
+    assert len(rows) == len(TINY.lambda_r) * TINY.test_pairs
+    assert {float(r["lambda_r"]) for r in rows} == set(TINY.lambda_r)
+    for r in rows:
+        assert float(r["gain"]) == pytest.approx(float(r["ds_pred"]) - float(r["ds_truth"]), abs=2e-6)
+        for k in ("ds_pred", "ds_truth", "dice1", "dice2"):
+            assert 0.0 <= float(r[k]) <= 1.0
+    # D_S of the annotations: the same test pairs, recomputed independently
+    data = toy.test_set(TINY.test_pairs)
+    truth = ck.relative_similarity(data["s1"] > 0.5, data["s2"] > 0.5, omega="translation",
+                                   max_translation=32).score.flatten()
+    got = [float(r["ds_truth"]) for r in rows if float(r["lambda_r"]) == 0.0]
+    assert got == pytest.approx(truth.tolist(), abs=1e-5)
+    # the two sweep points are different models, started from one shared pretraining
+    assert (out / "pretrain" / "last.pt").exists()
+    a = torch.load(toy.lambda_dir(out, 0.0) / "last.pt", weights_only=True)["model"]
+    b = torch.load(toy.lambda_dir(out, 1.0) / "last.pt", weights_only=True)["model"]
+    assert any(not torch.equal(a[k], b[k]) for k in a if a[k].is_floating_point())
+    assert (out / "toy.png").stat().st_size > 1000
+    assert [s["lambda_r"] for s in summary] == [0.0, 1.0]
+    assert "| λ_r |" in (out / "toy.md").read_text()
+
+
+def test_toy_rerun_resumes_without_training(tiny_run, monkeypatch):
+    out, summary = tiny_run
+    import coopseg.train as train_mod
+
+    def no_training(*a, **k):
+        raise AssertionError("finished sweep points must not be trained again")
+    monkeypatch.setattr(train_mod, "train", no_training)
+    again = toy.run_toy(out, TINY, log=lambda m: None)
+    assert again == summary
+
+
+def test_summarise_median_and_quartiles():
+    rows = [dict(lambda_r=0.5, pair=i, gain=g, ds_pred=0.9, ds_truth=0.8, dice1=1.0, dice2=0.5)
+            for i, g in enumerate([-0.1, 0.3, 0.1, 0.2, 0.0])]
+    (s,) = toy.summarise(rows)
+    assert s["gain_median"] == pytest.approx(0.1)
+    assert s["gain_positive"] == pytest.approx(3 / 5)
+    assert s["n"] == 5 and s["dice2"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--lambda-r", "1.5"], "--lambda-r: values must be in [0, 1], got 1.5"),
+    (["--test-pairs", "0"], "--test-pairs: must be >= 1"),
+    (["--crop", "20"], "--crop: must be a multiple of 16"),
+    (["--width", "0"], "--width: must be > 0"),
+    (["--device", "tpu"], "--device: expected cpu or cuda"),
+])
+def test_toy_cli_errors(tmp_path, capsys, argv, message):
+    assert cli.main(["toy", "--out", str(tmp_path / "o"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("coopseg: error: ") and message in err[0]
+
+
+def test_toy_cli_needs_out(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["toy"])
+    assert e.value.code == 2
+    assert "--out" in capsys.readouterr().err
+
+
+def test_run_toy_rejects_bad_settings(tmp_path):
+    with pytest.raises(ValueError, match="lambda_r"):
+        toy.run_toy(tmp_path, toy.ToySettings(**{**TINY.__dict__, "lambda_r": (-0.1,)}))
+    with pytest.raises(ValueError, match="test_pairs"):
+        toy.run_toy(tmp_path, toy.ToySettings(**{**TINY.__dict__, "test_pairs": 0}))
