@@ -4,6 +4,7 @@
                      [--max-translation 32] [--iters N] [--step A] [--backend auto]
   coopseg similarity --pairs list.csv [--out results.csv] [...]
   coopseg wilcoxon scores.csv --a COLUMN --b COLUMN
+  coopseg train --config CFG.yaml --out DIR [--resume] | --write-config CFG.yaml
 
 `similarity` reads two masks (NIfTI, through nibabel; voxels > 0.5 are inside),
 prints Dice and the relative similarity D_S. With --pairs, each CSV row names
@@ -165,8 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--a", required=True, help="column of method A")
     w.add_argument("--b", required=True, help="column of method B")
     w.set_defaults(fn=cmd_wilcoxon)
-    from . import toy
+    from . import toy, train  # each feature registers its own subcommand (add_parser + run)
 
+    train.add_parser(sub)
     toy.add_parser(sub)
     return ap
 
@@ -180,5 +182,7 @@ def main(argv=None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run through the package module, so that there is one CliError class
+    from coopseg.cli import main as _main
+
+    sys.exit(_main())
