@@ -47,7 +47,7 @@ bench-train: $(STAMP)
 TOY_OUT ?= toy-out
 TOY_ARGS ?=
 toy: $(STAMP)
-	$(VPY) -m coopseg.cli toy --out $(TOY_OUT) $(TOY_ARGS)
+	$(VPY) -m coopseg toy --out $(TOY_OUT) $(TOY_ARGS)
 
 # On a lent GPU machine: its own python3 (torch with CUDA, triton, pytest), no venv,
 # no network. Runs the CUDA tests and the benchmarks; copies results to $OUT if set.

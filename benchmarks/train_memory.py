@@ -7,9 +7,10 @@ One step = the cooperative forward (segmentor on both images, registor on the
 detached probabilities), the three losses (lambda_r 0.1, lambda_g 1, lambda_p 1:
 the paper's liver values) and the backward, 3-D, batch 1, elastic registor --
 exactly what coopseg.train's joint stage does per step, without the optimizer
-update (its memory is a constant: two moments per parameter, already allocated
-before the step in a real run). Parameter gradients are dropped before each step,
-so they are counted (a constant too).
+update. Parameter gradients and optimizer state are allocated before the step (as
+in every step after the first; a warm-up step makes them) and are not counted, so
+the count is what the step adds: activations, their gradients and the workspace
+of the ops (plus, under autocast, the bf16 copies of the weights, a constant).
 
 Configurations (each adds one thing, so a reader sees what each part buys):
   naive       losses through coopseg_kernels.reference (backend="reference"), fp32
@@ -30,8 +31,9 @@ per voxel) is fitted on the two largest crops, and gives the largest cubic crop
 and 80 GiB projected. Time: median of --repeats steps after one warm-up, outside
 the counting mode.
 
---breakdown N measures, at crop N, the bytes held after each top-level module's
-forward (where the activations go) for naive and all.
+--breakdown N measures, at crop N, for naive, fused, ckpt and all, the bytes held
+after each top-level module's forward and which tensors (op that made them,
+dtype, shape) are alive at the peak: where the memory goes.
 
 Writes benchmarks/results/train-memory-<device>-<date>.json and prints a Markdown table.
 """
@@ -94,9 +96,7 @@ def step_fn(net, batch: dict, backend: str, bf16: bool, device: torch.device):
 
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
 
-    def run():
-        for p in net.parameters():
-            p.grad = None
+    def run():  # the gradients exist before the step and accumulate (see the module doc)
         with amp:
             outputs = net(batch["x1"], batch["x2"])
         terms = cooperative_loss(outputs, batch["s1"], batch["s2"], backend=backend, **LAMBDAS)
@@ -105,18 +105,49 @@ def step_fn(net, batch: dict, backend: str, bf16: bool, device: torch.device):
     return run
 
 
-class PeakSnapshot(LiveStorageBytes):
-    """LiveStorageBytes that also remembers which op made each live storage and,
-    at the peak, what was alive: the tensors that set the peak."""
+class StepBytes(LiveStorageBytes):
+    """LiveStorageBytes that leaves out the storages of `existing` tensors (the
+    parameters, their gradients, the BatchNorm buffers): in-place ops on them
+    (gradient accumulation, running-statistics updates) return them, and the
+    plain counter would count them as new the first time it sees them."""
 
-    def __init__(self):
+    def __init__(self, existing=()):
         super().__init__()
+        self._existing = {t.untyped_storage()._cdata for t in existing}
+
+    def _track(self, t: torch.Tensor) -> None:
+        if t.untyped_storage()._cdata not in self._existing:
+            super()._track(t)
+
+
+def existing_tensors(net) -> list[torch.Tensor]:
+    return ([p for p in net.parameters()] + [p.grad for p in net.parameters() if p.grad is not None]
+            + [b for b in net.buffers()])
+
+
+def step_peak_bytes(run, net, device: torch.device) -> int:
+    """Peak bytes of run() above what was live before it (CUDA: max_memory_allocated)."""
+    if device.type == "cuda":
+        return peak_bytes(run, device)
+    with StepBytes(existing_tensors(net)) as mode:
+        run()
+    return mode.peak
+
+
+class PeakSnapshot(StepBytes):
+    """StepBytes that also remembers which op made each live storage and, at the
+    peak, what was alive: the tensors that set the peak."""
+
+    def __init__(self, existing=()):
+        super().__init__(existing)
         self._what: dict[int, tuple[str, str, int]] = {}
         self.at_peak: list[tuple[str, str, int]] = []
         self._op = ""
 
     def _track(self, t: torch.Tensor) -> None:
         key = t.untyped_storage()._cdata
+        if key in self._existing:
+            return
         if key not in self._seen:
             self._what[key] = (self._op, f"{str(t.dtype).replace('torch.', '')}{list(t.shape)}",
                                t.untyped_storage().nbytes())
@@ -147,9 +178,10 @@ def breakdown(net, batch: dict, backend: str, bf16: bool) -> tuple[list[tuple[st
     """Bytes alive after each top-level module's forward (first call only, so
     checkpoint recomputation in the backward is not counted twice), after the
     losses, and the peak of the whole step: where the memory goes."""
+    step_fn(net, batch, backend, bf16, batch["x1"].device)()  # allocates the parameter gradients
+    mode = PeakSnapshot(existing_tensors(net))
     rows: list[tuple[str, int]] = []
     state = {"fwd": True}
-    mode = PeakSnapshot()
     handles = []
     parts = []
     for top_name, top in net.named_children():
@@ -165,8 +197,6 @@ def breakdown(net, batch: dict, backend: str, bf16: bool) -> tuple[list[tuple[st
     from coopseg.losses import cooperative_loss
 
     amp = torch.autocast(batch["x1"].device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
-    for p in net.parameters():
-        p.grad = None
     try:
         with mode:
             with amp:
@@ -176,7 +206,7 @@ def breakdown(net, batch: dict, backend: str, bf16: bool) -> tuple[list[tuple[st
             rows.append(("losses", mode.live))
             state["fwd"] = False
             terms.total.backward()
-            rows.append(("after backward (parameter grads)", mode.live))
+            rows.append(("after backward", mode.live))
     finally:
         for h in handles:
             h.remove()
@@ -209,8 +239,9 @@ def measure(args, device: torch.device) -> dict:
         for crop in args.crops:
             batch = make_batch(crop, device)
             run = step_fn(net, batch, backend, bf16, device)
-            peak = peak_bytes(run, device)
-            sec = median_seconds(run, device, repeats=args.repeats, warmup=1)
+            run()  # warm-up; allocates the parameter gradients
+            peak = step_peak_bytes(run, net, device)
+            sec = median_seconds(run, device, repeats=args.repeats, warmup=0)
             rows.append({"crop": crop, "voxels": crop ** 3, "peak_bytes": peak, "seconds": sec,
                          "bytes_per_voxel_total": peak / crop ** 3})
             print(f"  {name:10s} {crop:4d}^3  peak {peak / MiB:9.1f} MiB  {peak / crop ** 3:8.0f} B/voxel  "
@@ -281,7 +312,7 @@ def main(argv=None) -> int:
            "lambdas": LAMBDAS, "configs": results}
     if args.breakdown:
         out["breakdown"] = {}
-        for name in ("naive", "all"):
+        for name in ("naive", "fused", "ckpt", "all"):
             backend, ckpt, bf16 = CONFIGS[name]
             net = build(args.width, ckpt, device)
             rows, top = breakdown(net, make_batch(args.breakdown, device), backend, bf16)

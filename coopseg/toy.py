@@ -9,7 +9,8 @@ lambda_g = 1. Stages 1-2 (segmentor with L_r, registor with L_g on the annotatio
 do not depend on lambda: they are trained once (DIR/pretrain) and every sweep
 point starts its joint stage from that checkpoint (DIR/lambda_r_<v>).
 
-On a held-out test set (toy seeds disjoint from the training seeds) each pair's
+On a held-out test set (the toy data's "test" split: seeds disjoint from the
+training split's) each pair's
 predicted masks (sigmoid > 0.5) get D_S relative to translations
 (coopseg_kernels.relative_similarity, omega="translation", max_translation=32),
 as do the annotations; gain = D_S(pred) - D_S(truth). Written: DIR/toy.csv (one
@@ -34,8 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-
-TEST_SEED_OFFSET = 1_000_000  # test pairs: make_toy_pair(TEST_SEED_OFFSET + i), far from the training seeds
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,18 +78,21 @@ def lambda_dir(out: Path, lr: float) -> Path:
 
 
 def _finished(ckpt: Path, stage: str, steps: int) -> bool:
-    """True when ckpt holds a run that completed `stage` (resume support of the sweep)."""
+    """True when ckpt holds a run whose last stage is `stage` and that ran `steps`
+    steps in all (coopseg.train numbers the steps over the stages of one run)."""
     if not ckpt.exists():
         return False
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     return state.get("stage") == stage and int(state.get("step", -1)) >= steps
 
 
-def test_set(n: int, size: int = 240) -> dict:
-    """The held-out pairs stacked: x1, x2, s1, s2 of shape (n, 1, size, size)."""
-    from .data.toy import make_toy_pair
+def test_set(n: int, seed: int = 0, size: int = 240) -> dict:
+    """The held-out pairs stacked: x1, x2, s1, s2 of shape (n, 1, size, size), from
+    the toy data's test split (seeds disjoint from the training split's)."""
+    from .data import build_dataset
 
-    pairs = [make_toy_pair(TEST_SEED_OFFSET + i, size=size) for i in range(n)]
+    ds = build_dataset("toy", spatial_dims=2, seed=seed, split="test", n=n, size=size)
+    pairs = [ds[i] for i in range(n)]
     return {k: torch.stack([p[k] for p in pairs]).float() for k in ("x1", "x2", "s1", "s2")}
 
 
@@ -203,13 +205,13 @@ def run_toy(out: Path, settings: ToySettings, *, log=print) -> list[dict]:
 
     pre_dir = out / "pretrain"
     pre_ckpt = pre_dir / "last.pt"
-    if _finished(pre_ckpt, "registor", settings.steps_registor):
+    if _finished(pre_ckpt, "registor", settings.steps_segmentor + settings.steps_registor):
         log(f"pretrained stages 1-2 found: {pre_ckpt}")
     else:
         log(f"stages 1-2 (shared by the sweep) -> {pre_dir}")
         pre_ckpt = train(base, pre_dir, resume=pre_ckpt.exists(), stages=("segmentor", "registor"))
 
-    data = test_set(settings.test_pairs)
+    data = test_set(settings.test_pairs, seed=settings.seed)
     ds_truth = ds_translation(data["s1"] > 0.5, data["s2"] > 0.5)
     rows: list[dict] = []
     for i, lr in enumerate(settings.lambda_r, 1):
