@@ -19,7 +19,11 @@ Configurations (each adds one thing, so a reader sees what each part buys):
   fused+ckpt  both
   all         fused + checkpointing + bf16 autocast of the two networks' forward
               (cooperative_loss computes every term in fp32 on the outputs, as
-              coopseg.train does; on CPU the C++ kernels take fp32/fp64 only)
+              coopseg.train does; on CPU the C++ kernels take fp32/fp64 only;
+              coopseg.train autocasts on CUDA only: on CPU this row measures the
+              memory of the same dtypes, with oneDNN's bf16 convolutions)
+  all+conv-ckpt  a proposal measured here: as all, but each conv+norm+ReLU
+              of the segmentor is checkpointed instead of each U-Net level
 
 Peak memory is the most tensor-storage bytes alive at once above what was live
 before the step: counted with a TorchDispatchMode on CPU (benchmarks/memory.py;
@@ -48,33 +52,61 @@ import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import machine, median_seconds  # noqa: E402
 from benchmarks.memory import LiveStorageBytes, peak_bytes  # noqa: E402
+from coopseg.models.checkpointing import checkpointed  # noqa: E402
 
 MiB = 1 << 20
 GiB = 1 << 30
 
-# name -> (loss backend, checkpointing, bf16 autocast)
+# name -> (loss backend, checkpointing: False | "level" | "conv", bf16 autocast)
 CONFIGS = {
     "naive": ("reference", False, False),
     "fused": ("auto", False, False),
-    "ckpt": ("reference", True, False),
-    "fused+ckpt": ("auto", True, False),
-    "all": ("auto", True, True),
+    "ckpt": ("reference", "level", False),
+    "fused+ckpt": ("auto", "level", False),
+    "all": ("auto", "level", True),
+    "all+conv-ckpt": ("auto", "conv", True),
 }
+
+
+class _PerConvCheckpoint(nn.Module):
+    def __init__(self, inner: nn.Module):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return checkpointed(self.inner, x)
+
+
+def per_conv_checkpointing(net) -> None:
+    """A proposal, measured here only (coopseg.models checkpoints whole U-Net
+    levels): checkpoint each conv+norm+ReLU of the segmentor instead, so that the
+    backward recomputes one conv's activations at a time, not a whole level's."""
+    seg = net.segmentor
+    seg.checkpointing = False  # the registor keeps its per-block checkpointing
+    for m in list(seg.modules()):
+        ops = getattr(m, "ops", None)
+        if isinstance(ops, nn.Sequential):
+            for i in range(len(ops)):
+                ops[i] = _PerConvCheckpoint(ops[i])
 LAMBDAS = dict(lambda_r=0.1, lambda_g=1.0, lambda_p=1.0)
 
 
-def build(width: float, checkpointing: bool, device: torch.device, seed: int = 0):
+def build(width: float, checkpointing, device: torch.device, seed: int = 0):
     from coopseg.models import CooperativeNet, Registor, Segmentor
 
     torch.manual_seed(seed)
     seg = Segmentor(spatial_dims=3, width=width)
     reg = Registor(spatial_dims=3, omega="elastic")
-    return CooperativeNet(seg, reg, checkpointing=checkpointing).to(device).train()
+    net = CooperativeNet(seg, reg, checkpointing=bool(checkpointing))
+    if checkpointing == "conv":
+        per_conv_checkpointing(net)
+    return net.to(device).train()
 
 
 def make_batch(crop: int, device: torch.device, seed: int = 0) -> dict:
@@ -244,7 +276,7 @@ def measure(args, device: torch.device) -> dict:
             sec = median_seconds(run, device, repeats=args.repeats, warmup=0)
             rows.append({"crop": crop, "voxels": crop ** 3, "peak_bytes": peak, "seconds": sec,
                          "bytes_per_voxel_total": peak / crop ** 3})
-            print(f"  {name:10s} {crop:4d}^3  peak {peak / MiB:9.1f} MiB  {peak / crop ** 3:8.0f} B/voxel  "
+            print(f"  {name:18s} {crop:4d}^3  peak {peak / MiB:9.1f} MiB  {peak / crop ** 3:8.0f} B/voxel  "
                   f"{sec:7.2f} s", file=sys.stderr, flush=True)
             del batch, run
         entry = {"backend": backend, "checkpointing": ckpt, "bf16": bf16, "rows": rows}
@@ -312,7 +344,7 @@ def main(argv=None) -> int:
            "lambdas": LAMBDAS, "configs": results}
     if args.breakdown:
         out["breakdown"] = {}
-        for name in ("naive", "fused", "ckpt", "all"):
+        for name in [n for n in ("naive", "fused", "ckpt", "all", "all+conv-ckpt") if n in args.configs]:
             backend, ckpt, bf16 = CONFIGS[name]
             net = build(args.width, ckpt, device)
             rows, top = breakdown(net, make_batch(args.breakdown, device), backend, bf16)
