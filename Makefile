@@ -38,8 +38,8 @@ bench-pytest: $(STAMP)
 
 # Peak memory and time of one joint training step over cubic crops, per
 # configuration (naive ... fused + checkpointing + bf16); BENCH_TRAIN_ARGS e.g.
-# "--crops 16 32 48 64" or "--device cuda".
-BENCH_TRAIN_ARGS ?= --breakdown 32
+# "--width 1 --crops 16 32" (full width, slower) or "--device cuda".
+BENCH_TRAIN_ARGS ?= --width 0.25 --breakdown 32
 bench-train: $(STAMP)
 	$(VPY) benchmarks/train_memory.py $(BENCH_TRAIN_ARGS)
 

@@ -320,7 +320,8 @@ def main(argv=None) -> int:
     ap.add_argument("--crops", type=int, nargs="+", default=None,
                     help="cubic crop sizes, multiples of 16 (default: 16 32 48 on CPU, 64 96 128 160 on CUDA)")
     ap.add_argument("--width", type=float, default=1.0, help="segmentor width multiplier (1 = Models Genesis)")
-    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    ap.add_argument("--configs", nargs="+", default=[c for c in CONFIGS if c != "all+conv-ckpt"], choices=list(CONFIGS),
+                    help="default: all but the all+conv-ckpt proposal")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--budget-gib", type=float, default=4.0)
     ap.add_argument("--breakdown", type=int, default=0, metavar="N", help="also list where the memory goes at crop N")
