@@ -40,7 +40,8 @@ setup(
     extras_require={
         "triton": ["triton"],
         "io": ["nibabel"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "triton", "nibabel"],
+        "test": ["pytest", "pytest-benchmark", "scipy", "triton", "nibabel", "matplotlib"],
+        "toy": ["matplotlib"],  # coopseg toy's box plot
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

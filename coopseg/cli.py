@@ -5,6 +5,7 @@
   coopseg similarity --pairs list.csv [--out results.csv] [...]
   coopseg wilcoxon scores.csv --a COLUMN --b COLUMN
   coopseg train --config CFG.yaml --out DIR [--resume] | --write-config CFG.yaml
+  coopseg toy --out DIR [--full] [--lambda-r V ...]   (the §3.1 lambda sweep, coopseg/toy.py)
 
 `similarity` reads two masks (NIfTI, through nibabel; voxels > 0.5 are inside),
 prints Dice and the relative similarity D_S. With --pairs, each CSV row names
