@@ -55,8 +55,8 @@ class ToySettings:
 
 # Reduced: 5 sweep points, a quarter-width segmentor, 128-px crops, 1600 steps in
 # all; sized for a 2-core CPU (README "Toy experiment" has the measured wall time).
-# lambda_r = 0 is left out here: with no L_r, L_p alone let both masks drift to
-# the trivial agreeing solution (empty masks) in a 300-step trial.
+# lambda_r = 0 is left out here: with no L_r, in a 300-step trial L_p alone
+# collapsed the second mask to the empty one (see README).
 REDUCED = ToySettings(lambda_r=(0.1, 0.3, 0.5, 0.7, 1.0), width=0.25, steps_segmentor=400,
                       steps_registor=200, steps_joint=200, crop_min=128, crop_max=128, test_pairs=30)
 # Full: the paper's 30 models (lambda_p evenly spaced in [0, 1]), the Genesis-width segmentor.
