@@ -165,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--a", required=True, help="column of method A")
     w.add_argument("--b", required=True, help="column of method B")
     w.set_defaults(fn=cmd_wilcoxon)
+    # real volumes: each module registers its subcommand (add_parser) and runs it (run)
+    from . import evaluate_cases, infer
+    from .data import chaos, demo
+    for module in (chaos, infer, evaluate_cases, demo):
+        module.add_parser(sub)
     return ap
 
 
