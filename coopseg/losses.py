@@ -1,0 +1,85 @@
+"""The three losses of the paper (§2.1) and where their gradients go.
+
+With ŝ = sigmoid(logits) and ŝ2' = warp(detach(ŝ1), coarse) (one fused warp,
+coopseg_kernels.warp: the full-resolution field is never stored):
+
+    L_r = BCE(ŝ1, s1) + BCE(ŝ2, s2)                 (from logits) -> segmentor
+    L_g = MSE(blur(ŝ2'), blur(s2))                   (fused blur)  -> registor only
+    L_p = MSE(detach(ŝ2'), ŝ2)                                     -> segmentor, through ŝ2 only
+    total = λ_r L_r + λ_g L_g + λ_p L_p
+
+The stop-gradients are the diodes of the paper's Fig. 1: L_g must not move the
+segmentor (it would learn to predict twice the same mask), and "the similarity loss
+only affects the second channel" so L_p moves neither ŝ1 nor the registor. Two
+options lift them for ablations:
+
+    sim_to_s1=True        L_p also reaches ŝ1 (through the warp's moving image)
+    sim_to_registor=True  L_p also reaches the registor (through the coarse grid)
+
+(L_g still stops at ŝ1 either way). All terms are computed in float32, also under
+bf16 autocast. `backend` goes to coopseg_kernels.warp/blur ("reference" = the naive
+torch ops, the memory benchmark's baseline).
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import coopseg_kernels as ck
+
+
+class LossTerms(NamedTuple):
+    total: torch.Tensor
+    seg: torch.Tensor   # L_r
+    reg: torch.Tensor   # L_g
+    sim: torch.Tensor   # L_p
+
+
+def _check_mask(name: str, s, like: torch.Tensor) -> None:
+    if not isinstance(s, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(s).__name__}")
+    if s.shape != like.shape:
+        raise ValueError(f"{name} must have the shape of the logits {tuple(like.shape)}, got {tuple(s.shape)}")
+
+
+def _check_lambda(name: str, v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0:
+        raise ValueError(f"{name} must be a number >= 0, got {v!r}")
+    return float(v)
+
+
+def registration_loss(moved: torch.Tensor, s2: torch.Tensor, *, kernel: Sequence[float] = (1.0, 2.0, 1.0),
+                      backend: str = "auto") -> torch.Tensor:
+    """L_g = MSE(blur(moved), blur(s2)): `moved` is ŝ2' (or a warped annotation in stage 2)."""
+    return F.mse_loss(ck.blur(moved, kernel=kernel, backend=backend), ck.blur(s2, kernel=kernel, backend=backend))
+
+
+def cooperative_loss(outputs, s1: torch.Tensor, s2: torch.Tensor, *, lambda_r: float, lambda_g: float,
+                     lambda_p: float, backend: str = "auto", sim_to_s1: bool = False,
+                     sim_to_registor: bool = False, kernel: Sequence[float] = (1.0, 2.0, 1.0)) -> LossTerms:
+    """outputs = CooperativeNet(x1, x2) = (logits1, logits2, coarse); s1, s2: annotation
+    masks (B, 1, *S) in {0, 1}. Returns LossTerms(total, seg, reg, sim) of 0-d tensors."""
+    if not (isinstance(outputs, (tuple, list)) and len(outputs) == 3):
+        raise TypeError("outputs must be the (logits1, logits2, coarse) tuple of CooperativeNet")
+    logits1, logits2, coarse = (t.float() for t in outputs)
+    _check_mask("s1", s1, logits1)
+    _check_mask("s2", s2, logits2)
+    lambda_r = _check_lambda("lambda_r", lambda_r)
+    lambda_g = _check_lambda("lambda_g", lambda_g)
+    lambda_p = _check_lambda("lambda_p", lambda_p)
+    s1, s2 = s1.float(), s2.float()
+
+    seg = F.binary_cross_entropy_with_logits(logits1, s1) + F.binary_cross_entropy_with_logits(logits2, s2)
+    p1, p2 = torch.sigmoid(logits1), torch.sigmoid(logits2)
+    moved = ck.warp(p1.detach(), coarse, backend=backend)          # ŝ2': grad to the registor only
+    reg = registration_loss(moved, s2, kernel=kernel, backend=backend)
+    if sim_to_s1 or sim_to_registor:                                # ablation: a second warp, other diodes
+        target = ck.warp(p1 if sim_to_s1 else p1.detach(), coarse if sim_to_registor else coarse.detach(),
+                         backend=backend)
+    else:
+        target = moved.detach()
+    sim = F.mse_loss(p2, target)
+    total = lambda_r * seg + lambda_g * reg + lambda_p * sim
+    return LossTerms(total, seg, reg, sim)

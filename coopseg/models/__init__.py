@@ -1,0 +1,9 @@
+"""The networks of the paper: the segmentor (Models Genesis UNet3D), the registor,
+and the cooperative pair; loading Models Genesis weights."""
+from .cooperative import CooperativeNet
+from .genesis import load_genesis
+from .norm import NORMS, BatchNormNd
+from .registor import OMEGAS, Registor
+from .segmentor import Segmentor
+
+__all__ = ["Segmentor", "Registor", "CooperativeNet", "load_genesis", "BatchNormNd", "NORMS", "OMEGAS"]

@@ -1,0 +1,71 @@
+"""The registor (paper §3.2.2): masks in, a coarse displacement grid out.
+
+4 blocks of two 3×3(×3) convs + ReLU followed by a 2×2(×2) max-pool (16, 32, 64, 128
+channels), then a 1×1(×1) conv to `nd` channels: a displacement per node of a grid at
+1/16 resolution, in voxels of the full-resolution grid and in spatial-axis order (the
+coopseg_kernels convention), upsampled and applied by coopseg_kernels.warp.
+omega="translation" (the toy task) averages that over space: a (B, nd, 1, …, 1) grid,
+i.e. one translation. The last conv starts at zero, so the registor starts as the
+identity. `scale` multiplies the output (a fixed gain so that a few steps of Adam can
+reach displacements of tens of voxels); 1 = the paper.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .checkpointing import checkpointed
+
+OMEGAS = ("elastic", "translation")
+
+
+class RegistorBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, spatial_dims: int):
+        super().__init__()
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        pool = nn.MaxPool3d if spatial_dims == 3 else nn.MaxPool2d
+        self.conv1 = conv(cin, cout, kernel_size=3, padding=1)
+        self.conv2 = conv(cout, cout, kernel_size=3, padding=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.pool = pool(2)
+
+    def forward(self, x):
+        return self.pool(self.relu(self.conv2(self.relu(self.conv1(x)))))
+
+
+class Registor(nn.Module):
+    """forward(p: (B, in_channels, *S) mask probabilities) -> coarse (B, nd, *S//16),
+    or (B, nd, 1, …, 1) for omega="translation". Sizes must be multiples of 16."""
+
+    def __init__(self, spatial_dims: int = 3, omega: str = "elastic", in_channels: int = 2,
+                 channels=(16, 32, 64, 128), scale: float = 1.0, checkpointing: bool = False):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        if omega not in OMEGAS:
+            raise ValueError(f"omega must be one of {', '.join(OMEGAS)}, got {omega!r}")
+        self.spatial_dims, self.omega, self.in_channels, self.scale = spatial_dims, omega, in_channels, float(scale)
+        self.checkpointing = checkpointing
+        chans = [in_channels, *channels]
+        self.blocks = nn.ModuleList(RegistorBlock(a, b, spatial_dims) for a, b in zip(chans[:-1], chans[1:]))
+        conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        self.head = conv(chans[-1], spatial_dims, kernel_size=1)
+        nn.init.zeros_(self.head.weight)  # identity at start
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, p: torch.Tensor) -> torch.Tensor:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"Registor input must be a torch.Tensor, got {type(p).__name__}")
+        if p.dim() != self.spatial_dims + 2 or p.shape[1] != self.in_channels:
+            raise ValueError(f"Registor input must be (B, {self.in_channels}, *S) with {self.spatial_dims} spatial "
+                             f"axes, got shape {tuple(p.shape)}")
+        if any(n % 16 or n == 0 for n in p.shape[2:]):
+            raise ValueError(f"Registor input spatial sizes must be multiples of 16 (four 2x max-pools), "
+                             f"got {tuple(p.shape[2:])}")
+        x = p
+        for block in self.blocks:
+            x = checkpointed(block, x) if self.checkpointing else block(x)
+        coarse = self.head(x) * self.scale
+        if self.omega == "translation":
+            coarse = coarse.mean(dim=tuple(range(2, coarse.dim())), keepdim=True)
+        return coarse

@@ -1,0 +1,144 @@
+"""The segmentor: the Models Genesis UNet3D (Zhou et al., MICCAI 2019, the paper's [8])
+with its module names, so that its published weights load (see genesis.py).
+
+Topology (channels at width 1; every conv is 3×3(×3), padding 1, with bias, then
+the norm and a ReLU; module `ops.<i>` = `conv1` + `bn1`):
+
+    down_tr64   in→32→64      then 2× max-pool
+    down_tr128  64→64→128     then 2× max-pool
+    down_tr256  128→128→256   then 2× max-pool
+    down_tr512  256→256→512   (no pool)
+    up_tr256    up_conv 512→512 (k2 s2), concat skip 256: 768→256→256
+    up_tr128    up_conv 256→256,         concat skip 128: 384→128→128
+    up_tr64     up_conv 128→128,         concat skip 64:  192→64→64
+    out_tr      final_conv 1×1(×1) 64→out_channels   (logits: no sigmoid, unlike Genesis)
+
+That is 106 state_dict keys at width 1 with a BatchNorm. `width` scales every
+channel count (rounded, at least 1) for small tests; `spatial_dims=2` swaps the 3-D
+layers for their 2-D versions with the same names.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .checkpointing import checkpointed
+from .norm import NORMS, make_norm
+
+
+def _layers(spatial_dims: int):
+    if spatial_dims == 3:
+        return nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d
+    return nn.Conv2d, nn.ConvTranspose2d, nn.MaxPool2d
+
+
+class LUConv(nn.Module):
+    def __init__(self, cin: int, cout: int, spatial_dims: int, norm: str):
+        super().__init__()
+        conv, _, _ = _layers(spatial_dims)
+        self.conv1 = conv(cin, cout, kernel_size=3, padding=1)
+        self.bn1 = make_norm(norm, cout, spatial_dims)
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.activation(self.bn1(self.conv1(x)))
+
+
+class DownTransition(nn.Module):
+    """Two LUConvs; returns (pooled output, output before the pool)."""
+
+    def __init__(self, cin: int, cmid: int, cout: int, spatial_dims: int, norm: str, pool: bool):
+        super().__init__()
+        _, _, maxpool = _layers(spatial_dims)
+        self.ops = nn.Sequential(LUConv(cin, cmid, spatial_dims, norm), LUConv(cmid, cout, spatial_dims, norm))
+        self.maxpool = maxpool(2) if pool else None
+
+    def forward(self, x):
+        before_pool = self.ops(x)
+        return (self.maxpool(before_pool) if self.maxpool is not None else before_pool), before_pool
+
+
+class UpTransition(nn.Module):
+    """Transposed conv ×2, concat the skip, two LUConvs."""
+
+    def __init__(self, cin: int, cskip: int, cout: int, spatial_dims: int, norm: str):
+        super().__init__()
+        _, convT, _ = _layers(spatial_dims)
+        self.up_conv = convT(cin, cin, kernel_size=2, stride=2)
+        self.ops = nn.Sequential(LUConv(cin + cskip, cout, spatial_dims, norm), LUConv(cout, cout, spatial_dims, norm))
+
+    def forward(self, x, skip):
+        return self.ops(torch.cat((self.up_conv(x), skip), 1))
+
+
+class OutputTransition(nn.Module):
+    def __init__(self, cin: int, n_labels: int, spatial_dims: int):
+        super().__init__()
+        conv, _, _ = _layers(spatial_dims)
+        self.final_conv = conv(cin, n_labels, kernel_size=1)
+
+    def forward(self, x):
+        return self.final_conv(x)
+
+
+class Segmentor(nn.Module):
+    """Models Genesis UNet3D: (B, in_channels, *S) images → (B, out_channels, *S) logits.
+
+    The pair (x1, x2) comes in as 2 channels; one mask logit per modality comes out.
+    Spatial sizes must be multiples of 8 (three 2× max-pools). `checkpointing=True`
+    recomputes each U-Net level in backward instead of storing its activations.
+    """
+
+    def __init__(self, spatial_dims: int = 3, in_channels: int = 2, out_channels: int = 2, width: float = 1.0,
+                 norm: str = "cont_bn", checkpointing: bool = False):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+        if norm not in NORMS:
+            raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
+        if not (isinstance(width, (int, float)) and width > 0):
+            raise ValueError(f"width must be a number > 0, got {width!r}")
+        for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
+        self.width, self.norm = float(width), norm
+        self.checkpointing = checkpointing
+
+        def c(n):
+            return max(1, int(round(n * width)))
+
+        nd = spatial_dims
+        self.down_tr64 = DownTransition(in_channels, c(32), c(64), nd, norm, pool=True)
+        self.down_tr128 = DownTransition(c(64), c(64), c(128), nd, norm, pool=True)
+        self.down_tr256 = DownTransition(c(128), c(128), c(256), nd, norm, pool=True)
+        self.down_tr512 = DownTransition(c(256), c(256), c(512), nd, norm, pool=False)
+        self.up_tr256 = UpTransition(c(512), c(256), c(256), nd, norm)
+        self.up_tr128 = UpTransition(c(256), c(128), c(128), nd, norm)
+        self.up_tr64 = UpTransition(c(128), c(64), c(64), nd, norm)
+        self.out_tr = OutputTransition(c(64), out_channels, nd)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"Segmentor input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
+            want = "(B, C, D, H, W)" if self.spatial_dims == 3 else "(B, C, H, W)"
+            raise ValueError(f"Segmentor input must be {want} with C={self.in_channels}, got shape {tuple(x.shape)}")
+        bad = [n for n in x.shape[2:] if n % 8 or n == 0]
+        if bad:
+            raise ValueError(f"Segmentor input spatial sizes must be multiples of 8 (three 2x max-pools), "
+                             f"got {tuple(x.shape[2:])}")
+
+    def _run(self, block, *args):
+        return checkpointed(block, *args) if self.checkpointing else block(*args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        out, skip64 = self._run(self.down_tr64, x)
+        out, skip128 = self._run(self.down_tr128, out)
+        out, skip256 = self._run(self.down_tr256, out)
+        out, _ = self._run(self.down_tr512, out)
+        out = self._run(self.up_tr256, out, skip256)
+        out = self._run(self.up_tr128, out, skip128)
+        out = self._run(self.up_tr64, out, skip64)
+        return self.out_tr(out)

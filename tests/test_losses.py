@@ -1,0 +1,129 @@
+"""The cooperative losses: values against a plain-torch restatement, and where each
+term's gradient goes (the paper's stop-gradients)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import coopseg_kernels as ck
+from coopseg.losses import cooperative_loss
+from coopseg.models import CooperativeNet, Registor, Segmentor
+
+
+def _net(dims=2, omega="elastic"):
+    torch.manual_seed(0)
+    net = CooperativeNet(Segmentor(dims, width=0.125), Registor(dims, omega=omega))
+    torch.nn.init.normal_(net.registor.head.weight, std=0.5)  # a non-identity registration
+    torch.nn.init.normal_(net.registor.head.bias, std=0.5)
+    return net
+
+
+def _pair(size=(32, 48), seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x1, x2 = torch.rand(1, 1, *size, generator=g), torch.rand(1, 1, *size, generator=g)
+    s1 = (torch.rand(1, 1, *size, generator=g) > 0.5).float()
+    s2 = (torch.rand(1, 1, *size, generator=g) > 0.6).float()
+    return x1, x2, s1, s2
+
+
+def _grads(module):
+    return {n: p.grad for n, p in module.named_parameters()}
+
+
+def _nonzero(grads):
+    return {n for n, g in grads.items() if g is not None and g.abs().sum() > 0}
+
+
+def test_values_match_plain_torch_restatement():
+    net = _net()
+    x1, x2, s1, s2 = _pair()
+    out = net(x1, x2)
+    t = cooperative_loss(out, s1, s2, lambda_r=0.1, lambda_g=1.0, lambda_p=0.7, backend="cpp")
+    l1, l2, coarse = out
+    p1, p2 = torch.sigmoid(l1), torch.sigmoid(l2)
+    seg = F.binary_cross_entropy(p1, s1) + F.binary_cross_entropy(p2, s2)
+    moved = ck.reference.warp(p1, coarse)
+    blur = ck.reference.blur
+    reg = ((blur(moved) - blur(s2)) ** 2).mean()
+    sim = ((moved - p2) ** 2).mean()
+    torch.testing.assert_close(t.seg, seg, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t.reg, reg, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(t.sim, sim, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(t.total, 0.1 * seg + reg + 0.7 * sim, rtol=1e-5, atol=1e-6)
+    assert t.reg > 0 and t.sim > 0
+    ref = cooperative_loss(out, s1, s2, lambda_r=0.1, lambda_g=1.0, lambda_p=0.7, backend="reference")
+    for a, b in zip(t, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_registration_loss_trains_the_registor_only():
+    net = _net()
+    x1, x2, s1, s2 = _pair()
+    cooperative_loss(net(x1, x2), s1, s2, lambda_r=0, lambda_g=1, lambda_p=0).total.backward()
+    assert not _nonzero(_grads(net.segmentor))  # every segmentor gradient None or zero
+    assert "head.weight" in _nonzero(_grads(net.registor))
+
+
+def test_segmentation_loss_trains_the_segmentor_only():
+    net = _net()
+    x1, x2, s1, s2 = _pair()
+    cooperative_loss(net(x1, x2), s1, s2, lambda_r=1, lambda_g=0, lambda_p=0).total.backward()
+    assert not _nonzero(_grads(net.registor))
+    assert "out_tr.final_conv.weight" in _nonzero(_grads(net.segmentor))
+
+
+def _sim_grads(**options):
+    """Gradients of L_p w.r.t. the two logits and the registor."""
+    net = _net()
+    x1, x2, s1, s2 = _pair()
+    l1, l2, coarse = net(x1, x2)
+    l1.retain_grad(), l2.retain_grad()
+    cooperative_loss((l1, l2, coarse), s1, s2, lambda_r=0, lambda_g=0, lambda_p=1, **options).total.backward()
+    return l1.grad, l2.grad, _nonzero(_grads(net.registor)), _nonzero(_grads(net.segmentor))
+
+
+def test_similarity_loss_reaches_only_the_second_channel_by_default():
+    g1, g2, reg, seg = _sim_grads()
+    assert g1 is None or not g1.abs().sum()   # nothing through ŝ1
+    assert g2.abs().sum() > 0                 # the segmentor learns through ŝ2
+    assert not reg                            # the registor gets nothing
+    assert "out_tr.final_conv.weight" in seg
+
+
+def test_similarity_ablation_options():
+    g1, g2, reg, _ = _sim_grads(sim_to_s1=True)
+    assert g1.abs().sum() > 0 and g2.abs().sum() > 0 and not reg
+    g1, g2, reg, _ = _sim_grads(sim_to_registor=True)
+    assert (g1 is None or not g1.abs().sum()) and "head.weight" in reg
+    g1, g2, reg, _ = _sim_grads(sim_to_s1=True, sim_to_registor=True)
+    assert g1.abs().sum() > 0 and "head.weight" in reg
+
+
+def test_registor_gets_no_gradient_through_its_inputs():
+    net = _net()
+    x1, x2, s1, s2 = _pair()
+    x1.requires_grad_(True)
+    l1, l2, coarse = net(x1, x2)
+    coarse.sum().backward()
+    assert x1.grad is None  # the registor's input (the probabilities) was detached
+    assert not _nonzero(_grads(net.segmentor))
+
+
+def test_translation_and_3d():
+    net = _net(dims=3, omega="translation")
+    x1, x2, s1, s2 = _pair((16, 16, 32))
+    t = cooperative_loss(net(x1, x2), s1, s2, lambda_r=1, lambda_g=1, lambda_p=1)
+    assert all(v.dim() == 0 and torch.isfinite(v) for v in t)
+    t.total.backward()
+    assert "head.bias" in _nonzero(_grads(net.registor))
+
+
+def test_bad_arguments():
+    net = _net()
+    x1, x2, s1, s2 = _pair()
+    out = net(x1, x2)
+    with pytest.raises(ValueError, match="lambda_p must be a number >= 0"):
+        cooperative_loss(out, s1, s2, lambda_r=1, lambda_g=1, lambda_p=-1)
+    with pytest.raises(ValueError, match="s2 must have the shape"):
+        cooperative_loss(out, s1, s2[..., :8], lambda_r=1, lambda_g=1, lambda_p=1)
+    with pytest.raises(TypeError, match="outputs must be"):
+        cooperative_loss(out[:2], s1, s2, lambda_r=1, lambda_g=1, lambda_p=1)

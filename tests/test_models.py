@@ -1,0 +1,202 @@
+"""The segmentor (Models Genesis UNet3D), the registor, the cooperative pair,
+activation checkpointing, and loading a Models Genesis checkpoint."""
+import pytest
+import torch
+
+from coopseg.models import CooperativeNet, Registor, Segmentor, load_genesis
+from coopseg.models.norm import BatchNormNd
+
+
+def _genesis_keys():
+    """The 106 state_dict keys of Models Genesis' UNet3D (its unet3d.py, written out)."""
+    convs = {"down_tr64": 2, "down_tr128": 2, "down_tr256": 2, "down_tr512": 2,
+             "up_tr256": 2, "up_tr128": 2, "up_tr64": 2}
+    keys = []
+    for block, n in convs.items():
+        if block.startswith("up"):
+            keys += [f"{block}.up_conv.weight", f"{block}.up_conv.bias"]
+        for i in range(n):
+            keys += [f"{block}.ops.{i}.conv1.weight", f"{block}.ops.{i}.conv1.bias"]
+            keys += [f"{block}.ops.{i}.bn1.{k}" for k in
+                     ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")]
+    return keys + ["out_tr.final_conv.weight", "out_tr.final_conv.bias"]
+
+
+GENESIS_SHAPES = {  # conv weights of the published model (in, out as in its unet3d.py)
+    "down_tr64.ops.0.conv1.weight": (32, 1, 3, 3, 3), "down_tr64.ops.1.conv1.weight": (64, 32, 3, 3, 3),
+    "down_tr128.ops.1.conv1.weight": (128, 64, 3, 3, 3), "down_tr512.ops.1.conv1.weight": (512, 256, 3, 3, 3),
+    "up_tr256.up_conv.weight": (512, 512, 2, 2, 2), "up_tr256.ops.0.conv1.weight": (256, 768, 3, 3, 3),
+    "up_tr128.ops.0.conv1.weight": (128, 384, 3, 3, 3), "up_tr64.ops.0.conv1.weight": (64, 192, 3, 3, 3),
+    "out_tr.final_conv.weight": (1, 64, 1, 1, 1),
+}
+
+
+def test_genesis_key_names_and_shapes():
+    sd = Segmentor(spatial_dims=3).state_dict()
+    assert len(sd) == 106
+    assert set(sd) == set(_genesis_keys())
+    for k, shape in GENESIS_SHAPES.items():
+        want = (shape[0], 2, *shape[2:]) if k == "down_tr64.ops.0.conv1.weight" else shape
+        want = (2, *shape[1:]) if k.startswith("out_tr") else want
+        assert tuple(sd[k].shape) == want, k
+
+
+@pytest.mark.parametrize("dims,size", [(2, (16, 40)), (3, (8, 16, 24))])
+@pytest.mark.parametrize("norm", ["cont_bn", "batch", "instance"])
+def test_segmentor_shapes(dims, size, norm):
+    net = Segmentor(spatial_dims=dims, width=0.125, norm=norm)
+    y = net(torch.rand(2, 2, *size))
+    assert y.shape == (2, 2, *size)
+    assert torch.isfinite(y).all()
+
+
+def test_width_scales_channels():
+    small = Segmentor(spatial_dims=2, width=0.25)
+    assert small.down_tr64.ops[0].conv1.out_channels == 8
+    assert small.up_tr64.ops[0].conv1.in_channels == 16 + 32  # up_conv(32) + skip(16)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in Segmentor(2, width=0.5).parameters())
+
+
+def test_segmentor_size_errors():
+    net = Segmentor(spatial_dims=3, width=0.125)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        net(torch.rand(1, 2, 8, 12, 16))
+    with pytest.raises(ValueError, match="C=2"):
+        net(torch.rand(1, 1, 8, 8, 8))
+    with pytest.raises(ValueError, match="norm must be one of"):
+        Segmentor(norm="group")
+    with pytest.raises(ValueError, match="spatial_dims"):
+        Segmentor(spatial_dims=1)
+
+
+def test_cont_bn_uses_batch_statistics_in_eval_and_batch_does_not():
+    x = torch.randn(2, 3, 4, 5) * 4 + 2
+    cont, plain = BatchNormNd(3, 2, continuous=True), BatchNormNd(3, 2, continuous=False)
+    cont.train(), plain.train()
+    cont(x), plain(x)  # one update of the running statistics
+    cont.eval(), plain.eval()
+    ref = torch.nn.functional.batch_norm(x, None, None, training=True)
+    torch.testing.assert_close(cont(x), ref)
+    assert not torch.allclose(plain(x), ref, atol=1e-3)
+    before = cont.running_mean.clone()
+    cont(x)  # eval: no update
+    assert torch.equal(before, cont.running_mean)
+
+
+def test_batchnorm_matches_torch():
+    x = torch.randn(2, 4, 3, 5, 6) * 3 + 1
+    ours, ref = BatchNormNd(4, 3, continuous=False), torch.nn.BatchNorm3d(4)
+    for _ in range(2):
+        torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_var, ref.running_var)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x), ref(x))
+
+
+@pytest.mark.parametrize("dims,omega,size,coarse", [
+    (3, "elastic", (16, 32, 48), (1, 2, 3)), (2, "elastic", (32, 64), (2, 4)),
+    (2, "translation", (32, 48), (1, 1)), (3, "translation", (16, 16, 32), (1, 1, 1))])
+def test_registor_shapes_and_identity_start(dims, omega, size, coarse):
+    reg = Registor(spatial_dims=dims, omega=omega)
+    out = reg(torch.rand(2, 2, *size))
+    assert out.shape == (2, dims, *coarse)
+    assert torch.equal(out, torch.zeros_like(out))  # zero-initialised last layer = identity
+    with pytest.raises(ValueError, match="multiples of 16"):
+        reg(torch.rand(1, 2, *[s + 8 for s in size]))
+
+
+def test_cooperative_net_shapes_and_detached_registor_input():
+    torch.manual_seed(0)
+    net = CooperativeNet(Segmentor(2, width=0.125), Registor(2))
+    torch.nn.init.normal_(net.registor.head.weight)
+    x1, x2 = torch.rand(1, 1, 32, 48), torch.rand(1, 1, 32, 48)
+    l1, l2, coarse = net(x1, x2)
+    assert l1.shape == l2.shape == (1, 1, 32, 48) and coarse.shape == (1, 2, 2, 3)
+    coarse.square().sum().backward()  # anything computed from the registor output...
+    assert all(p.grad is None for p in net.segmentor.parameters())  # ...never reaches the segmentor
+    assert net.registor.head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="share one grid"):
+        net(x1, torch.rand(1, 1, 32, 32))
+
+
+def _run_step(net, x1, x2, s1, s2):
+    from coopseg.losses import cooperative_loss
+    net.zero_grad(set_to_none=True)
+    terms = cooperative_loss(net(x1, x2), s1, s2, lambda_r=1.0, lambda_g=1.0, lambda_p=1.0)
+    terms.total.backward()
+    grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    return terms.total.detach(), grads
+
+
+@pytest.mark.parametrize("norm", ["cont_bn", "batch"])
+def test_checkpointing_same_loss_gradients_and_running_statistics(norm):
+    torch.manual_seed(0)
+    net = CooperativeNet(Segmentor(2, width=0.125, norm=norm), Registor(2))
+    torch.nn.init.normal_(net.registor.head.weight, std=0.1)
+    g = torch.Generator().manual_seed(1)
+    x1, x2 = torch.rand(1, 1, 32, 48, generator=g), torch.rand(1, 1, 32, 48, generator=g)
+    s1, s2 = (x1 > 0.5).float(), (x2 > 0.4).float()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    loss_plain, grads_plain = _run_step(net, x1, x2, s1, s2)
+    stats_plain = {k: v.clone() for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+    net.load_state_dict(state)
+    net.checkpointing = True
+    loss_ckpt, grads_ckpt = _run_step(net, x1, x2, s1, s2)
+    stats_ckpt = {k: v for k, v in net.state_dict().items() if "running" in k or "num_batches" in k}
+    torch.testing.assert_close(loss_ckpt, loss_plain, rtol=0, atol=0)
+    assert grads_ckpt.keys() == grads_plain.keys() and len(grads_plain) > 0
+    for k in grads_plain:
+        torch.testing.assert_close(grads_ckpt[k], grads_plain[k], rtol=1e-5, atol=1e-7)
+    assert all(int(v) == 1 for k, v in stats_ckpt.items() if "num_batches" in k)  # one update, not two
+    for k in stats_plain:
+        torch.testing.assert_close(stats_ckpt[k], stats_plain[k], rtol=0, atol=0)
+    moved = [k for k in stats_plain if "running_mean" in k and not torch.equal(stats_plain[k], state[k])]
+    assert moved  # the statistics did change (the test compares something)
+
+
+def test_load_genesis_round_trip(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    path = tmp_path / "Genesis_Chest_CT.pt"
+    ref = Segmentor(3).state_dict()
+    sd = {k: (torch.tensor(100) if k.endswith("num_batches_tracked") else torch.randn(v.shape, generator=g))
+          for k, v in ref.items()}
+    sd["down_tr64.ops.0.conv1.weight"] = torch.randn(32, 1, 3, 3, 3, generator=g)
+    sd["out_tr.final_conv.weight"] = torch.randn(1, 64, 1, 1, 1, generator=g)
+    sd["out_tr.final_conv.bias"] = torch.randn(1, generator=g)
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, path)
+
+    seg = Segmentor(3)
+    report = load_genesis(seg, path)
+    assert len(report["loaded"]) == 103
+    assert report["adapted"] == ["down_tr64.ops.0.conv1.weight"]
+    assert sorted(report["skipped"]) == ["out_tr.final_conv.bias", "out_tr.final_conv.weight"]
+    got = seg.state_dict()
+    for k in report["loaded"]:
+        assert torch.equal(got[k], sd[k]), k
+    w = got["down_tr64.ops.0.conv1.weight"]
+    torch.testing.assert_close(w[:, 0:1], sd["down_tr64.ops.0.conv1.weight"] / 2)
+    torch.testing.assert_close(w[:, 1:2], sd["down_tr64.ops.0.conv1.weight"] / 2)
+    assert got["out_tr.final_conv.weight"].shape == (2, 64, 1, 1, 1)
+    # Adapted first conv: two identical images give the pretrained 1-channel response.
+    x = torch.randn(1, 1, 5, 6, 7, generator=g)
+    one = torch.nn.functional.conv3d(x, sd["down_tr64.ops.0.conv1.weight"], sd["down_tr64.ops.0.conv1.bias"], padding=1)
+    two = seg.down_tr64.ops[0].conv1(torch.cat((x, x), 1))
+    torch.testing.assert_close(two, one, rtol=1e-4, atol=1e-5)
+
+
+def test_load_genesis_reports_mismatches_and_errors(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    path = tmp_path / "g.pt"
+    sd = {k: torch.randn(v.shape, generator=g) if v.dtype.is_floating_point else v
+          for k, v in Segmentor(3).state_dict().items()}
+    torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, path)
+    report = load_genesis(Segmentor(3, norm="instance"), path)
+    assert "down_tr64.ops.0.bn1.running_mean" in report["skipped"]
+    assert "down_tr64.ops.0.bn1.weight" in report["loaded"]
+    with pytest.raises(ValueError, match="spatial_dims=3"):
+        load_genesis(Segmentor(2), path)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_genesis(Segmentor(3), tmp_path / "missing.pt")
+    torch.save({"state_dict": {"module.other.weight": torch.zeros(1)}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="no key matches"):
+        load_genesis(Segmentor(3), tmp_path / "other.pt")
