@@ -178,11 +178,11 @@ def write_prediction(pred: Prediction, pair: Pair, out_dir, *, field: bool = Fal
 
 def load_checkpoint_model(checkpoint, device="cpu"):
     """(net, config) from a training checkpoint (coopseg.train.load_model), net in eval mode."""
-    from .train import load_model
-
     path = Path(checkpoint)
     if not path.is_file():
         raise ValueError(f"{path}: no such checkpoint file")
+    from .train import load_model
+
     net, config = load_model(str(path), map_location=device)
     return net.to(device).eval(), config
 
