@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test bench bench-pytest gpu-check clean
+.PHONY: test bench bench-pytest gpu-check demo clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -45,5 +45,15 @@ gpu-check:
 	python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider --benchmark-json=benchmarks/results/pytest-benchmark-cuda.json
 	if [ -n "$$OUT" ]; then cp benchmarks/results/*.json "$$OUT"/; fi
 
+# Offline demo on real anatomy (CPU, minutes): pairs from the MNI152 templates in the
+# nilearn wheel -> a short 3-D training run -> the paper's evaluation table and figure.
+DEMO := demo_out
+demo: $(STAMP)
+	$(VPY) -c "import nilearn" 2>/dev/null || $(VPY) -m pip install -q nilearn
+	$(VPY) -m coopseg.cli demo-data $(DEMO)/data
+	$(VPY) -m coopseg.cli train --config configs/demo.yaml --out $(DEMO)/run
+	$(VPY) -m coopseg.cli evaluate --manifest $(DEMO)/data/test.csv --checkpoint $(DEMO)/run/last.pt \
+	    --out $(DEMO)/results.csv --patch 64
+
 clean:
-	rm -rf build *.egg-info coopseg_kernels/*.so $(VENV)
+	rm -rf build *.egg-info coopseg_kernels/*.so $(VENV) $(DEMO)
