@@ -183,7 +183,13 @@ def load_checkpoint_model(checkpoint, device="cpu"):
         raise ValueError(f"{path}: no such checkpoint file")
     from .train import load_model
 
-    net, config = load_model(str(path), map_location=device)
+    try:
+        net, config = load_model(str(path), map_location=device)
+    except ValueError:
+        raise
+    except Exception as exc:  # torch.load / load_state_dict raise several types
+        raise ValueError(f"{path}: cannot load as a coopseg checkpoint ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     return net.to(device).eval(), config
 
 
