@@ -16,8 +16,8 @@ $(VPY):
 	$(PYTHON) -m venv $(VENV)
 
 # torch first (the CPU wheel; an unpinned torch would pull a CUDA build), then
-# the build tools, then the package with its test extras. Rebuilt when the
-# C++ sources change.
+# the build tools, then the package with its test extras (install_requires brings
+# the training layer's pyyaml, tqdm, matplotlib). Rebuilt when the C++ sources change.
 $(STAMP): $(VPY) $(SOURCES)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)

@@ -36,7 +36,7 @@ setup(
     description="Fused kernels and a thin training layer for cooperating segmentation/registration networks",
     packages=find_packages(include=["coopseg_kernels*", "coopseg*"]),
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy"],
+    install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton"],
         # real volumes: NIfTI, resampling, CHAOS DICOM/PNG import, progress bars, figures

@@ -4,6 +4,9 @@
                      [--max-translation 32] [--iters N] [--step A] [--backend auto]
   coopseg similarity --pairs list.csv [--out results.csv] [...]
   coopseg wilcoxon scores.csv --a COLUMN --b COLUMN
+  coopseg train --config CFG.yaml --out DIR [--resume] | --write-config CFG.yaml
+  coopseg import-chaos DIR OUT | predict --t1 A --t2 B --checkpoint C --out DIR
+  coopseg evaluate --manifest test.csv --checkpoint C --out results.csv | demo-data OUT
 
 `similarity` reads two masks (NIfTI, through nibabel; voxels > 0.5 are inside),
 prints Dice and the relative similarity D_S. With --pairs, each CSV row names
@@ -165,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--a", required=True, help="column of method A")
     w.add_argument("--b", required=True, help="column of method B")
     w.set_defaults(fn=cmd_wilcoxon)
+    from . import train  # each feature registers its own subcommand (add_parser + run)
+
+    train.add_parser(sub)
     # real volumes: each module registers its subcommand (add_parser) and runs it (run)
     from . import evaluate_cases, infer
     from .data import chaos, demo
@@ -182,5 +188,7 @@ def main(argv=None) -> int:
         return 2
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+if __name__ == "__main__":  # run through the package module, so that there is one CliError class
+    from coopseg.cli import main as _main
+
+    sys.exit(_main())

@@ -50,6 +50,13 @@ def _check_lambda(name: str, v) -> float:
     return float(v)
 
 
+def segmentation_loss(logits1: torch.Tensor, logits2: torch.Tensor, s1: torch.Tensor,
+                      s2: torch.Tensor) -> torch.Tensor:
+    """L_r = BCE(ŝ1, s1) + BCE(ŝ2, s2), from logits (each BCE a mean over voxels)."""
+    return (F.binary_cross_entropy_with_logits(logits1.float(), s1.float())
+            + F.binary_cross_entropy_with_logits(logits2.float(), s2.float()))
+
+
 def registration_loss(moved: torch.Tensor, s2: torch.Tensor, *, kernel: Sequence[float] = (1.0, 2.0, 1.0),
                       backend: str = "auto") -> torch.Tensor:
     """L_g = MSE(blur(moved), blur(s2)): `moved` is ŝ2' (or a warped annotation in stage 2)."""
@@ -71,7 +78,7 @@ def cooperative_loss(outputs, s1: torch.Tensor, s2: torch.Tensor, *, lambda_r: f
     lambda_p = _check_lambda("lambda_p", lambda_p)
     s1, s2 = s1.float(), s2.float()
 
-    seg = F.binary_cross_entropy_with_logits(logits1, s1) + F.binary_cross_entropy_with_logits(logits2, s2)
+    seg = segmentation_loss(logits1, logits2, s1, s2)
     p1, p2 = torch.sigmoid(logits1), torch.sigmoid(logits2)
     moved = ck.warp(p1.detach(), coarse, backend=backend)          # ŝ2': grad to the registor only
     reg = registration_loss(moved, s2, kernel=kernel, backend=backend)

@@ -1,0 +1,576 @@
+"""Training of the cooperating networks (paper §2.2), in one readable file.
+
+    coopseg train --write-config CFG.yaml         # the documented defaults (they train on the toy data)
+    coopseg train --config CFG.yaml --out DIR     # train; DIR/log.csv, DIR/last.pt, DIR/config.yaml
+    coopseg train --config CFG.yaml --out DIR --resume
+    torchrun --nproc_per_node N -m coopseg.cli train --config CFG.yaml --out DIR   # data parallel
+
+Three stages, one step = one pair (batch 1) cropped to a random box:
+
+    segmentor  L_r                              trains the segmentor
+    registor   L_g on the *annotation* masks    trains the registor (input cat(s1, s2))
+    joint      λ_r L_r + λ_g L_g + λ_p L_p      both, with the stop-gradients of coopseg.losses
+
+One Adam optimizer holds every parameter; a stage only produces gradients for the
+network it trains (the others' stay None, which Adam skips).
+
+Reproducibility: every random draw of the loop (pair index, crop size and position,
+intensity shift) comes from one torch.Generator; the checkpoint stores it with the
+torch CPU/CUDA, numpy and python RNG states, the model and the optimizer, so that a
+run stopped and resumed writes the same log.csv as an uninterrupted one (on CPU; the
+seconds column aside). Checkpoints are written to a temporary file and renamed
+(os.replace): a crash never leaves a half-written last.pt. SIGTERM / SIGINT finish the
+current step, write the checkpoint and stop (exit status 128 + signal number).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import coopseg_kernels as ck
+
+from .losses import cooperative_loss, registration_loss, segmentation_loss
+from .models import NORMS, OMEGAS, CooperativeNet, Registor, Segmentor, load_genesis
+
+STAGES = ("segmentor", "registor", "joint")
+LOG_HEADER = ["step", "stage", "total", "seg", "reg", "sim", "seconds"]
+CROP_MULTIPLE = 16  # the registor pools 4 times
+
+
+# ----------------------------------------------------------------------------- config
+
+def _doc(text: str, default: Any) -> Any:
+    return field(default=default, metadata={"doc": text}) if not isinstance(default, list) else \
+        field(default_factory=lambda: list(default), metadata={"doc": text})
+
+
+@dataclass
+class Config:
+    """Every key of a training config (YAML). `coopseg train --write-config` writes these defaults."""
+    seed: int = _doc("seeds model init and every random draw of the loop", 0)
+    data: str = _doc("'toy' (coopseg.data.toy, 2-D) or the path of a .csv manifest of real volumes", "toy")
+    spatial_dims: int = _doc("2 or 3", 2)
+    toy_pairs: int = _doc("data='toy': number of training pairs", 200)
+    toy_size: int = _doc("data='toy': image size in pixels (the paper: 240)", 240)
+    steps_segmentor: int = _doc("stage 1: steps of the segmentor alone with L_r", 300)
+    steps_registor: int = _doc("stage 2: steps of the registor alone with L_g on the annotation masks", 300)
+    steps_joint: int = _doc("stage 3: steps of both with lambda_r L_r + lambda_g L_g + lambda_p L_p", 300)
+    lambda_r: float = _doc("weight of the segmentation loss L_r in stage 3 (paper, liver: 0.1)", 0.1)
+    lambda_g: float = _doc("weight of the registration loss L_g in stage 3 (paper: 1)", 1.0)
+    lambda_p: float = _doc("weight of the similarity loss L_p in stage 3 (paper, liver: 1)", 1.0)
+    sim_to_s1: bool = _doc("ablation: L_p also trains through the first mask (paper: false)", False)
+    sim_to_registor: bool = _doc("ablation: L_p also trains the registor (paper: false)", False)
+    crop_min: Any = _doc("smallest crop side (int, or one per axis); a multiple of 16", 64)
+    crop_max: Any = _doc("largest crop side (int, or one per axis); a multiple of 16", 160)
+    intensity_shift: float = _doc("each image gets + U(-a, a) per step (augmentation)", 0.1)
+    lr: float = _doc("Adam learning rate", 1e-3)
+    width: float = _doc("segmentor channel multiplier (1 = Models Genesis, needed to load its weights)", 0.25)
+    norm: str = _doc("segmentor normalisation: cont_bn (Genesis) | batch | instance", "cont_bn")
+    omega: str = _doc("registor output: elastic (1/16 grid) | translation (one vector; the toy task)",
+                      "translation")
+    registor_scale: float = _doc("gain on the registor output (voxels per unit); 1 = the paper", 8.0)
+    genesis: str = _doc("path of Models Genesis weights to start the segmentor from ('' = none; 3-D)", "")
+    checkpointing: bool = _doc("activation checkpointing of the network levels (less memory)", False)
+    bf16: bool = _doc("bf16 autocast of the networks on CUDA (ignored on CPU)", True)
+    device: str = _doc("auto | cpu | cuda | cuda:N (torchrun: cuda:LOCAL_RANK)", "auto")
+    backend: str = _doc("coopseg_kernels backend for warp/blur: auto | cpp | triton | reference", "auto")
+    checkpoint_every: int = _doc("write OUT/last.pt every this many steps (and at the end)", 100)
+    progress: bool = _doc("show a tqdm progress bar", True)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "Config":
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping of keys to values, got {type(d).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in known:
+                raise ConfigError(f"{source}: unknown key {key!r} (known keys: {', '.join(sorted(known))})")
+        cfg = cls(**d)
+        cfg.validate(source)
+        return cfg
+
+    def validate(self, source: str = "config") -> None:
+        def fail(key, expected):
+            raise ConfigError(f"{source}: {key}: expected {expected}, got {getattr(self, key)!r}")
+
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v):
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for key in ("seed", "steps_segmentor", "steps_registor", "steps_joint"):
+            if not (is_int(getattr(self, key)) and getattr(self, key) >= 0):
+                fail(key, "an int >= 0")
+        for key in ("toy_pairs", "checkpoint_every"):
+            if not (is_int(getattr(self, key)) and getattr(self, key) >= 1):
+                fail(key, "an int >= 1")
+        if self.spatial_dims not in (2, 3) or isinstance(self.spatial_dims, bool):
+            fail("spatial_dims", "2 or 3")
+        if not (isinstance(self.data, str) and (self.data == "toy" or self.data.endswith(".csv"))):
+            fail("data", "'toy' or the path of a .csv manifest")
+        if self.data == "toy" and self.spatial_dims != 2:
+            fail("spatial_dims", "2 with data: toy (the toy pairs are 2-D)")
+        if not (is_int(self.toy_size) and self.toy_size >= 32 and self.toy_size % CROP_MULTIPLE == 0):
+            fail("toy_size", "an int >= 32, a multiple of 16")
+        for key in ("lambda_r", "lambda_g", "lambda_p", "intensity_shift"):
+            if not (is_num(getattr(self, key)) and getattr(self, key) >= 0):
+                fail(key, "a number >= 0")
+        for key in ("lr", "width", "registor_scale"):
+            if not (is_num(getattr(self, key)) and getattr(self, key) > 0):
+                fail(key, "a number > 0")
+        for key in ("sim_to_s1", "sim_to_registor", "checkpointing", "bf16", "progress"):
+            if not isinstance(getattr(self, key), bool):
+                fail(key, "true or false")
+        for key, options in (("norm", NORMS), ("omega", OMEGAS), ("backend", ck.BACKENDS)):
+            if getattr(self, key) not in options:
+                fail(key, "one of " + " | ".join(options))
+        if not isinstance(self.genesis, str):
+            fail("genesis", "a path or ''")
+        if self.genesis and self.spatial_dims != 3:
+            fail("genesis", "'' with spatial_dims: 2 (Models Genesis weights are 3-D)")
+        if not isinstance(self.device, str) or not (
+                self.device in ("auto", "cpu", "cuda") or
+                (self.device.startswith("cuda:") and self.device[5:].isdigit())):
+            fail("device", "auto | cpu | cuda | cuda:N")
+        lo, hi = self.crop_bounds()
+        for key, sides in (("crop_min", lo), ("crop_max", hi)):
+            if sides is None:
+                fail(key, f"an int or a list of {self.spatial_dims} ints, each a multiple of 16 and >= 16")
+        if any(a > b for a, b in zip(lo, hi)):
+            fail("crop_min", f"sides <= crop_max {self.crop_max!r}")
+
+    def crop_bounds(self):
+        """(crop_min, crop_max) as tuples of spatial_dims ints (None where invalid)."""
+        def sides(v):
+            if isinstance(v, int) and not isinstance(v, bool):
+                v = [v] * self.spatial_dims
+            if not (isinstance(v, (list, tuple)) and len(v) == self.spatial_dims and all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= CROP_MULTIPLE and n % CROP_MULTIPLE == 0
+                    for n in v)):
+                return None
+            return tuple(v)
+        return sides(self.crop_min), sides(self.crop_max)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class ConfigError(ValueError):
+    """A config key with a bad value; the message names the key and the expected value."""
+
+
+class Interrupted(Exception):
+    """Training stopped by SIGTERM/SIGINT after writing its checkpoint."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path):
+        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; "
+                         f"checkpoint {checkpoint} (continue with --resume)")
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+def load_config(path) -> Config:
+    """Read a YAML config; unknown keys and bad values raise ConfigError naming the key."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: {exc.strerror}") from None
+    try:
+        d = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    return Config.from_dict({} if d is None else d, source=str(path))
+
+
+def write_default_config(path) -> None:
+    """Write the defaults as YAML, one comment per key."""
+    import yaml
+
+    lines = ["# coopseg training config (coopseg train --config THIS --out DIR). Defaults: the toy task.",
+             "# The paper's 3-D liver setting: data: manifest.csv, spatial_dims: 3, width: 1.0, omega: elastic,",
+             "# registor_scale: 1.0, lambda_r: 0.1, lambda_g: 1, lambda_p: 1, genesis: Genesis_Chest_CT.pt."]
+    for f in dataclasses.fields(Config):
+        value = yaml.safe_dump({f.name: getattr(Config(), f.name)}, default_flow_style=True, width=1000).strip()
+        lines += [f"# {f.metadata['doc']}", value[1:-1]]
+    _atomic_write_text(Path(path), "\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------- model
+
+def build_model(config: Config) -> CooperativeNet:
+    """The CooperativeNet described by `config` (freshly initialised from torch's RNG;
+    the segmentor from Models Genesis weights if config.genesis is set)."""
+    seg = Segmentor(config.spatial_dims, in_channels=2, out_channels=2, width=config.width, norm=config.norm)
+    if config.genesis:
+        load_genesis(seg, config.genesis)
+    reg = Registor(config.spatial_dims, omega=config.omega, in_channels=2, scale=config.registor_scale)
+    return CooperativeNet(seg, reg, checkpointing=config.checkpointing)
+
+
+def load_model(checkpoint_path, map_location="cpu") -> tuple[CooperativeNet, Config]:
+    """(model in eval mode, its Config) from a training checkpoint (weights_only=True)."""
+    ckpt = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    config = Config.from_dict(ckpt["config"], source=f"{checkpoint_path} (config)")
+    model = build_model(dataclasses.replace(config, genesis=""))
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), config
+
+
+# ----------------------------------------------------------------------------- data
+
+def random_crop(sample: dict, crop_min, crop_max, gen: torch.Generator, shift: float) -> dict:
+    """A random box of the pair (same box in both images: they share a grid).
+
+    The volume is first zero-padded at the end of each axis to a multiple of 16; each
+    side is then 16·k drawn uniformly within [crop_min, crop_max] (clamped to the
+    volume), so sizes and aspect ratios vary; the position is uniform. Each image then
+    gets its own intensity shift U(-shift, shift). Draws come from `gen` only.
+    """
+    x = torch.cat([sample[k] for k in ("x1", "x2", "s1", "s2")], 0)
+    pad = []
+    for n in reversed(x.shape[1:]):
+        pad += [0, -n % CROP_MULTIPLE if n >= CROP_MULTIPLE else CROP_MULTIPLE - n]
+    if any(pad):
+        x = torch.nn.functional.pad(x, pad)
+    box = []
+    for n, lo, hi in zip(x.shape[1:], crop_min, crop_max):
+        hi_k = min(hi, n) // CROP_MULTIPLE
+        lo_k = min(lo // CROP_MULTIPLE, hi_k)
+        side = CROP_MULTIPLE * int(torch.randint(lo_k, hi_k + 1, (), generator=gen))
+        start = int(torch.randint(0, n - side + 1, (), generator=gen))
+        box.append(slice(start, start + side))
+    x = x[(slice(None), *box)]
+    u = (torch.rand(2, generator=gen) * 2 - 1) * shift
+    return dict(x1=x[0:1] + u[0], x2=x[1:2] + u[1], s1=x[2:3], s2=x[3:4])
+
+
+def build_training_data(config: Config):
+    from .data import build_dataset
+
+    if config.data == "toy":
+        return build_dataset("toy", spatial_dims=2, seed=config.seed, split="train", n=config.toy_pairs,
+                             size=config.toy_size)
+    return build_dataset(config.data, spatial_dims=config.spatial_dims, seed=config.seed, split="train")
+
+
+# ----------------------------------------------------------------------------- state
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """torch.save to a temporary file in the same folder, fsync, then os.replace."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    """Every RNG state, as tensors and plain ints (loadable with weights_only=True)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return dict(
+        data=gen.get_state(),
+        torch=torch.get_rng_state(),
+        cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        numpy=dict(kind=kind, keys=torch.from_numpy(keys.astype(np.int64)), pos=int(pos),
+                   has_gauss=int(has_gauss), gauss=float(gauss)),
+        python=random.getstate(),
+    )
+
+
+def set_rng_state(state: dict, gen: torch.Generator) -> None:
+    gen.set_state(state["data"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _read_log(path: Path, upto: int) -> list[list[str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    return [r for r in rows[1:] if r and int(r[0]) <= upto]
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def _setup_distributed(config: Config):
+    """(rank, world_size, device). torchrun sets WORLD_SIZE; then gloo on CPU, NCCL on CUDA."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    want = config.device
+    if want == "auto":
+        want = "cuda" if torch.cuda.is_available() else "cpu"
+    if want.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"config: device: expected auto or cpu on this machine (no CUDA), got {config.device!r}")
+    if world == 1:
+        return 0, 1, torch.device(want)
+    if want.startswith("cuda"):
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_checkpoint=None,
+          stop_after: int | None = None) -> Path:
+    """Train and return the path of the final checkpoint (OUT/last.pt).
+
+    stages:          which of "segmentor", "registor", "joint" to run, in that order
+                     (steps are numbered 1.. over the stages run).
+    init_checkpoint: start the model from this checkpoint's weights (fresh optimizer),
+                     e.g. stages 1-2 trained once and shared by several joint runs.
+    resume:          continue OUT/last.pt (same config; steps_* and checkpoint_every,
+                     progress, device may differ); without a checkpoint, start afresh.
+    stop_after:      stop (with a checkpoint) after this many steps in this call.
+    Raises Interrupted after SIGTERM/SIGINT (checkpoint written).
+    """
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be a coopseg.train.Config, got {type(config).__name__}")
+    config.validate()
+    stages = tuple(stages)
+    if not stages or any(s not in STAGES for s in stages) or list(stages) != sorted(stages, key=STAGES.index) \
+            or len(set(stages)) != len(stages):
+        raise ValueError(f"stages must be a non-empty ordered subset of {STAGES}, got {stages!r}")
+    out = Path(out_dir)
+    rank, world, device = _setup_distributed(config)
+    main = rank == 0
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    ckpt_path, log_path = out / "last.pt", out / "log.csv"
+
+    # Everything random below starts from the seed; resume then overwrites it all.
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    random.seed(config.seed)
+    gen = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    model = build_model(config).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    dataset = build_training_data(config)
+    plan = [(s, getattr(config, f"steps_{s}")) for s in stages]
+    total_steps = sum(n for _, n in plan)
+    step = 0
+
+    if resume and ckpt_path.exists():
+        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+        _check_resumable(ckpt, config, stages, world, ckpt_path)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        set_rng_state(ckpt["rng"][rank], gen)
+        step = ckpt["step"]
+        rows = _read_log(log_path, step) if log_path.exists() else []
+        if main:
+            print(f"coopseg train: resuming {ckpt_path} after step {step} ({ckpt['stage']})", file=sys.stderr)
+    else:
+        if resume and main:
+            print(f"coopseg train: no {ckpt_path} to resume; starting afresh", file=sys.stderr)
+        if init_checkpoint is not None:
+            init = torch.load(init_checkpoint, map_location=device, weights_only=True)
+            model.load_state_dict(init["model"])
+        rows = []
+    if main:  # the log holds exactly the steps the checkpoint has seen
+        _atomic_write_text(log_path, ",".join(LOG_HEADER) + "\n" + "".join(",".join(r) + "\n" for r in rows))
+        _atomic_write_text(out / "config.yaml", _config_yaml(config))
+
+    autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
+    crop_min, crop_max = config.crop_bounds()
+    wrapped = {}  # stage -> the module that runs its forward (DDP-wrapped under torchrun)
+
+    def runner(stage):
+        if stage not in wrapped:
+            wrapped.clear()  # drop the previous stage's DDP reducer
+            module = {"segmentor": model.segmentor, "registor": model.registor, "joint": model}[stage]
+            if world > 1:
+                module = torch.nn.parallel.DistributedDataParallel(
+                    module, device_ids=[device.index] if device.type == "cuda" else None)
+            wrapped[stage] = module
+        return wrapped[stage]
+
+    def one_step(stage) -> dict:
+        sample = random_crop(dataset[int(torch.randint(len(dataset), (), generator=gen))],
+                             crop_min, crop_max, gen, config.intensity_shift)
+        x1, x2, s1, s2 = (sample[k][None].to(device, non_blocking=True) for k in ("x1", "x2", "s1", "s2"))
+        net = runner(stage)
+        with torch.autocast(**autocast):
+            if stage == "segmentor":
+                logits = net(torch.cat((x1, x2), 1))
+                seg = segmentation_loss(logits[:, 0:1], logits[:, 1:2], s1, s2)
+                terms = dict(total=seg, seg=seg)
+            elif stage == "registor":
+                coarse = net(torch.cat((s1, s2), 1)).float()
+                reg = registration_loss(ck.warp(s1, coarse, backend=config.backend), s2, backend=config.backend)
+                terms = dict(total=reg, reg=reg)
+            else:
+                t = cooperative_loss(net(x1, x2), s1, s2, lambda_r=config.lambda_r, lambda_g=config.lambda_g,
+                                     lambda_p=config.lambda_p, backend=config.backend,
+                                     sim_to_s1=config.sim_to_s1, sim_to_registor=config.sim_to_registor)
+                terms = t._asdict()
+        optimizer.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        optimizer.step()
+        return {k: float(v.detach()) for k, v in terms.items()}
+
+    def checkpoint(stage):
+        states = [rng_state(gen)]
+        if world > 1:
+            states = [None] * world
+            dist.all_gather_object(states, rng_state(gen))
+        if main:
+            save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
+                                            stage=stage, step=step, rng=states, config=config.to_dict(),
+                                            stages=list(stages), world_size=world))
+
+    # SIGTERM / SIGINT: finish the step, checkpoint, stop (all ranks at the same step).
+    caught = []
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            previous[sig] = signal.signal(sig, lambda signum, frame: caught.append(signum))
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+
+    bar = None
+    if config.progress and main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
+    model.train()
+    log = open(log_path, "a", newline="") if main else None
+    last_stage = ckpt["stage"] if resume and step else plan[0][0]  # the stage of the last step taken
+    try:
+        done_before = 0
+        steps_this_call = 0
+        for stage, n in plan:
+            for k in range(n):
+                if done_before + k < step:
+                    continue  # done before the resume
+                t0 = time.perf_counter()
+                terms = one_step(stage)
+                last_stage = stage
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - t0
+                step += 1
+                steps_this_call += 1
+                if main:
+                    log.write(",".join([str(step), stage] + [
+                        repr(terms[key]) if key in terms else "" for key in ("total", "seg", "reg", "sim")]
+                        + [f"{seconds:.4f}"]) + "\n")
+                    log.flush()
+                if bar is not None:
+                    bar.set_postfix({"stage": stage, **{key: f"{v:.4f}" for key, v in terms.items()}})
+                    bar.update(1)
+                stop = bool(caught) or (stop_after is not None and steps_this_call >= stop_after)
+                if world > 1:
+                    flag = torch.tensor([float(stop)], device=device)
+                    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                    stop = bool(flag.item())
+                if stop or step % config.checkpoint_every == 0:
+                    checkpoint(stage)
+                if stop:
+                    if caught:
+                        raise Interrupted(caught[0], step, ckpt_path)
+                    return ckpt_path
+            done_before += n
+        checkpoint(last_stage)
+        return ckpt_path
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        wrapped.clear()
+
+
+def _check_resumable(ckpt: dict, config: Config, stages, world: int, path: Path) -> None:
+    free = {"steps_segmentor", "steps_registor", "steps_joint", "checkpoint_every", "progress", "device"}
+    old = ckpt["config"]
+    diff = [k for k, v in config.to_dict().items() if k not in free and old.get(k) != v]
+    if diff:
+        raise ConfigError(f"{path} was written with another config: {', '.join(diff)} differ "
+                          f"(e.g. {diff[0]}: {old.get(diff[0])!r} there, {getattr(config, diff[0])!r} now)")
+    if list(stages) != ckpt["stages"]:
+        raise ValueError(f"{path} was written with stages={ckpt['stages']}, resuming with stages={list(stages)}")
+    if ckpt["world_size"] != world:
+        raise ValueError(f"{path} was written by {ckpt['world_size']} processes; resume with as many, not {world}")
+
+
+def _config_yaml(config: Config) -> str:
+    import yaml
+
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- command line
+
+def add_parser(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train the segmentor and the registor (three stages)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (see --write-config)")
+    p.add_argument("--out", help="output folder: log.csv, last.pt, config.yaml")
+    p.add_argument("--resume", action="store_true", help="continue OUT/last.pt")
+    p.add_argument("--write-config", metavar="CFG.yaml", help="write the documented default config and exit")
+    p.set_defaults(fn=run)
+
+
+def run(args) -> int:
+    from .cli import CliError
+
+    if args.write_config:
+        if args.config or args.out or args.resume:
+            raise CliError("--write-config takes no other option")
+        write_default_config(args.write_config)
+        print(f"wrote {args.write_config}")
+        return 0
+    if not args.config or not args.out:
+        raise CliError("train needs --config CFG.yaml and --out DIR (or --write-config CFG.yaml)")
+    try:
+        config = load_config(args.config)
+        out = Path(args.out)
+        if not args.resume and (out / "last.pt").exists():
+            raise CliError(f"{out / 'last.pt'} exists: pass --resume to continue it, or choose another --out")
+        path = train(config, out, resume=args.resume)
+    except Interrupted as exc:
+        print(f"coopseg train: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except ValueError as exc:  # ConfigError and data errors: one line, exit 2
+        raise CliError(str(exc)) from None
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"coopseg train: done; {path}")
+    return 0

@@ -1,0 +1,234 @@
+"""The training loop: config errors, loss going down, checkpoints, exact resume
+(after stop, after SIGTERM), and a 2-process gloo DDP run. Tiny shapes throughout."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from coopseg import cli
+from coopseg.train import Config, ConfigError, Interrupted, load_config, load_model, train, write_default_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(toy_pairs=3, toy_size=32, crop_min=16, crop_max=32, width=0.125, checkpoint_every=2, progress=False,
+            steps_segmentor=3, steps_registor=2, steps_joint=3, device="cpu")
+
+
+def tiny(**kw):
+    return Config(**{**TINY, **kw})
+
+
+def log_rows(out):
+    with open(Path(out) / "log.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["step", "stage", "total", "seg", "reg", "sim", "seconds"]
+    return [r[:-1] for r in rows[1:]]  # all but the seconds column
+
+
+def write_yaml(path, cfg: Config):
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    # Same thread count as this process: float reductions (and so the log) depend on it.
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
+    return env
+
+
+# ---------------------------------------------------------------- config
+
+def test_default_config_round_trip(tmp_path):
+    write_default_config(tmp_path / "cfg.yaml")
+    text = (tmp_path / "cfg.yaml").read_text()
+    assert "# weight of the similarity loss" in text
+    assert load_config(tmp_path / "cfg.yaml") == Config()
+    assert Config().data == "toy"
+
+
+@pytest.mark.parametrize("text,match", [
+    ("lambda_p: -1\n", r"lambda_p: expected a number >= 0, got -1"),
+    ("spatial_dims: 4\n", r"spatial_dims: expected 2 or 3"),
+    ("steps_joint: 1.5\n", r"steps_joint: expected an int >= 0"),
+    ("crop_min: 40\n", r"crop_min: expected an int or a list of 2 ints, each a multiple of 16"),
+    ("crop_min: 192\ncrop_max: 160\n", r"crop_min: expected sides <= crop_max"),
+    ("norm: group\n", r"norm: expected one of cont_bn \| batch \| instance"),
+    ("checkpointing: 'yes'\n", r"checkpointing: expected true or false"),
+    ("lr: 0\n", r"lr: expected a number > 0"),
+    ("data: volumes.txt\n", r"data: expected 'toy' or the path of a .csv manifest"),
+    ("spatial_dims: 3\n", r"spatial_dims: expected 2 with data: toy"),
+    ("device: gpu\n", r"device: expected auto \| cpu \| cuda \| cuda:N"),
+    ("lamda_p: 1\n", r"unknown key 'lamda_p'"),
+    ("- 1\n- 2\n", r"expected a mapping"),
+    ("seed: [\n", r"not valid YAML"),
+])
+def test_config_errors_name_key_and_expected_value(tmp_path, text, match):
+    (tmp_path / "c.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("lambda_r: fast\n")
+    assert cli.main(["train", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("coopseg: error: ") and "lambda_r: expected a number >= 0" in err[0]
+    assert cli.main(["train", "--config", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    assert cli.main(["train", "--out", str(tmp_path / "o")]) == 2
+    assert "--config" in capsys.readouterr().err
+    assert cli.main(["train", "--write-config", str(tmp_path / "w.yaml")]) == 0
+    assert load_config(tmp_path / "w.yaml") == Config()
+
+
+# ---------------------------------------------------------------- training
+
+def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(tmp_path):
+    # One pair, whole-image crops, no augmentation: every step sees the same input.
+    cfg = tiny(toy_pairs=1, steps_segmentor=12, steps_registor=0, steps_joint=0, lr=1e-2, crop_min=32,
+               intensity_shift=0.0, checkpoint_every=100)
+    path = train(cfg, tmp_path)
+    losses = [float(r[2]) for r in log_rows(tmp_path)]
+    assert len(losses) == 12
+    assert losses[-1] < 0.7 * losses[0]
+    ckpt = torch.load(path, weights_only=True)
+    assert ckpt["step"] == 12 and ckpt["stage"] == "segmentor"
+    assert set(ckpt["rng"][0]) == {"data", "torch", "cuda", "numpy", "python"}
+    model, loaded_cfg = load_model(path)
+    assert loaded_cfg == cfg and not model.training
+    assert torch.equal(model.segmentor.out_tr.final_conv.weight, ckpt["model"]["segmentor.out_tr.final_conv.weight"])
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no temporary file left
+
+
+def test_stages_and_init_checkpoint(tmp_path):
+    cfg = tiny(steps_segmentor=2, steps_registor=2, steps_joint=2)
+    pre = train(cfg, tmp_path / "pre", stages=("segmentor", "registor"))
+    assert [r[1] for r in log_rows(tmp_path / "pre")] == ["segmentor"] * 2 + ["registor"] * 2
+    state = torch.load(pre, weights_only=True)["model"]
+    joint = train(cfg, tmp_path / "joint", stages=("joint",), init_checkpoint=pre)
+    rows = log_rows(tmp_path / "joint")
+    assert [r[:2] for r in rows] == [["1", "joint"], ["2", "joint"]] and all(r[3] and r[4] and r[5] for r in rows)
+    after = torch.load(joint, weights_only=True)["model"]
+    assert not torch.equal(after["registor.head.weight"], state["registor.head.weight"])
+    with pytest.raises(ValueError, match="ordered subset"):
+        train(cfg, tmp_path / "x", stages=("joint", "segmentor"))
+
+
+RESUME_CFG = dict(steps_segmentor=10, steps_registor=2, steps_joint=2, checkpoint_every=4)
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory):
+    """One uninterrupted run that the resume tests compare against."""
+    out = tmp_path_factory.mktemp("full")
+    train(tiny(**RESUME_CFG), out)
+    return out
+
+
+def test_resume_reproduces_the_uninterrupted_log(tmp_path, full_run):
+    cfg = tiny(**RESUME_CFG)
+    full = log_rows(full_run)
+    assert len(full) == 14 and [r[1] for r in full] == ["segmentor"] * 10 + ["registor"] * 2 + ["joint"] * 2
+    # Stopped mid-stage (checkpoint at 5, not a multiple of checkpoint_every), then a crash
+    # leaves a log row beyond the checkpoint: resume drops it and carries on.
+    out = tmp_path / "stop"
+    train(cfg, out, stop_after=5)
+    assert len(log_rows(out)) == 5
+    with open(out / "log.csv", "a") as f:
+        f.write("6,segmentor,9,9,,,0.1\n")
+    train(cfg, out, resume=True)
+    assert log_rows(out) == full
+    torch.testing.assert_close(torch.load(out / "last.pt", weights_only=True)["model"],
+                               torch.load(full_run / "last.pt", weights_only=True)["model"], rtol=0, atol=0)
+    # Stopped at a stage boundary.
+    out = tmp_path / "boundary"
+    train(cfg, out, stop_after=10)
+    assert torch.load(out / "last.pt", weights_only=True)["stage"] == "segmentor"
+    train(cfg, out, resume=True)
+    assert log_rows(out) == full
+    with pytest.raises(ConfigError, match="lambda_p"):
+        train(tiny(**RESUME_CFG, lambda_p=0.5), out, resume=True)
+
+
+def test_sigint_from_python_then_resume(tmp_path, monkeypatch, full_run):
+    """The signal path in-process: Interrupted carries the step; resume is exact."""
+    cfg = tiny(**RESUME_CFG)
+    import coopseg.train as T
+
+    real = T.segmentation_loss
+    calls = []
+
+    def loss_then_signal(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*a)
+
+    monkeypatch.setattr(T, "segmentation_loss", loss_then_signal)
+    with pytest.raises(Interrupted) as info:
+        train(cfg, tmp_path)
+    assert info.value.step == 2 and info.value.signum == signal.SIGINT
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["step"] == 2
+    monkeypatch.setattr(T, "segmentation_loss", real)
+    train(cfg, tmp_path, resume=True)
+    assert log_rows(tmp_path) == log_rows(full_run)
+
+
+def test_sigterm_subprocess_writes_a_checkpoint_and_resume_is_exact(tmp_path, full_run):
+    yaml_path = write_yaml(tmp_path / "cfg.yaml", tiny(**RESUME_CFG))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "coopseg", "train", "--config", str(yaml_path), "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "log.csv").exists() and len((out / "log.csv").read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "stopped by SIGTERM" in err and "Traceback" not in err
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert 2 <= ckpt["step"] < 14 and len(log_rows(out)) == ckpt["step"]
+    done = subprocess.run(cmd + ["--resume"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert log_rows(out) == log_rows(full_run)
+    assert cli.main(cmd[3:]) == 2  # again without --resume: refused, the run is kept
+
+
+def test_checkpointing_flag_trains_identically(tmp_path):
+    cfg = tiny(steps_segmentor=2, steps_registor=1, steps_joint=2)
+    train(cfg, tmp_path / "a")
+    train(tiny(steps_segmentor=2, steps_registor=1, steps_joint=2, checkpointing=True), tmp_path / "b")
+    a, b = log_rows(tmp_path / "a"), log_rows(tmp_path / "b")
+    for ra, rb in zip(a, b):
+        assert ra[:2] == rb[:2]
+        for x, y in zip(ra[2:], rb[2:]):
+            assert (x == y == "") or abs(float(x) - float(y)) <= 1e-5 * max(1.0, abs(float(x)))
+
+
+def test_ddp_two_processes_gloo(tmp_path):
+    cfg = tiny(steps_segmentor=2, steps_registor=1, steps_joint=2)
+    yaml_path = write_yaml(tmp_path / "cfg.yaml", cfg)
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "coopseg", "train", "--config", str(yaml_path), "--out", str(out)]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = log_rows(out)
+    assert [r[0] for r in rows] == ["1", "2", "3", "4", "5"]
+    ckpt = torch.load(out / "last.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
+    assert not torch.equal(ckpt["rng"][0]["data"], ckpt["rng"][1]["data"])  # each rank draws its own crops
