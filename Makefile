@@ -1,7 +1,8 @@
 # coopseg: two commands.
 #   make test   create .venv, install torch (CPU) + triton + the package, run the tests
 #   make bench  same setup, print the fused-vs-naive table (benchmarks/results/*.json)
-# Other targets: bench-pytest (pytest-benchmark), gpu-check (on a CUDA machine), clean.
+# Other targets: bench-pytest (pytest-benchmark), gpu-check (on a CUDA machine),
+# demo (offline real-anatomy demo: demo-data -> train -> evaluate, CPU minutes), clean.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -50,6 +51,7 @@ gpu-check:
 DEMO := demo_out
 demo: $(STAMP)
 	$(VPY) -c "import nilearn" 2>/dev/null || $(VPY) -m pip install -q nilearn
+	rm -rf $(DEMO)
 	$(VPY) -m coopseg.cli demo-data $(DEMO)/data
 	$(VPY) -m coopseg.cli train --config configs/demo.yaml --out $(DEMO)/run
 	$(VPY) -m coopseg.cli evaluate --manifest $(DEMO)/data/test.csv --checkpoint $(DEMO)/run/last.pt \
