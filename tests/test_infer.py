@@ -232,3 +232,25 @@ def test_train_on_a_manifest_then_predict(pair_case, tmp_path, capsys):
     assert main(["predict", "--t1", str(tmp / "t1_1.nii.gz"), "--t2", str(tmp / "t2_1.nii.gz"),
                  "--checkpoint", str(bad), "--out", str(out)]) == 2
     assert "bad.pt: cannot load as a coopseg checkpoint" in capsys.readouterr().err
+
+
+class Pointwise2D(torch.nn.Module):
+    spatial_dims = 2
+
+    def forward(self, x1, x2):
+        coarse = torch.tensor(SHIFT[:2]).view(1, 2, 1, 1).expand(x1.shape[0], 2, 1, 1)
+        return 20 * (x1 - 0.5), 20 * (x2 - 0.5), coarse.contiguous()
+
+
+def test_2d_checkpoints_run_slice_by_slice(pair_case):
+    tmp, manifest = pair_case
+    pair = load_pair(read_manifest(manifest)[0])
+    pred = infer.predict_pair(Pointwise2D(), pair, patch=16, progress=False)
+    assert pred.prob1.shape == S1 and pred.field.shape == (2,) + S1
+    np.testing.assert_allclose(pred.prob1, 1 / (1 + np.exp(-20 * (pair.x1 - 0.5))), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(pred.field[:, 3, 4, 5], SHIFT[:2], rtol=1e-6)
+    m = evaluate_cases.case_metrics(pred, pair, grid_spacing=8, iters=5)
+    # the warp acts in each k-slice: p1 sampled at (i + 1, j - 2, k)
+    warped = np.zeros_like(pred.prob1)
+    warped[:-1, 2:] = pred.prob1[1:, :-2]
+    assert m["dice_warped"] == pytest.approx(brute_dice(warped, pair.s2), abs=1e-9)
