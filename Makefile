@@ -2,7 +2,8 @@
 #   make test   create .venv, install torch (CPU) + triton + the package, run the tests
 #   make bench  same setup, print the fused-vs-naive table (benchmarks/results/*.json)
 # Other targets: bench-pytest (pytest-benchmark), bench-train (memory/time of one training step),
-# toy (the toy lambda sweep, TOY_OUT=toy-out, TOY_ARGS=--full on a GPU), gpu-check (on a CUDA machine), clean.
+# toy (the toy lambda sweep, TOY_OUT=toy-out, TOY_ARGS=--full on a GPU),
+# demo (offline real-anatomy demo: demo-data -> train -> evaluate, CPU minutes), gpu-check (on a CUDA machine), clean.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test bench bench-pytest bench-train toy gpu-check clean
+.PHONY: test bench bench-pytest bench-train toy gpu-check demo clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -60,5 +61,16 @@ gpu-check:
 	python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider --benchmark-json=benchmarks/results/pytest-benchmark-cuda.json
 	if [ -n "$$OUT" ]; then cp benchmarks/results/*.json "$$OUT"/; fi
 
+# Offline demo on real anatomy (CPU, minutes): pairs from the MNI152 templates in the
+# nilearn wheel -> a short 3-D training run -> the paper's evaluation table and figure.
+DEMO := demo_out
+demo: $(STAMP)
+	$(VPY) -c "import nilearn" 2>/dev/null || $(VPY) -m pip install -q nilearn
+	rm -rf $(DEMO)
+	$(VPY) -m coopseg.cli demo-data $(DEMO)/data
+	$(VPY) -m coopseg.cli train --config configs/demo.yaml --out $(DEMO)/run
+	$(VPY) -m coopseg.cli evaluate --manifest $(DEMO)/data/test.csv --checkpoint $(DEMO)/run/last.pt \
+	    --out $(DEMO)/results.csv --patch 64
+
 clean:
-	rm -rf build *.egg-info coopseg_kernels/*.so $(VENV)
+	rm -rf build *.egg-info coopseg_kernels/*.so $(VENV) $(DEMO)

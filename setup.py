@@ -39,9 +39,12 @@ setup(
     install_requires=["torch>=2.4", "numpy", "pyyaml", "tqdm", "matplotlib"],
     extras_require={
         "triton": ["triton"],
-        "io": ["nibabel"],
-        "test": ["pytest", "pytest-benchmark", "scipy", "triton", "nibabel", "matplotlib"],
+        # real volumes: NIfTI, resampling, CHAOS DICOM/PNG import, progress bars, figures
+        "io": ["nibabel", "scipy", "pydicom", "pillow", "tqdm", "matplotlib"],
         "toy": ["matplotlib"],  # coopseg toy's box plot
+        "demo": ["nibabel", "scipy", "tqdm", "matplotlib", "nilearn"],  # MNI152 templates (coopseg demo-data)
+        "test": ["pytest", "pytest-benchmark", "scipy", "triton", "nibabel", "pydicom", "pillow", "tqdm",
+                 "matplotlib"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

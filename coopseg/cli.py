@@ -6,6 +6,8 @@
   coopseg wilcoxon scores.csv --a COLUMN --b COLUMN
   coopseg train --config CFG.yaml --out DIR [--resume] | --write-config CFG.yaml
   coopseg toy --out DIR [--full] [--lambda-r V ...]   (the §3.1 lambda sweep, coopseg/toy.py)
+  coopseg import-chaos DIR OUT | predict --t1 A --t2 B --checkpoint C --out DIR
+  coopseg evaluate --manifest test.csv --checkpoint C --out results.csv | demo-data OUT
 
 `similarity` reads two masks (NIfTI, through nibabel; voxels > 0.5 are inside),
 prints Dice and the relative similarity D_S. With --pairs, each CSV row names
@@ -171,6 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     train.add_parser(sub)
     toy.add_parser(sub)
+    # real volumes: each module registers its subcommand (add_parser) and runs it (run)
+    from . import evaluate_cases, infer
+    from .data import chaos, demo
+    for module in (chaos, infer, evaluate_cases, demo):
+        module.add_parser(sub)
     return ap
 
 
