@@ -247,7 +247,6 @@ def mask(name: str, t) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if not (t.dtype in (torch.bool, torch.uint8) or t.dtype.is_floating_point):
         raise TypeError(f"{name} must be bool, uint8 or floating, got {t.dtype}")
-    not_meta(name, t)
     if t.dim() not in (4, 5):
         raise ValueError(f"{name} must be (B, C, H, W) or (B, C, D, H, W), got shape {_shape(t)}")
     if min(t.shape[2:]) < 2 or t.shape[0] < 1 or t.shape[1] < 1:
@@ -260,4 +259,5 @@ def mask_pair(name1: str, t1, name2: str, t2) -> int:
     mask(name2, t2)
     same_shape(**{name1: t1, name2: t2})
     same_device(**{name1: t1, name2: t2})
+    not_meta(name1, t1)
     return t1.dim() - 2
