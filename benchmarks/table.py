@@ -134,8 +134,8 @@ def ds_pair_rows(device: torch.device, repeats: int) -> list[dict]:
 
 
 def ds_markdown(rows: list[dict]) -> str:
-    lines = ["| D_S(elastic), 256x256x128 /16 pair | seconds per pair (median) | runs (s) | iterations | score | ms per iteration |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| D_S(elastic), 256x256x128 /16 pair | seconds per pair (median) | runs (s) | iterations | score "
+             "| ms per iteration |", "|---|---|---|---|---|---|"]
     for r in rows:
         if "seconds" in r:
             runs = ", ".join(f"{v:.2f}" for v in r["all_seconds"])
@@ -170,7 +170,8 @@ def main(argv=None) -> int:
         ds_rows = ds_pair_rows(device, args.ds_repeats)
         table += "\n\n" + ds_markdown(ds_rows)
         if not rows:
-            table += f"\n\n{info.get('gpu', info['cpu'])}, {info['cpu_threads']} CPU threads, torch {info['torch']}, {info['date']}"
+            table += (f"\n\n{info.get('gpu', info['cpu'])}, {info['cpu_threads']} CPU threads, "
+                      f"torch {info['torch']}, {info['date']}")
     print(table)
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{device.type}-{info['date']}.json"

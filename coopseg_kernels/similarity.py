@@ -308,10 +308,9 @@ def translation_search(s1: Tensor, s2: Tensor, max_translation: int | Sequence[i
     follow D_S's rules (module docstring). Ties go to the smallest |t|_1, then the
     lexicographically smallest t. Returns (t (B, nd) float64 voxels, Dice (B,) float64).
     """
-    nd = _checks.mask_pair("s1", s1, "s2", s2)
+    _checks.mask_pair("s1", s1, "s2", s2)
     bound = _checks.translation_bound("max_translation", max_translation, tuple(s1.shape[2:]))
     _checks.choice("method", method, SEARCH_METHODS)
-    del nd
     return _search(_binary(s1, 0.5), _binary(s2, 0.5), bound, method)
 
 
