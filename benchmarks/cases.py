@@ -114,12 +114,49 @@ def similarity_cases(device: torch.device) -> list[Case]:
             s1, s2 = _masks(size_t, device, 4)
             return {"s1": s1 > 0.5, "s2": s2 > 0.5}
 
+        # fused = method "auto" (the cost model's pick); the others force each algorithm
         cases.append(Case(
             op="translation search", shape="x".join(map(str, size_t)) + f" shifts<={bound}", make=make_t,
-            fused=lambda x, b=bound: ck.translation_search(x["s1"], x["s2"], [b] * 3)[1],
+            fused=lambda x, b=bound: ck.translation_search(x["s1"], x["s2"], b)[1],
             naive=lambda x, b=bound: brute_force_translation(x["s1"], x["s2"], b),
+            others={m: (lambda x, b=bound, m=m: ck.translation_search(x["s1"], x["s2"], b, method=m)[1])
+                    for m in ("direct", "fft")},
             grad_inputs=(), bytes_moved=lambda x: 2 * x["s1"].numel(), backward=False))
     return cases
+
+
+def ds_pair(device: torch.device, size=(256, 256, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """The D_S-per-pair case of issue 8: blob masks (a union of 4 balls), s2 = s1 under a
+    smooth deformation of a few voxels (a 5x5x3 grid, N(0, 2^2)) plus a shift of (5, -4, 3)."""
+    g = torch.Generator().manual_seed(0)
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in size], indexing="ij"))
+    s1 = torch.zeros(size, dtype=torch.bool)
+    for _ in range(4):
+        c = torch.tensor([float(torch.randint(n // 3, 2 * n // 3, (), generator=g)) for n in size])
+        r = min(size) / 6 * (0.7 + 0.6 * torch.rand((), generator=g).item())
+        s1 |= ((grid - c.view(-1, *[1] * len(size))) ** 2).sum(0) <= r * r
+    s1 = s1[None, None]
+    g = torch.Generator().manual_seed(1)
+    nd = len(size)
+    coarse = torch.randn(1, nd, *([5, 5, 3][:nd]), generator=g) * 2.0
+    coarse += torch.tensor([5.0, -4.0, 3.0][:nd]).view(1, nd, *[1] * nd)
+    s2 = ck.warp(s1.float(), coarse) > 0.5
+    return s1.to(device), s2.to(device)
+
+
+def ds_optimizers() -> dict:
+    """name -> fn(s1, s2) -> (score[B], iterations[B]) for the D_S-per-pair table."""
+    from benchmarks import legacy_similarity
+
+    def new(s1, s2):
+        r = ck.relative_similarity(s1, s2, grid_spacing=16)
+        return r.score, r.iterations
+
+    def old(s1, s2):
+        r = legacy_similarity.relative_similarity(s1, s2, grid_spacing=16)
+        return r.score, torch.full_like(r.score, r.losses.shape[0] - 1, dtype=torch.int64)
+
+    return {"coarse-to-fine (this version)": new, "single-level (before issue 8)": old}
 
 
 def brute_force_translation(s1: torch.Tensor, s2: torch.Tensor, bound: int) -> torch.Tensor:

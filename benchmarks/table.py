@@ -1,7 +1,12 @@
 """The fused-vs-naive table: forward and forward+backward time, peak memory of
 forward+backward, for every case in benchmarks/cases.py.
 
-    python benchmarks/table.py [--device cpu|cuda] [--ops warp ...] [--quick] [--repeats N]
+    python benchmarks/table.py [--device cpu|cuda] [--ops warp ...] [--quick] [--repeats N] [--ds-repeats N]
+
+A second table ("D_S per pair", skipped by --quick; select it alone with
+--ops "D_S per pair") times D_S(elastic) of one 256x256x128 pair with a /16 grid
+by this version's optimizer and by the frozen pre-issue-8 one
+(benchmarks/legacy_similarity.py), alternately in one process.
 
 Prints a Markdown table and writes benchmarks/results/<device>-<date>.json with
 the machine, torch version and date. Ratios are naive / fused, from one run.
@@ -18,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.cases import Case, all_cases  # noqa: E402
+from benchmarks.cases import Case, all_cases, ds_optimizers, ds_pair  # noqa: E402
 from benchmarks.harness import copy_bandwidth, machine, median_seconds, peak_bytes  # noqa: E402
 
 MiB = 1 << 20
@@ -91,12 +96,62 @@ def markdown(rows: list[dict], info: dict, bandwidth: float | None) -> str:
     return "\n".join(lines)
 
 
+DS_PAIR = "D_S per pair"
+
+
+def ds_pair_rows(device: torch.device, repeats: int) -> list[dict]:
+    """Seconds per pair of each D_S optimizer on the same 256x256x128 /16 pair, run
+    alternately `repeats` times in this one process (median), with its steps and score;
+    and the naive-autograd step (reference.similarity_step) per iteration on that pair."""
+    import statistics
+    import time
+
+    import coopseg_kernels as ck
+    from benchmarks.harness import sync
+    from coopseg_kernels import reference
+
+    s1, s2 = ds_pair(device)
+    opts = ds_optimizers()
+    times: dict[str, list[float]] = {k: [] for k in opts}
+    facts: dict[str, tuple] = {}
+    for _ in range(repeats):
+        for name, fn in opts.items():
+            sync(device)
+            t0 = time.perf_counter()
+            score, iters = fn(s1, s2)
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+            facts[name] = (float(score[0]), int(iters[0]))
+    rows = [{"optimizer": n, "seconds": statistics.median(t), "all_seconds": t, "iterations": facts[n][1],
+             "score": facts[n][0]} for n, t in times.items()]
+    s1b, s2b = ck.blur(s1.float()), ck.blur(s2.float())
+    coarse = torch.zeros(1, 3, *ck.similarity.coarse_size_for(s1.shape[2:], 16), device=device)
+    for name, fn in [("naive autograd (reference.similarity_step)", reference.similarity_step),
+                     ("fused similarity_step", ck.similarity_step)]:
+        ms = 1e3 * median_seconds(lambda fn=fn: fn(s1b, s2b, coarse), device, repeats=repeats)
+        rows.append({"optimizer": name, "ms_per_iteration": ms})
+    return rows
+
+
+def ds_markdown(rows: list[dict]) -> str:
+    lines = ["| D_S(elastic), 256x256x128 /16 pair | seconds per pair (median) | runs (s) | iterations | score "
+             "| ms per iteration |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        if "seconds" in r:
+            runs = ", ".join(f"{v:.2f}" for v in r["all_seconds"])
+            lines.append(f"| {r['optimizer']} | {r['seconds']:.2f} | {runs} | {r['iterations']} | {r['score']:.4f} | |")
+        else:
+            lines.append(f"| {r['optimizer']} | | | | | {r['ms_per_iteration']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--ops", nargs="*", default=None, help="only these ops (default: all)")
     ap.add_argument("--quick", action="store_true", help="skip the largest shapes")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--ds-repeats", type=int, default=3, help="runs of each optimizer in the D_S-per-pair table")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -107,12 +162,21 @@ def main(argv=None) -> int:
     for i, case in enumerate(cases, 1):
         print(f"[{i}/{len(cases)}] {case.op} {case.shape} ...", file=sys.stderr, flush=True)
         rows.append(measure(case, device, args.repeats))
-    table = markdown(rows, info, bandwidth)
+    table = markdown(rows, info, bandwidth) if rows else ""
+    ds_rows = []
+    if not args.quick and (args.ops is None or DS_PAIR in args.ops):
+        print(f"{DS_PAIR} 256x256x128 /16 ({args.ds_repeats} runs of each optimizer) ...", file=sys.stderr,
+              flush=True)
+        ds_rows = ds_pair_rows(device, args.ds_repeats)
+        table += "\n\n" + ds_markdown(ds_rows)
+        if not rows:
+            table += (f"\n\n{info.get('gpu', info['cpu'])}, {info['cpu_threads']} CPU threads, "
+                      f"torch {info['torch']}, {info['date']}")
     print(table)
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{device.type}-{info['date']}.json"
     path.write_text(json.dumps({"machine": info, "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows,
-                                "table": table}, indent=2))
+                                "ds_pair_rows": ds_rows, "table": table}, indent=2))
     print(f"\nwritten {path}", file=sys.stderr)
     return 0
 

@@ -1,7 +1,7 @@
 """The `coopseg` command.
 
   coopseg similarity A.nii.gz B.nii.gz [--omega elastic|translation] [--grid-spacing 16]
-                     [--max-translation 32] [--iters N] [--step A] [--backend auto]
+                     [--max-translation 32 | 32,32,8] [--iters N] [--step A] [--backend auto]
   coopseg similarity --pairs list.csv [--out results.csv] [...]
   coopseg wilcoxon scores.csv --a COLUMN --b COLUMN
   coopseg train --config CFG.yaml --out DIR [--resume] | --write-config CFG.yaml
@@ -12,8 +12,13 @@
 `similarity` reads two masks (NIfTI, through nibabel; voxels > 0.5 are inside),
 prints Dice and the relative similarity D_S. With --pairs, each CSV row names
 two mask files (columns a, b, or the first two); the results go to --out (or
-stdout) as CSV with a progress bar on stderr. `wilcoxon` compares two columns
-of per-case scores with the Wilcoxon signed-rank test.
+stdout) as CSV with a tqdm progress bar on stderr. `wilcoxon` compares two
+columns of per-case scores with the Wilcoxon signed-rank test.
+
+User errors (bad option values, unreadable files, a backend this machine cannot
+run) print one line `coopseg: error: ...` and exit with status 2. Other modules
+add subcommands with an `add_parser(subparsers)` function registered in
+`build_parser`.
 """
 from __future__ import annotations
 
@@ -23,12 +28,21 @@ import sys
 import warnings
 from pathlib import Path
 
+import math
+
 import numpy as np
 import torch
 
 
 class CliError(Exception):
     """A user error: printed without a traceback, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's own errors (unknown option, bad choice) as one line, like every other user error."""
+
+    def error(self, message):
+        raise CliError(message)
 
 
 def load_mask(path: str):
@@ -62,19 +76,58 @@ def compare(path_a: str, path_b: str, args) -> tuple[float, float]:
     if aff_a is not None and aff_b is not None and not np.allclose(aff_a, aff_b, atol=1e-4):
         warnings.warn(f"{path_a} and {path_b} have different affines; comparing voxel grids as they are",
                       stacklevel=2)
-    res = ck.relative_similarity(a, b, omega=args.omega, grid_spacing=args.grid_spacing,
-                                 max_translation=args.max_translation if args.omega == "translation" else None,
-                                 iters=args.iters, step=args.step, backend=args.backend)
+    bound = args.max_translation
+    if bound is None and args.omega == "translation":
+        bound = 32  # the paper's toy Omega; elastic keeps the library's default (one node spacing)
+    if bound is not None and len(bound) not in (1, a.dim() - 2):
+        raise CliError(f"--max-translation must be one value or {a.dim() - 2} (one per axis), got {bound}")
+    bound = bound[0] if bound is not None and len(bound) == 1 else bound
+    try:
+        res = ck.relative_similarity(a, b, omega=args.omega, grid_spacing=args.grid_spacing, max_translation=bound,
+                                     iters=args.iters, step=args.step, backend=args.backend)
+    except (ValueError, TypeError) as exc:  # user input the library rejects, naming the argument
+        raise CliError(str(exc).splitlines()[0]) from None
     return float(ck.dice(a, b)[0]), float(res.score[0])
 
 
-def progress(i: int, n: int, stream=None, width: int = 30) -> None:
-    stream = stream or sys.stderr
-    done = int(width * i / max(n, 1))
-    stream.write(f"\r[{'#' * done}{'.' * (width - done)}] {i}/{n}")
-    if i == n:
-        stream.write("\n")
-    stream.flush()
+def _positive_float(name: str):
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            raise CliError(f"{name} must be a number > 0, got {text!r}") from None
+        if not (math.isfinite(v) and v > 0):
+            raise CliError(f"{name} must be a finite number > 0, got {text!r}")
+        return v
+    return parse
+
+
+def _nonneg_int(name: str):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise CliError(f"{name} must be an integer >= 0, got {text!r}") from None
+        if v < 0:
+            raise CliError(f"{name} must be an integer >= 0, got {text!r}")
+        return v
+    return parse
+
+
+def _bound(text: str) -> list[int]:
+    """--max-translation: N or N,N,N (voxels per axis)."""
+    parse = _nonneg_int("--max-translation")
+    return [parse(v.strip()) for v in text.split(",")]
+
+
+def check_backend(backend: str) -> None:
+    """Fail fast (before reading any mask) when this machine cannot run the backend."""
+    from coopseg_kernels import _backend
+
+    try:
+        _backend.resolve(backend, torch.device("cpu"))
+    except (ValueError, RuntimeError) as exc:
+        raise CliError(str(exc).splitlines()[0]) from None
 
 
 def read_pairs(path: str) -> list[tuple[str, str]]:
@@ -102,7 +155,10 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
 
 
 def cmd_similarity(args) -> int:
+    check_backend(args.backend)
     if args.pairs:
+        from tqdm import tqdm
+
         if args.a or args.b:
             raise CliError("give either two masks or --pairs, not both")
         pairs = read_pairs(args.pairs)
@@ -110,11 +166,9 @@ def cmd_similarity(args) -> int:
         try:
             writer = csv.writer(out)
             writer.writerow(["a", "b", "dice", "ds"])
-            progress(0, len(pairs))
-            for i, (pa, pb) in enumerate(pairs, 1):
+            for pa, pb in tqdm(pairs, desc="D_S", unit="pair", file=sys.stderr, disable=False):
                 d, ds = compare(pa, pb, args)
                 writer.writerow([pa, pb, f"{d:.6f}", f"{ds:.6f}"])
-                progress(i, len(pairs))
         finally:
             if args.out:
                 out.close()
@@ -149,41 +203,51 @@ def cmd_wilcoxon(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="coopseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True)
+def add_similarity_parser(sub) -> None:
     s = sub.add_parser("similarity", help="Dice and relative similarity D_S of two masks")
     s.add_argument("a", nargs="?", help="first mask (NIfTI); s1, the one that is deformed")
     s.add_argument("b", nargs="?", help="second mask (NIfTI)")
     s.add_argument("--pairs", help="CSV of mask pairs (columns a, b or the first two)")
     s.add_argument("--out", help="with --pairs: output CSV (default: stdout)")
     s.add_argument("--omega", choices=["elastic", "translation"], default="elastic")
-    s.add_argument("--grid-spacing", type=float, default=16.0, help="elastic: coarse node spacing in voxels")
-    s.add_argument("--max-translation", type=int, default=32, help="translation: bound per axis in voxels")
-    s.add_argument("--iters", type=int, default=300)
-    s.add_argument("--step", type=float, default=1.0, help="alpha, dimensionless (see coopseg_kernels.similarity)")
+    s.add_argument("--grid-spacing", type=_positive_float("--grid-spacing"), default=16.0,
+                   help="elastic: coarse node spacing in voxels (> 0)")
+    s.add_argument("--max-translation", type=_bound, default=None, metavar="N[,N,N]",
+                   help="bound of the exact integer shift search, voxels (one value or one per axis); "
+                        "default 32 for translation, one node spacing for elastic")
+    s.add_argument("--iters", type=_nonneg_int("--iters"), default=100,
+                   help="descent steps per level at most (coarsest level; finer levels get fewer)")
+    s.add_argument("--step", type=_positive_float("--step"), default=1.0,
+                   help="alpha, dimensionless (see coopseg_kernels.similarity)")
     s.add_argument("--backend", default="auto", choices=["auto", "cpp", "triton", "reference"])
     s.set_defaults(fn=cmd_similarity)
+
+
+def add_wilcoxon_parser(sub) -> None:
     w = sub.add_parser("wilcoxon", help="paired Wilcoxon signed-rank test of two score columns")
     w.add_argument("csv")
     w.add_argument("--a", required=True, help="column of method A")
     w.add_argument("--b", required=True, help="column of method B")
     w.set_defaults(fn=cmd_wilcoxon)
-    from . import toy, train  # each feature registers its own subcommand (add_parser + run)
 
-    train.add_parser(sub)
-    toy.add_parser(sub)
-    # real volumes: each module registers its subcommand (add_parser) and runs it (run)
-    from . import evaluate_cases, infer
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="coopseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    add_similarity_parser(sub)
+    add_wilcoxon_parser(sub)
+    from . import evaluate_cases, infer, toy, train
     from .data import chaos, demo
-    for module in (chaos, infer, evaluate_cases, demo):
+
+    # every other feature keeps its code in its own module and registers its subcommand here
+    for module in (train, toy, chaos, infer, evaluate_cases, demo):
         module.add_parser(sub)
     return ap
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
         return args.fn(args)
     except CliError as exc:
         print(f"coopseg: error: {exc}", file=sys.stderr)

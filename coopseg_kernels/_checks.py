@@ -2,6 +2,8 @@
 what was expected, so a wrong call fails in Python before any kernel runs."""
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Sequence
 
 import torch
@@ -13,6 +15,12 @@ _MAX_SIZE = 2**31 - 1
 
 def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(n) for n in t.shape) + ")"
+
+
+def not_meta(name: str, t: torch.Tensor) -> None:
+    # a meta tensor has a shape but no data: every op here reads data, so say so up front
+    if t.device.type == "meta":
+        raise ValueError(f"{name} is a meta tensor (shape only, no data); pass a cpu or cuda tensor")
 
 
 def tensor(name: str, t, *, floating: bool = True) -> None:
@@ -66,21 +74,102 @@ def choice(name: str, value, options: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {tuple(options)}, got {value!r}")
 
 
-def size(name: str, value, nd: int) -> tuple[int, ...]:
-    try:
-        out = tuple(int(v) for v in value)
-    except TypeError:
-        raise TypeError(f"{name} must be a sequence of {nd} ints, got {value!r}") from None
-    if len(out) != nd or min(out) < 2 or max(out) > _MAX_SIZE:
-        raise ValueError(f"{name} must be {nd} ints, each >= 2, got {value!r}")
+def _is_int(v) -> bool:
+    """A whole number: an int (numpy/torch integer scalars included), never a bool."""
+    if isinstance(v, bool) or (isinstance(v, torch.Tensor) and v.dtype == torch.bool):
+        return False
+    if isinstance(v, torch.Tensor):
+        return v.dim() == 0 and not v.dtype.is_floating_point and not v.dtype.is_complex
+    return isinstance(v, numbers.Integral)
+
+
+def integer(name: str, value, *, minimum: int | None = None) -> int:
+    """A Python/numpy int (not a bool, not a float) >= minimum."""
+    if not _is_int(value):
+        expected = "an int" if minimum is None else f"an int >= {minimum}"
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    v = int(value)
+    if minimum is not None and v < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {v}")
+    return v
+
+
+def real(name: str, value, *, low: float | None = None, high: float | None = None, low_open: bool = False,
+         high_open: bool = False) -> float:
+    """A finite real number (not a bool) in [low, high] (open ends where asked)."""
+    lo = "" if low is None else ("(" if low_open else "[") + f"{low}"
+    hi = "" if high is None else f"{high}" + (")" if high_open else "]")
+    if low is not None and high is not None:
+        expected = f"a finite number in {lo}, {hi}"
+    elif low is not None:
+        expected = f"a finite number {'>' if low_open else '>='} {low}"
+    elif high is not None:
+        expected = f"a finite number {'<' if high_open else '<='} {high}"
+    else:
+        expected = "a finite number"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be {expected}, got {value!r} ({type(value).__name__})")
+    v = float(value)
+    if not math.isfinite(v) or (low is not None and (v <= low if low_open else v < low)) or \
+            (high is not None and (v >= high if high_open else v > high)):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return v
+
+
+def flag(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def int_sequence(name: str, value, nd: int, *, minimum: int, what: str) -> tuple[int, ...]:
+    """nd whole numbers >= minimum given as a sequence (list, tuple, 1-D tensor)."""
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise TypeError(f"{name} must be a sequence of {nd} {what}, got {value!r}")
+    items = value.tolist() if isinstance(value, torch.Tensor) else list(value)
+    if len(items) != nd:
+        raise ValueError(f"{name} must be {nd} {what} (one per spatial axis), got {value!r}")
+    if not all(_is_int(v) for v in items):
+        raise TypeError(f"{name} must be {nd} {what}, got {value!r}")
+    out = tuple(int(v) for v in items)
+    if min(out) < minimum or max(out) > _MAX_SIZE:
+        raise ValueError(f"{name} must be {nd} {what}, got {value!r}")
     return out
 
 
-def warp_inputs(moving, coarse, padding_mode: str) -> int:
+def size(name: str, value, nd: int) -> tuple[int, ...]:
+    return int_sequence(name, value, nd, minimum=2, what="ints, each >= 2")
+
+
+def coarse_grid(name: str, value, nd: int) -> tuple[int, ...]:
+    return int_sequence(name, value, nd, minimum=1, what="coarse sizes (ints >= 1)")
+
+
+def translation_bound(name: str, value, size: Sequence[int]) -> tuple[int, ...]:
+    """max_translation: None (any shift), one int >= 0 for every axis, or one per axis.
+    Returned clipped to S_k - 1 (a larger shift leaves no overlap)."""
+    nd = len(size)
+    if value is None:
+        return tuple(n - 1 for n in size)
+    if _is_int(value):
+        bound = (integer(name, value, minimum=0),) * nd
+    else:
+        if isinstance(value, bool) or isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be an int >= 0 or {nd} of them (voxels per axis), got {value!r}")
+        try:
+            bound = int_sequence(name, value, nd, minimum=0, what="ints >= 0 (voxels per axis)")
+        except ValueError as exc:
+            raise ValueError(f"{exc}; give one int >= 0 for every axis or {nd} of them") from None
+    return tuple(min(b, n - 1) for b, n in zip(bound, size))
+
+
+def warp_inputs(moving, coarse, padding_mode: str, align_corners: bool = True) -> int:
     nd = image("moving", moving)
     coarse_field("coarse", coarse, nd, batch=moving.shape[0])
     same_device(moving=moving, coarse=coarse)
+    not_meta("moving", moving)
     choice("padding_mode", padding_mode, PADDING_MODES)
+    flag("align_corners", align_corners)
     return nd
 
 
@@ -93,11 +182,15 @@ def kernel_dtype(name: str, t: torch.Tensor, backend: str, allowed: Sequence[tor
 
 def blur_kernel(kernel) -> tuple[float, ...]:
     """An odd-length 1-D kernel of finite numbers with a nonzero sum."""
+    if isinstance(kernel, (str, bytes)):
+        raise TypeError(f"kernel must be a sequence of numbers such as (1, 2, 1), got the string {kernel!r}")
     if isinstance(kernel, torch.Tensor):
         if kernel.dim() != 1:
             raise ValueError(f"kernel must be 1-D, got shape {_shape(kernel)}")
         kernel = kernel.tolist()
     try:
+        if any(isinstance(v, (bool, str, bytes)) for v in kernel):
+            raise TypeError
         k = tuple(float(v) for v in kernel)
     except (TypeError, ValueError):
         raise TypeError(f"kernel must be a sequence of numbers, got {kernel!r}") from None
@@ -112,6 +205,7 @@ def blur_kernel(kernel) -> tuple[float, ...]:
 
 def blur_inputs(x, kernel, boundary: str) -> tuple[float, ...]:
     image("x", x, min_size=1)
+    not_meta("x", x)
     choice("boundary", boundary, BLUR_BOUNDARIES)
     k = blur_kernel(kernel)
     r = len(k) // 2
@@ -128,12 +222,22 @@ def same_shape(**tensors: torch.Tensor) -> None:
         raise ValueError(f"shapes must match, got {listed}")
 
 
-def similarity_inputs(s1, s2, coarse) -> int:
+def same_dtype(**tensors: torch.Tensor) -> None:
+    dtypes = {name: t.dtype for name, t in tensors.items()}
+    if len(set(dtypes.values())) > 1:
+        listed = ", ".join(f"{n} {d}" for n, d in dtypes.items())
+        raise TypeError(f"dtypes must match (cast one of them), got {listed}")
+
+
+def similarity_inputs(s1, s2, coarse, align_corners: bool = True) -> int:
     nd = image("s1_blurred", s1)
     tensor("s2_blurred", s2)
     same_shape(s1_blurred=s1, s2_blurred=s2)
+    same_dtype(s1_blurred=s1, s2_blurred=s2)
     coarse_field("coarse", coarse, nd, batch=s1.shape[0])
     same_device(s1_blurred=s1, s2_blurred=s2, coarse=coarse)
+    not_meta("s1_blurred", s1)
+    flag("align_corners", align_corners)
     return nd
 
 
@@ -147,3 +251,13 @@ def mask(name: str, t) -> None:
         raise ValueError(f"{name} must be (B, C, H, W) or (B, C, D, H, W), got shape {_shape(t)}")
     if min(t.shape[2:]) < 2 or t.shape[0] < 1 or t.shape[1] < 1:
         raise ValueError(f"{name} needs B, C >= 1 and spatial sizes >= 2, got shape {_shape(t)}")
+
+
+def mask_pair(name1: str, t1, name2: str, t2) -> int:
+    """Two mask batches of one shape (batch included) on one device; returns nd."""
+    mask(name1, t1)
+    mask(name2, t2)
+    same_shape(**{name1: t1, name2: t2})
+    same_device(**{name1: t1, name2: t2})
+    not_meta(name1, t1)
+    return t1.dim() - 2

@@ -1,68 +1,120 @@
 """The relative similarity D_S(s1, s2, Omega) = max over tau in Omega of Dice(tau(s1), s2).
 
-Omega = "elastic": displacement fields on a coarse grid, upsampled and applied as
-`warp` (align_corners=True). As in the paper, both masks are blurred with a
-separable kernel ([1, 2, 1]) and tau is found by gradient descent on
-L(tau) = mean((tau(s1 * f) - s2 * f)^2) from the identity; each iteration is one
-fused `similarity_step`.
+Definitions (the README states the same):
 
-Omega = "translation": a constant field (a coarse grid of ones). All integer
-shifts within the bound are searched exactly first -- the overlap |tau(s1) & s2|
-and the size |tau(s1)| under zero padding are both cross-correlations, computed
-with torch.fft -- then the best shift is refined below the voxel by the same
-gradient descent.
+- Masks are (B, C, *S) batches, thresholded at 0.5 (bool as they are). One tau per
+  batch item moves every channel; Dice pools the channels exactly as `dice` does
+  (`flatten(1)`): 2 sum_c |tau(A_c) & B_c| / (sum_c |tau(A_c)| + sum_c |B_c|).
+- The reported D_S is the best Dice over every tau the method evaluated (the
+  identity always among them), so it is never below one it has seen:
+  Dice <= D_S(translation, m) <= D_S(elastic, m) for the same pair and settings,
+  because the elastic run performs the whole translation run first (same code,
+  same numbers) and only adds candidates.
+- Empty masks: D_S(empty, empty) = 1; D_S(non-empty, empty) = D_S(empty, non-empty)
+  = 0. A tau that moves all of s1 out of the volume is no candidate (otherwise
+  "two empty masks give 1" would score a non-empty s1 against an empty s2 as 1).
 
-The step. A node's gradient is g = 2/N sum_x w(x) r(x) grad(s1b)(p(x)) (w: its
-interpolation weight, r: the residual), which shrinks with the volume and with
-the share of mask edges near the node, so a fixed step would not suit every
-size. Each node's step is therefore divided by
-h = 2/N sum_x w(x) |d_j s1b(x)|^2, the row sum of the Gauss-Newton matrix (a
-Jacobi-type preconditioner that bounds it): the update
-tau <- tau - alpha * g / h is in voxels, and alpha is dimensionless (alpha = 1 is
-a full Gauss-Newton-like step on the linearised problem). A step that raises
-the loss of a batch item is undone and that item's alpha halved; an item stops
-when an accepted step lowers its loss by less than `tol` (relative), or when its
-alpha falls below 1e-4.
+Omega = "translation": every integer shift t with |t_k| <= max_translation[k] is
+scored exactly (`translation_search`: overlap counts per channel, summed, as
+ratios of integers); the best shift (a floor: it is a candidate) is then refined
+below the voxel by the descent below at full resolution, clamped to the bound.
+
+Omega = "elastic": displacement grids on a coarse grid, upsampled and applied as
+`warp` (align_corners=True). The translation run above is done first; then the
+descent starts from the identity (or `init`) and from the refined translation, as
+one batch of 2B, coarse to fine; at the finest level the start with the lower
+loss is kept and refined. Starting from the translation costs one exact search
+(FFT or direct, see `translation_search`), a few full-resolution translation
+steps and the second start's coarse-level steps (cheap: 1/64 and 1/8 of the
+voxels); it is what makes D_S(elastic) >= D_S(translation) and finds shifts the
+descent from the identity cannot reach. Default bound for elastic: one node
+spacing per axis (ceil((S_k - 1) / (s_k - 1)), 16 voxels for grid_spacing=16).
+
+The descent (the paper's tau_{k+1} = tau_k - alpha dL/dtau on blurred masks,
+L = mean((tau(s1 * f) - s2 * f)^2), one fused `similarity_step` per iteration):
+
+- Coarse to fine: `levels` resolutions, each half the previous one (the blurred
+  masks blurred again with the kernel and resampled at align_corners=True
+  positions), the coarse grid the same at every level (its values scaled to the
+  level's voxels). Auto: up to 3 levels while every axis keeps >= 24 voxels.
+- The step. A node's gradient g shrinks with the volume and with the share of
+  mask edges near the node, so each node's step is divided by
+  h = 2/N sum_x w(x) |d_j s1b(x)|^2, the row sum of the Gauss-Newton matrix (a
+  Jacobi-type preconditioner that bounds it): tau <- tau - alpha * g / h is in
+  voxels and alpha is dimensionless (alpha = 1 a full Gauss-Newton-like step).
+- Step control and stopping rule, per batch item: a step that raises the loss is
+  undone and alpha halved; an accepted step doubles alpha again, up to `step`.
+  An item stops at a level when two consecutive accepted steps (no rejected step
+  between them) each lowered its loss by less than `tol` (relative) -- so a tiny
+  gain right after rejected steps never stops it --, when alpha < 1e-4, when its
+  loss is 0, or after `iters` steps at that level.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from . import _checks
+from . import _backend, _checks
 from .ops.blur import blur
 from .ops.similarity import similarity_step
 from .ops.warp import upsample_field, warp
 
 OMEGAS = ("elastic", "translation")
+SEARCH_METHODS = ("auto", "direct", "fft")
+_STALL = 2            # consecutive accepted steps gaining < tol that stop an item
+_ALPHA_MIN = 1e-4
+_MIN_LEVEL = 24       # auto levels: every axis of the coarsest level keeps >= this many voxels
+_MAX_LEVELS = 3
 
 
 @dataclass
 class SimilarityResult:
-    score: Tensor   # [B] D_S = max(Dice(s1, s2), Dice(tau(s1) > 0.5, s2))
-    field: Tensor   # [B, nd, *s] the final coarse displacement grid, voxels, spatial-axis order
-    losses: Tensor  # [K + 1, B] the loss before each accepted/rejected step and at the end
+    score: Tensor       # [B] float64: D_S, the best Dice over every tau evaluated
+    field: Tensor       # [B, nd, *s] coarse grid (voxels, spatial-axis order) of the tau that scored `score`
+    losses: Tensor      # [K + 1, B] blurred loss at the finest level before/after each step (kept start)
+    iterations: Tensor  # [B] int64: descent steps taken per item, summed over levels and starts
 
 
 def _binary(x: Tensor, threshold: float) -> Tensor:
     return x if x.dtype == torch.bool else x > threshold
 
 
+def _count(X: Tensor) -> Tensor:
+    """Set voxels per batch item of a bool batch, int64 (summed as bytes: ~2x faster than bool)."""
+    X = X.flatten(1)
+    acc = torch.int32 if X.shape[1] < 2**31 else torch.int64
+    return X.view(torch.uint8).sum(1, dtype=acc).to(torch.int64)
+
+
+def _dice_bool(A: Tensor, B: Tensor) -> Tensor:
+    """Pooled Dice of bool batches (integer counts, one float64 division)."""
+    A, B = A.flatten(1), B.flatten(1)
+    inter = _count(A & B)
+    total = _count(A) + _count(B)
+    return torch.where(total > 0, 2 * inter.double() / total.clamp_min(1).double(),
+                       torch.ones(total.shape, dtype=torch.float64, device=A.device))
+
+
 def dice(a: Tensor, b: Tensor, *, threshold: float = 0.5) -> Tensor:
-    """Dice 2|A & B| / (|A| + |B|) per batch item of masks thresholded at
-    `threshold` (bool masks as they are); two empty masks give 1.0."""
-    _checks.mask("a", a)
-    _checks.mask("b", b)
-    _checks.same_shape(a=a, b=b)
-    A = _binary(a, threshold).flatten(1)
-    B = _binary(b, threshold).flatten(1)
-    inter = (A & B).sum(1, dtype=torch.float64)
-    total = A.sum(1, dtype=torch.float64) + B.sum(1, dtype=torch.float64)
-    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+    """Dice 2|A & B| / (|A| + |B|) per batch item of masks (B, C, *S) thresholded at
+    `threshold` (bool masks as they are), channels pooled (`flatten(1)`); two empty
+    masks give 1.0. float64 [B]."""
+    _checks.mask_pair("a", a, "b", b)
+    threshold = _checks.real("threshold", threshold)
+    return _dice_bool(_binary(a, threshold), _binary(b, threshold))
+
+
+def _candidate_dice(W: Tensor, A: Tensor, B: Tensor) -> Tensor:
+    """Dice of a warped s1 (W) with s2; -1 where tau moved all of a non-empty s1 out."""
+    d = _dice_bool(W, B)
+    gone = A.flatten(1).any(1) & ~W.flatten(1).any(1)
+    return torch.where(gone, torch.full_like(d, -1.0), d)
 
 
 def coarse_size_for(size: Sequence[int], spacing: float) -> tuple[int, ...]:
@@ -70,13 +122,241 @@ def coarse_size_for(size: Sequence[int], spacing: float) -> tuple[int, ...]:
     return tuple(int(math.ceil((n - 1) / spacing)) + 1 for n in size)
 
 
+# ----------------------------------------------------------------------------------------------
+# the exact integer translation search
+
+
+def _fast_len(n: int) -> int:
+    """The smallest 2^a 3^b 5^c >= n (pocketfft is fastest on those)."""
+    best = 1 << max(0, (n - 1).bit_length())
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            p = p35
+            while p < n:
+                p *= 2
+            best = min(best, p)
+            p35 *= 3
+        p5 *= 5
+    return best
+
+
+def _bbox(m: Tensor) -> tuple[list[int], list[int]]:
+    """Per spatial axis [lo, hi) of the voxels set in any channel of m (C, *S)."""
+    nd = m.dim() - 1
+    head = m.any(dim=-1).any(dim=0)           # (*S[:-1]): one pass over the volume
+    last = m.any(dim=tuple(range(nd)))          # (S[-1],): the second pass
+    lo, hi = [], []
+    for k in range(nd):
+        if k == nd - 1:
+            proj = last
+        else:
+            proj = head.any(dim=tuple(j for j in range(nd - 1) if j != k)) if nd > 2 else head
+        nz = proj.nonzero()
+        lo.append(int(nz[0]))
+        hi.append(int(nz[-1]) + 1)
+    return lo, hi
+
+
+def _box_sums(a: Tensor, ranges: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """sum of a (*m) over the boxes prod_k [l_k, h_k) for every combination of the
+    per-axis interval lists `ranges` (each (l, h), int64 vectors), via the summed
+    table and inclusion-exclusion; exact integers."""
+    nd = a.dim()
+    # the crop's summed table, int32 (4 bytes a voxel) while the sums fit
+    acc = torch.int32 if a.numel() < 2**31 else torch.int64
+    P = a
+    for k in range(nd):
+        P = torch.cumsum(P, k, dtype=acc)
+    out = None
+    for corner in range(1 << nd):
+        idx, valid, sign = [], None, 1
+        for k, (l, h) in enumerate(ranges):
+            take_hi = not (corner >> k) & 1
+            i = (h if take_hi else l) - 1
+            sign = sign if take_hi else -sign
+            shape = [1] * nd
+            shape[k] = -1
+            v = (i >= 0).view(shape)
+            valid = v if valid is None else valid & v
+            idx.append(i.clamp_min(0).view(shape))
+        term = P[tuple(idx)].to(torch.int64) * valid
+        out = sign * term if out is None else out + sign * term
+    return out
+
+
+def _overlap_direct(ac: Tensor, bc: Tensor, d_ranges: list[range]) -> Tensor:
+    """sum_c sum_y ac(y + d) bc(y) for every crop offset d in the box, by counting the
+    overlap of the two sliced crops: memory one slab, never the volume."""
+    shape = [len(r) for r in d_ranges]
+    out = torch.zeros(math.prod(shape), dtype=torch.int64, device=ac.device)
+    ma, mb = ac.shape[1:], bc.shape[1:]
+    for i, d in enumerate(itertools.product(*d_ranges)):
+        sa, sb = [slice(None)], [slice(None)]
+        empty = False
+        for dk, na, nb in zip(d, ma, mb):
+            y0, y1 = max(0, -dk), min(nb, na - dk)
+            if y1 <= y0:
+                empty = True
+                break
+            sa.append(slice(y0 + dk, y1 + dk))
+            sb.append(slice(y0, y1))
+        if not empty:
+            out[i] = torch.logical_and(ac[tuple(sa)], bc[tuple(sb)]).view(torch.uint8).sum(dtype=torch.int64)
+    return out.view(shape)
+
+
+def _overlap_fft(ac: Tensor, bc: Tensor, d_ranges: list[range]) -> Tensor:
+    """The same counts by FFT cross-correlation in float64 (rounded: exact below 2^52),
+    channel by channel, periods chosen so that no offset in the box wraps around."""
+    nd = ac.dim() - 1
+    ma, mb = ac.shape[1:], bc.shape[1:]
+    pad = [_fast_len(max(r[-1] + nb, na - r[0])) for r, na, nb in zip(d_ranges, ma, mb)]
+    dims = tuple(range(-nd, 0))
+    acc = None
+    for c in range(ac.shape[0]):
+        Fa = torch.fft.rfftn(ac[c].to(torch.float64), s=pad, dim=dims)
+        Fa.mul_(torch.fft.rfftn(bc[c].to(torch.float64), s=pad, dim=dims).conj().resolve_conj())
+        acc = Fa if acc is None else acc.add_(Fa)
+        del Fa
+    corr = torch.fft.irfftn(acc, s=pad, dim=dims)
+    del acc
+    idx = [torch.remainder(torch.arange(r[0], r[-1] + 1, device=ac.device), p) for r, p in zip(d_ranges, pad)]
+    return corr[torch.meshgrid(*idx, indexing="ij")].round_().to(torch.int64)
+
+
+# the rough cost of one voxel-shift of the direct count and of one point * log2 of an FFT,
+# in the same (arbitrary) unit, measured on this project's CPUs; only their ratio matters
+_DIRECT_COST = 1.0
+_FFT_COST = 2.0
+
+
+def _search_one(a: Tensor, b: Tensor, bound: Sequence[int], method: str) -> tuple[list[int], float]:
+    """(best shift, its Dice) for one item: a, b (C, *S) bool."""
+    nd = a.dim() - 1
+    size = a.shape[1:]
+    n1, n2 = int(_count(a[None])), int(_count(b[None]))
+    zero = [0] * nd
+    if n1 == 0:
+        return zero, 1.0 if n2 == 0 else 0.0
+    if n2 == 0:  # every candidate keeps part of s1 against an empty s2: Dice 0; the identity is smallest
+        return zero, 0.0
+    lo_a, hi_a = _bbox(a)
+    lo_b, hi_b = _bbox(b)
+    ac = a[(slice(None), *[slice(l, h) for l, h in zip(lo_a, hi_a)])]
+    bc = b[(slice(None), *[slice(l, h) for l, h in zip(lo_b, hi_b)])]
+    ma, mb = ac.shape[1:], bc.shape[1:]
+    # shift t <-> crop offset d = t + lo_b - lo_a; crops overlap only for -mb < d < ma
+    t_ranges = []
+    for T, la, lb, na, nb in zip(bound, lo_a, lo_b, ma, mb):
+        off = lb - la
+        t_lo, t_hi = max(-T, -nb + 1 - off), min(T, na - 1 - off)
+        if t_lo > t_hi:
+            return zero, 0.0  # no shift in the bound overlaps: every candidate scores 0
+        t_ranges.append(range(t_lo, t_hi + 1))
+    d_ranges = [range(r[0] + lb - la, r[-1] + lb - la + 1) for r, la, lb in zip(t_ranges, lo_a, lo_b)]
+    n_shift = math.prod(len(r) for r in t_ranges)
+    if method == "auto":
+        direct = n_shift * a.shape[0] * math.prod(min(x, y) for x, y in zip(ma, mb)) * _DIRECT_COST
+        pts = math.prod(_fast_len(max(r[-1] + nb, na - r[0])) for r, na, nb in zip(d_ranges, ma, mb))
+        fft = (2 * a.shape[0] + 1) * pts * math.log2(max(pts, 2)) * _FFT_COST
+        method = "direct" if direct <= fft else "fft"
+    overlap = (_overlap_direct if method == "direct" else _overlap_fft)(ac, bc, d_ranges)
+    # |s1 shifted by t| inside the volume: voxels y of s1 with 0 <= y_k - t_k < S_k, in crop coordinates
+    ranges = []
+    for r, la, n, na in zip(t_ranges, lo_a, size, ma):
+        t = torch.arange(r[0], r[-1] + 1, device=a.device)
+        ranges.append(((t - la).clamp(0, na), (t + n - la).clamp(0, na)))
+    size1 = _box_sums(ac.sum(0, dtype=torch.int32) if ac.shape[0] > 1 else ac[0], ranges)
+    score = torch.where(size1 > 0, 2 * overlap.double() / (size1 + n2).double(),
+                        torch.full(size1.shape, -1.0, dtype=torch.float64, device=a.device))
+    best = score.max()
+    if best <= 0:
+        return zero, 0.0
+    # ties: the smallest |t|_1, then the lexicographically smallest t (the oracle's order)
+    cand = (score == best).nonzero()
+    shifts = cand + torch.tensor([r[0] for r in t_ranges], device=a.device)
+    key = shifts.abs().sum(1)
+    shifts = shifts[key == key.min()]
+    t = min(tuple(int(v) for v in s) for s in shifts)
+    return list(t), float(best)
+
+
+def _search(A: Tensor, B: Tensor, bound: Sequence[int], method: str) -> tuple[Tensor, Tensor]:
+    ts, ds = [], []
+    for i in range(A.shape[0]):
+        t, d = _search_one(A[i], B[i], bound, method)
+        ts.append(t)
+        ds.append(d)
+    return (torch.tensor(ts, dtype=torch.float64, device=A.device),
+            torch.tensor(ds, dtype=torch.float64, device=A.device))
+
+
+def translation_search(s1: Tensor, s2: Tensor, max_translation: int | Sequence[int] | None = None, *,
+                       method: str = "auto") -> tuple[Tensor, Tensor]:
+    """Exact search of the integer shift t (|t_k| <= max_translation[k]; None: any)
+    maximising Dice(s1(x + t), s2) (zero padding, channels pooled: overlap and sizes
+    summed over channels). max_translation: one int >= 0 for every axis or one per axis.
+
+    Both masks are cropped to their bounding boxes first; the overlap counts of all
+    shifts come from `method`: "direct" (count the overlap of the sliced crops per
+    shift: time ~ shifts x crop, memory one slab) or "fft" (float64 cross-correlation
+    of the crops: time ~ crop log crop whatever the bound, memory ~3 padded crops);
+    "auto" picks the cheaper by a cost model. |s1 shifted| comes from the crop's
+    summed table. A shift that moves all of s1 out is no candidate; empty masks
+    follow D_S's rules (module docstring). Ties go to the smallest |t|_1, then the
+    lexicographically smallest t. Returns (t (B, nd) float64 voxels, Dice (B,) float64).
+    """
+    _checks.mask_pair("s1", s1, "s2", s2)
+    bound = _checks.translation_bound("max_translation", max_translation, tuple(s1.shape[2:]))
+    _checks.choice("method", method, SEARCH_METHODS)
+    return _search(_binary(s1, 0.5), _binary(s2, 0.5), bound, method)
+
+
+# ----------------------------------------------------------------------------------------------
+# the descent
+
+
+def _level_size(size: Sequence[int]) -> tuple[int, ...]:
+    return tuple(int(math.ceil((n - 1) / 2)) + 1 for n in size)
+
+
+def _auto_levels(size: Sequence[int]) -> int:
+    levels = 1
+    while levels < _MAX_LEVELS and min(_level_size(size)) >= _MIN_LEVEL:
+        size = _level_size(size)
+        levels += 1
+    return levels
+
+
+def _pyramid(x: Tensor, levels: int, kernel, backend: str) -> list[Tensor]:
+    """[x, x at half resolution, ...]: blurred again, then sampled at align_corners=True positions."""
+    out = [x]
+    mode = "bilinear" if x.dim() == 4 else "trilinear"
+    for _ in range(levels - 1):
+        y = blur(out[-1], kernel=kernel, backend=backend)
+        out.append(F.interpolate(y, size=_level_size(y.shape[2:]), mode=mode, align_corners=True))
+    return out
+
+
+def _scale(full: Sequence[int], level: Sequence[int], like: Tensor) -> Tensor:
+    """Per-axis factor from full-resolution voxels to level voxels, shaped for a coarse grid."""
+    r = [(m - 1) / (n - 1) for n, m in zip(full, level)]
+    return torch.tensor(r, dtype=like.dtype, device=like.device).view(1, -1, *([1] * (like.dim() - 2)))
+
+
 def _preconditioner(s1b: Tensor, coarse_size: Sequence[int], backend: str) -> Tensor:
     """h (B, nd, *s): 2/N sum_x w_node(x) (d_j s1b(x))^2, floored so that nodes far
     from any edge take bounded steps."""
     nd = s1b.dim() - 2
     N = s1b[0].numel()
-    grads = torch.gradient(s1b, dim=tuple(range(2, 2 + nd)))
-    sq = torch.stack([g.square().sum(1) for g in grads], 1)  # (B, nd, *S), channels summed
+    # central differences (one-sided ones at the faces are left at 0: h is a bound, not exact)
+    sq = s1b.new_zeros(s1b.shape[0], nd, *s1b.shape[2:])  # (B, nd, *S), channels summed
+    for k in range(nd):
+        hi = s1b.narrow(2 + k, 2, s1b.shape[2 + k] - 2)
+        lo = s1b.narrow(2 + k, 0, s1b.shape[2 + k] - 2)
+        sq[:, k].narrow(1 + k, 1, s1b.shape[2 + k] - 2).copy_(((hi - lo) * 0.5).square_().sum(1))
     z = torch.zeros(s1b.shape[0], nd, *coarse_size, dtype=s1b.dtype, device=s1b.device, requires_grad=True)
     with torch.enable_grad():
         field = upsample_field(z, s1b.shape[2:], align_corners=True, backend=backend)
@@ -86,120 +366,24 @@ def _preconditioner(s1b: Tensor, coarse_size: Sequence[int], backend: str) -> Te
     return h + floor.view(-1, *([1] * (h.dim() - 1)))
 
 
-def translation_search(s1: Tensor, s2: Tensor, max_translation: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """Exact search of the integer shift t (|t_k| <= max_translation[k]) maximising
-    Dice(s1(x + t), s2) (zero padding), by FFT cross-correlation in float64.
-    Returns (t (B, nd) in voxels, its Dice (B,)); ties go to the smallest |t|."""
-    nd = s1.dim() - 2
-    size = s1.shape[2:]
-    T = [min(int(t), n - 1) for t, n in zip(max_translation, size)]
-    pad = [n + t for n, t in zip(size, T)]  # no wrap-around for |shift| <= T
-    dims = tuple(range(-nd, 0))
-    a = _binary(s1, 0.5).to(torch.float64).sum(1)  # channels are pooled into one mask
-    b = _binary(s2, 0.5).to(torch.float64).sum(1)
-    ones = torch.ones(size, dtype=torch.float64, device=s1.device)
-    Fa = torch.fft.rfftn(a, s=pad, dim=dims)
-
-    def corr(Fx, y):  # sum_y x(y) y_(y - t), indexed by t mod pad
-        return torch.fft.irfftn(Fx * torch.fft.rfftn(y, s=pad, dim=dims).conj(), s=pad, dim=dims).round()
-
-    overlap = corr(Fa, b)
-    size1 = corr(Fa, ones.expand_as(b))
-    size2 = b.flatten(1).sum(1).view(-1, *([1] * nd))
-    total = size1 + size2
-    d = torch.where(total > 0, 2 * overlap / total.clamp_min(1), torch.ones_like(total))
-    # the shifts within the bound, in the FFT's wrapped order
-    axes = [torch.cat([torch.arange(0, t + 1), torch.arange(-t, 0)]).to(s1.device) for t in T]
-    idx = [torch.remainder(ax, p) for ax, p in zip(axes, pad)]
-    d = d[(slice(None), *torch.meshgrid(*idx, indexing="ij"))].reshape(d.shape[0], -1)
-    shifts = torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, nd)
-    # the best Dice (exact: ratios of integers), then the smallest |t|_1 (the identity first)
-    top = d == d.amax(1, keepdim=True)
-    size_t = shifts.abs().sum(1).to(torch.float64)
-    best = torch.where(top, -size_t, torch.full_like(d, -math.inf)).argmax(1)
-    return shifts[best].to(torch.float64), d.gather(1, best[:, None])[:, 0]
-
-
-def relative_similarity(s1: Tensor, s2: Tensor, *, omega: str = "elastic", grid: Sequence[int] | None = None,
-                        grid_spacing: float = 16, iters: int = 300, step: float = 1.0,
-                        max_translation: int | Sequence[int] | None = None,
-                        kernel: Sequence[float] = (1.0, 2.0, 1.0), momentum: float = 0.0, tol: float = 1e-3,
-                        init: Tensor | None = None, backend: str = "auto") -> SimilarityResult:
-    """D_S(s1, s2, Omega) for batches of masks (B, C, *S) (bool, uint8 or float).
-
-    omega: "elastic" (coarse grid `grid`, or nodes every `grid_spacing` voxels) or
-    "translation" (`max_translation` voxels per axis at most; None: any shift).
-    iters: at most this many gradient steps; step: alpha (dimensionless, see the
-    module docstring); momentum: heavy-ball factor in [0, 1); tol: relative loss
-    decrease under which an item stops; kernel: the blur f; init: elastic only,
-    a starting coarse grid (B, nd, *s) instead of the identity.
-    """
-    _checks.mask("s1", s1)
-    _checks.mask("s2", s2)
-    _checks.same_shape(s1=s1, s2=s2)
-    _checks.same_device(s1=s1, s2=s2)
-    _checks.choice("omega", omega, OMEGAS)
-    nd = s1.dim() - 2
-    size = tuple(s1.shape[2:])
-    if not (isinstance(iters, int) and iters >= 0):
-        raise ValueError(f"iters must be an int >= 0, got {iters!r}")
-    if not step > 0:
-        raise ValueError(f"step must be > 0, got {step!r}")
-    if not 0 <= momentum < 1:
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if omega == "elastic":
-        if max_translation is not None:
-            raise ValueError("max_translation applies to omega='translation' only")
-        if grid is None:
-            if not grid_spacing > 0:
-                raise ValueError(f"grid_spacing must be > 0, got {grid_spacing!r}")
-            coarse_size = coarse_size_for(size, grid_spacing)
-        else:
-            coarse_size = tuple(int(v) for v in grid)
-            if len(coarse_size) != nd or min(coarse_size) < 1:
-                raise ValueError(f"grid must be {nd} coarse sizes >= 1, got {grid!r}")
-    else:
-        if grid is not None and any(int(v) != 1 for v in grid):
-            raise ValueError(f"omega='translation' uses a grid of ones, got grid={grid!r}")
-        coarse_size = (1,) * nd
-        if max_translation is None:
-            bound = [n - 1 for n in size]
-        else:
-            bound = [max_translation] * nd if isinstance(max_translation, (int, float)) else list(max_translation)
-            if len(bound) != nd or min(bound) < 0:
-                raise ValueError(f"max_translation must be >= 0 (one value or {nd}), got {max_translation!r}")
-
-    dtype = torch.float64 if s1.dtype == torch.float64 else torch.float32
-    f1, f2 = s1.to(dtype), s2.to(dtype)
-    s1b = blur(f1, kernel=kernel, backend=backend)
-    s2b = blur(f2, kernel=kernel, backend=backend)
-    B = s1.shape[0]
-    bshape = (B,) + (1,) * (nd + 1)
-    c = torch.zeros(B, nd, *coarse_size, dtype=dtype, device=s1.device)
-    if init is not None:
-        if omega != "elastic":
-            raise ValueError("init applies to omega='elastic' only (translations start from the exact search)")
-        _checks.tensor("init", init)
-        if tuple(init.shape) != tuple(c.shape):
-            raise ValueError(f"init must have the coarse grid's shape {tuple(c.shape)}, got {tuple(init.shape)}")
-        c = init.detach().to(dtype=dtype, device=s1.device).clone()
-    if omega == "translation":
-        t, _ = translation_search(s1, s2, bound)
-        c += t.to(dtype).view(B, nd, *coarse_size)
-        lim = torch.tensor(bound, dtype=dtype, device=s1.device).view(1, nd, *coarse_size)
-
-    h = _preconditioner(s1b, coarse_size, backend)
+def _descend(s1b: Tensor, s2b: Tensor, c: Tensor, h: Tensor, *, iters: int, step: float, momentum: float,
+             tol: float, lim: Tensor | None, backend: str) -> tuple[Tensor, list[Tensor], Tensor]:
+    """Preconditioned descent of every batch item from c; (c, losses, steps per item)."""
+    B = c.shape[0]
+    bshape = (B,) + (1,) * (c.dim() - 1)
     loss, g = similarity_step(s1b, s2b, c, backend=backend)
     losses = [loss]
-    alpha = torch.full(bshape, float(step), dtype=dtype, device=s1.device)
-    active = torch.ones(B, dtype=torch.bool, device=s1.device)
+    alpha = torch.full(bshape, float(step), dtype=c.dtype, device=c.device)
+    active = loss > 0
+    small = torch.zeros(B, dtype=torch.int64, device=c.device)
+    steps = torch.zeros(B, dtype=torch.int64, device=c.device)
     velocity = torch.zeros_like(c)
     for _ in range(iters):
         if not bool(active.any()):
             break
         velocity = momentum * velocity - alpha * g / h
         trial = c + velocity
-        if omega == "translation":
+        if lim is not None:
             trial = torch.maximum(torch.minimum(trial, lim), -lim)
         new_loss, new_g = similarity_step(s1b, s2b, trial, backend=backend)
         better = active & (new_loss <= loss)
@@ -210,10 +394,159 @@ def relative_similarity(s1: Tensor, s2: Tensor, *, omega: str = "elastic", grid:
         g = torch.where(b_, new_g, g)
         velocity = torch.where(b_, velocity, torch.zeros_like(velocity))
         loss = torch.where(better, new_loss, loss)
-        alpha = torch.where(worse.view(bshape), alpha / 2, alpha)
-        active &= ~(better & (gain < tol)) & (alpha.flatten() >= 1e-4) & (loss > 0)
+        alpha = torch.where(worse.view(bshape), alpha / 2, torch.where(b_, (2 * alpha).clamp_max(step), alpha))
+        # the stopping rule: _STALL consecutive accepted steps that each gained < tol
+        small = torch.where(worse, torch.zeros_like(small), torch.where(better & (gain < tol), small + 1,
+                                                                         torch.where(better, 0, small)))
+        steps += active.to(torch.int64)
+        active = active & (small < _STALL) & (alpha.flatten() >= _ALPHA_MIN) & (loss > 0)
         losses.append(loss)
+    return c, losses, steps
 
-    warped = warp(f1, c, align_corners=True, backend=backend)
-    score = torch.maximum(dice(s1, s2), dice(warped, s2))
-    return SimilarityResult(score=score, field=c, losses=torch.stack(losses))
+
+def _expand_batch(x: Tensor, k: int) -> Tensor:
+    return x.repeat(k, *([1] * (x.dim() - 1)))
+
+
+def relative_similarity(s1: Tensor, s2: Tensor, *, omega: str = "elastic", grid: Sequence[int] | None = None,
+                        grid_spacing: float = 16, iters: int = 100, step: float = 1.0,
+                        max_translation: int | Sequence[int] | None = None,
+                        kernel: Sequence[float] = (1.0, 2.0, 1.0), momentum: float = 0.0, tol: float = 1e-2,
+                        init: Tensor | None = None, levels: int | None = None,
+                        backend: str = "auto") -> SimilarityResult:
+    """D_S(s1, s2, Omega) for batches of masks (B, C, *S) (bool, uint8 or float,
+    thresholded at 0.5); see the module docstring for the definitions.
+
+    omega: "elastic" (coarse grid `grid`, or nodes every `grid_spacing` voxels) or
+    "translation" (a grid of ones). max_translation: one int >= 0 or one per axis,
+    the bound of the exact integer search; None: any shift for "translation", one
+    node spacing per axis for "elastic" (where it bounds the translation start).
+    iters: at most this many descent steps per level (and start); step: alpha
+    (dimensionless, the largest one); momentum: heavy-ball factor in [0, 1); tol: the
+    relative loss decrease of the stopping rule (>= 0); kernel: the blur f; init:
+    elastic only, a starting coarse grid (B, nd, *s) in place of the identity;
+    levels: resolutions of the coarse-to-fine descent (None: auto, 1: full only).
+    Batches stay batched: every descent step is one fused call for all items.
+    """
+    nd = _checks.mask_pair("s1", s1, "s2", s2)
+    _checks.choice("omega", omega, OMEGAS)
+    size = tuple(s1.shape[2:])
+    iters = _checks.integer("iters", iters, minimum=0)
+    step = _checks.real("step", step, low=0, low_open=True)
+    momentum = _checks.real("momentum", momentum, low=0, high=1, high_open=True)
+    tol = _checks.real("tol", tol, low=0)
+    k = _checks.blur_kernel(kernel)
+    _backend.resolve(backend, s1.device)  # names a bad backend before any work
+    if levels is None:
+        levels = _auto_levels(size)
+    else:
+        levels = _checks.integer("levels", levels, minimum=1)
+        if levels > 1 and min(size) < 2 ** (levels - 1) + 1:
+            raise ValueError(f"levels={levels} halves every axis {levels - 1} times, which needs spatial sizes "
+                             f">= {2 ** (levels - 1) + 1}, got {size}")
+    if omega == "elastic":
+        if grid is None:
+            grid_spacing = _checks.real("grid_spacing", grid_spacing, low=0, low_open=True)
+            coarse_size = coarse_size_for(size, grid_spacing)
+        else:
+            coarse_size = _checks.coarse_grid("grid", grid, nd)
+        if max_translation is None:
+            max_translation = [n - 1 if s == 1 else int(math.ceil((n - 1) / (s - 1)))
+                               for n, s in zip(size, coarse_size)]
+    else:
+        if grid is not None and _checks.coarse_grid("grid", grid, nd) != (1,) * nd:
+            raise ValueError(f"omega='translation' uses a grid of ones, got grid={grid!r}")
+        if init is not None:
+            raise ValueError("init applies to omega='elastic' only (translations start from the exact search)")
+        coarse_size = (1,) * nd
+    bound = _checks.translation_bound("max_translation", max_translation, size)
+
+    dtype = torch.float64 if s1.dtype == torch.float64 else torch.float32
+    B = s1.shape[0]
+    device = s1.device
+    if init is not None:
+        _checks.tensor("init", init)
+        if tuple(init.shape) != (B, nd, *coarse_size):
+            raise ValueError(f"init must have the coarse grid's shape {(B, nd, *coarse_size)}, got {tuple(init.shape)}")
+        _checks.same_device(s1=s1, init=init)
+        if not bool(torch.isfinite(init).all()):
+            raise ValueError("init must be finite")
+    A, Bm = _binary(s1, 0.5), _binary(s2, 0.5)
+    f1, f2 = A.to(dtype), Bm.to(dtype)
+    opts = dict(iters=iters, step=step, momentum=momentum, tol=tol, backend=backend)
+
+    def shaped(c: Tensor, grid_size) -> Tensor:
+        return c.to(dtype).view(B, nd, *([1] * nd)).expand(B, nd, *grid_size).contiguous()
+
+    # candidates, best first kept: the identity, then every tau whose Dice is evaluated
+    score = _dice_bool(A, Bm)
+    field = torch.zeros(B, nd, *coarse_size, dtype=dtype, device=device)
+    steps = torch.zeros(B, dtype=torch.int64, device=device)
+
+    def consider(d: Tensor, c: Tensor) -> None:
+        nonlocal score, field
+        take = d > score
+        score = torch.where(take, d, score)
+        field = torch.where(take.view(-1, *([1] * (field.dim() - 1))), c, field)
+
+    t, d_t = _search(A, Bm, bound, "auto")
+    consider(d_t, shaped(t, coarse_size))
+
+    p1 = _pyramid(blur(f1, kernel=k, backend=backend), levels, k, backend)
+    p2 = _pyramid(blur(f2, kernel=k, backend=backend), levels, k, backend)
+
+    # step caps: `iters` at the coarsest level, divided by 2^nd (the cost ratio of one
+    # step) at every finer level, so that each level gets about the same time
+    caps = [int(math.ceil(iters / (2 ** nd) ** (levels - 1 - lvl))) for lvl in range(levels)]
+    # h is formed at the coarsest level only (at full resolution it would cost more than the
+    # steps): h ~ (d_k s)^2 scales to a finer level by the squared per-axis resampling factor
+    top = levels - 1
+    h_top = {g: _preconditioner(p1[top], g, backend) for g in {coarse_size, (1,) * nd}}
+
+    def precond(lvl: int, grid_size) -> Tensor:
+        h = h_top[grid_size]
+        return h if lvl == top else h * _scale(p1[top].shape[2:], p1[lvl].shape[2:], h).square()
+
+    # the sub-voxel translation refinement, at full resolution only: the exact shift is
+    # already within half a voxel of the optimum, which coarser levels cannot resolve
+    lim = torch.tensor(bound, dtype=dtype, device=device).view(1, nd, *([1] * nd))
+    ones = (1,) * nd
+    c_t, losses_t, n_t = _descend(p1[0], p2[0], shaped(t, ones), precond(0, ones), lim=lim,
+                                  **dict(opts, iters=caps[0]))
+    steps += n_t
+    W = warp(f1, c_t, align_corners=True, backend=backend) > 0.5
+    consider(_candidate_dice(W, A, Bm), shaped(c_t, coarse_size))
+    if omega == "translation":
+        return SimilarityResult(score=score, field=field, losses=torch.stack(losses_t), iterations=steps)
+
+    # elastic: both starts, as one batch of 2B, at the coarsest level; then per item the one
+    # with the lower loss there goes on through the finer levels
+    start_id = torch.zeros(B, nd, *coarse_size, dtype=dtype, device=device) if init is None else \
+        init.detach().to(dtype).clone()
+    starts = torch.cat([start_id, shaped(c_t, coarse_size)])
+    r = _scale(size, p1[top].shape[2:], starts)
+    h = precond(top, coarse_size)
+    if top > 0:
+        c2, losses2, n2 = _descend(_expand_batch(p1[top], 2), _expand_batch(p2[top], 2), starts * r,
+                                   _expand_batch(h, 2), lim=None, **dict(opts, iters=caps[top]))
+        last = losses2[-1]
+    else:  # one level: compare the two starts' losses before descending
+        c2 = starts * r
+        last = torch.cat([similarity_step(p1[0], p2[0], c2[:B], backend=backend)[0],
+                          similarity_step(p1[0], p2[0], c2[B:], backend=backend)[0]])
+        n2 = torch.zeros(2 * B, dtype=torch.int64, device=device)
+    steps += n2[:B] + n2[B:]
+    use_tr = (last[B:] < last[:B]).view(-1, *([1] * nd + [1]))
+    c = torch.where(use_tr, c2[B:], c2[:B]) / r
+    losses = []
+    for lvl in range(top if top > 0 else 0, -1, -1):
+        if top > 0 and lvl == top:
+            continue
+        r = _scale(size, p1[lvl].shape[2:], c)
+        cl, losses, n = _descend(p1[lvl], p2[lvl], c * r, precond(lvl, coarse_size) if lvl != top else h,
+                                 lim=None, **dict(opts, iters=caps[lvl]))
+        c = cl / r
+        steps += n
+    W = warp(f1, c, align_corners=True, backend=backend) > 0.5
+    consider(_candidate_dice(W, A, Bm), c)
+    return SimilarityResult(score=score, field=field, losses=torch.stack(losses), iterations=steps)

@@ -66,7 +66,52 @@ def test_pairs_csv_with_progress(masks, capsys):
     rows = list(csv.DictReader(open(out)))
     assert [r["ds"] for r in rows] == ["1.000000", "1.000000"]
     assert float(rows[0]["dice"]) < 0.7 and float(rows[1]["dice"]) == 1.0
-    assert "2/2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "2/2" in err and "pair" in err  # tqdm's bar
+
+
+def test_empty_target_is_not_perfectly_similar(tmp_path, masks, capsys):
+    a, _, _ = masks
+    e = _save(tmp_path / "e.nii.gz", np.zeros((20, 22, 18), bool))
+    for omega in ("translation", "elastic"):
+        assert main(["similarity", a, e, "--omega", omega, "--max-translation", "4"]) == 0
+        out = capsys.readouterr().out
+        assert float(out.split("D_S")[1].split()[0]) == 0.0
+
+
+def test_max_translation_per_axis(masks, capsys):
+    a, b, _ = masks
+    assert main(["similarity", a, b, "--omega", "translation", "--max-translation", "4,4,2"]) == 0
+    assert float(capsys.readouterr().out.split("D_S")[1].split()[0]) == 1.0
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--grid-spacing", "0"], "--grid-spacing must be a finite number > 0"),
+    (["--grid-spacing", "-3"], "--grid-spacing must be a finite number > 0"),
+    (["--grid-spacing", "nan"], "--grid-spacing must be a finite number > 0"),
+    (["--grid-spacing", "x"], "--grid-spacing must be a number > 0"),
+    (["--max-translation", "-1"], "--max-translation must be an integer >= 0"),
+    (["--max-translation", "4,4"], "--max-translation must be one value or 3"),
+    (["--iters", "-1"], "--iters must be an integer >= 0"),
+    (["--step", "0"], "--step must be a finite number > 0"),
+    (["--omega", "affine"], "invalid choice"),
+    (["--backend", "triton"], "TRITON_INTERPRET=1"),
+    (["--nope"], "unrecognized arguments"),
+])
+def test_option_errors_are_one_line(masks, capsys, monkeypatch, argv, match):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # as on a user's CPU machine
+    a, b, _ = masks
+    assert main(["similarity", a, b] + argv) == 2
+    cap = capsys.readouterr()
+    lines = cap.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("coopseg: error: ") and match in lines[0], cap.err
+    assert "Traceback" not in cap.err and cap.out == ""
+
+
+def test_missing_subcommand_is_one_line(capsys):
+    assert main([]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("coopseg: error: ")
 
 
 def test_wilcoxon(tmp_path, capsys):

@@ -29,9 +29,15 @@ def _(s1_blurred, s2_blurred, coarse, align_corners, backend):
 def similarity_step(s1_blurred: Tensor, s2_blurred: Tensor, coarse: Tensor, *, align_corners: bool = True,
                     backend: str = "auto") -> tuple[Tensor, Tensor]:
     """Loss mean((tau(s1b) - s2b)^2) per batch item and its gradient w.r.t. the
-    coarse displacement grid tau (B, nd, *s), in one fused pass."""
-    _checks.similarity_inputs(s1_blurred, s2_blurred, coarse)
+    coarse displacement grid tau (B, nd, *s), in one fused pass.
+
+    s1_blurred and s2_blurred must have one shape and one dtype (float32/float64 for
+    the C++ kernels; Triton and the reference also take float16/bfloat16); the small
+    coarse grid is cast to the math dtype as in `warp`."""
+    _checks.similarity_inputs(s1_blurred, s2_blurred, coarse, align_corners)
     be = _backend.resolve(backend, s1_blurred.device)
+    if be != "reference":  # as warp: the compiled kernels take their dtypes only, never a silent cast
+        _checks.kernel_dtype("s1_blurred", s1_blurred, be, _backend.kernel_dtypes(be))
     if be == "reference":
         return reference.similarity_step(s1_blurred, s2_blurred, coarse, align_corners=align_corners)
     dtype = reference.math_dtype(s1_blurred.dtype)

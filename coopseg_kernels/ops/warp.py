@@ -106,7 +106,7 @@ def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_
     The full-resolution field is never stored. Differentiable w.r.t. both inputs.
     A NaN displacement yields NaN at the voxels that use it (see README).
     """
-    _checks.warp_inputs(moving, coarse, padding_mode)
+    _checks.warp_inputs(moving, coarse, padding_mode, align_corners)
     be = _backend.resolve(backend, moving.device)
     if be == "reference":
         return reference.warp(moving, coarse, align_corners=align_corners, padding_mode=padding_mode)
@@ -122,6 +122,8 @@ def upsample_field(coarse: Tensor, size: Sequence[int], *, align_corners: bool =
         raise ValueError(f"coarse must be (B, 2, h, w) or (B, 3, d, h, w), got shape {tuple(coarse.shape)}")
     nd = coarse.dim() - 2
     _checks.coarse_field("coarse", coarse, nd)
+    _checks.not_meta("coarse", coarse)
+    _checks.flag("align_corners", align_corners)
     size = _checks.size("size", size, nd)
     be = _backend.resolve(backend, coarse.device)
     if be == "reference":
