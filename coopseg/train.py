@@ -167,7 +167,9 @@ class Config:
         return sides(self.crop_min), sides(self.crop_max)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain YAML-able values (tuples of crop sides become lists)."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
 class ConfigError(ValueError):
@@ -464,7 +466,8 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
     if config.progress and main:
         from tqdm import tqdm
 
-        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr,
+                   mininterval=0.5)
     model.train()
     log = open(log_path, "a", newline="") if main else None
     last_stage = ckpt["stage"] if resume and step else plan[0][0]  # the stage of the last step taken

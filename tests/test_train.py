@@ -209,9 +209,9 @@ def test_sigterm_subprocess_writes_a_checkpoint_and_resume_is_exact(tmp_path, fu
 
 
 def test_checkpointing_flag_trains_identically(tmp_path):
-    cfg = tiny(steps_segmentor=2, steps_registor=1, steps_joint=2)
+    cfg = tiny(steps_segmentor=1, steps_registor=1, steps_joint=2)
     train(cfg, tmp_path / "a")
-    train(tiny(steps_segmentor=2, steps_registor=1, steps_joint=2, checkpointing=True), tmp_path / "b")
+    train(tiny(steps_segmentor=1, steps_registor=1, steps_joint=2, checkpointing=True), tmp_path / "b")
     a, b = log_rows(tmp_path / "a"), log_rows(tmp_path / "b")
     for ra, rb in zip(a, b):
         assert ra[:2] == rb[:2]
@@ -232,3 +232,44 @@ def test_ddp_two_processes_gloo(tmp_path):
     ckpt = torch.load(out / "last.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["data"], ckpt["rng"][1]["data"])  # each rank draws its own crops
+
+
+def test_three_d_elastic_with_odd_volume_sizes(tmp_path, monkeypatch):
+    """The 3-D path (elastic registor) on volumes that are not multiples of 16 (padded)."""
+    import coopseg.train as T
+
+    g = torch.Generator().manual_seed(5)
+    vols = []
+    for shape in ((20, 36, 30), (17, 40, 33)):
+        s = (torch.rand(1, *shape, generator=g) > 0.7).float()
+        vols.append(dict(x1=torch.rand(1, *shape, generator=g), x2=torch.rand(1, *shape, generator=g),
+                         s1=s, s2=torch.roll(s, 2, 2)))
+    monkeypatch.setattr(T, "build_training_data", lambda config: vols)
+    cfg = tiny(data="volumes.csv", spatial_dims=3, omega="elastic", registor_scale=1.0, crop_min=16,
+               crop_max=[32, 48, 32], steps_segmentor=1, steps_registor=1, steps_joint=1, checkpointing=True)
+    path = train(cfg, tmp_path)
+    rows = log_rows(tmp_path)
+    assert [r[1] for r in rows] == ["segmentor", "registor", "joint"]
+    model, _ = load_model(path)
+    assert model.registor.omega == "elastic" and model.spatial_dims == 3
+
+
+def test_random_crop_sizes_positions_and_shift():
+    from coopseg.train import random_crop
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.arange(40 * 70, dtype=torch.float32).reshape(1, 40, 70)
+    sample = dict(x1=base, x2=base + 0.5, s1=base, s2=base)
+    sides = set()
+    for _ in range(30):
+        c = random_crop(sample, (16, 32), (48, 64), g, shift=0.2)
+        h, w = c["s1"].shape[1:]
+        assert h % 16 == 0 and w % 16 == 0 and 16 <= h <= 48 and 32 <= w <= 64
+        sides.add((h, w))
+        assert torch.equal(c["s1"], c["s2"])            # one box for the whole pair
+        real = c["s1"] > 0                              # not the zero padding (40 -> 48, 70 -> 80)
+        assert real.any()
+        d1, d2 = (c["x1"] - c["s1"])[real], (c["x2"] - c["s1"] - 0.5)[real]
+        assert d1.std() < 1e-3 and d2.std() < 1e-3      # one shift per image...
+        assert abs(float(d1.mean())) <= 0.2 and abs(float(d2.mean())) <= 0.2
+    assert len(sides) > 3                               # ...random sizes and aspect ratios
