@@ -17,7 +17,7 @@ def build_dataset(spec, *, spatial_dims: int, seed: int, split: str = "train", n
 
     "toy"            coopseg.data.toy.ToyPairs (2-D only): `n` pairs (default 200 train,
                      20 val, 50 test) of `size`×`size`, disjoint seeds per split.
-    "*.csv"          coopseg.data.volumes.PairDataset(manifest, split=...) (real volumes).
+    "*.csv"          coopseg.data.volumes.PairDataset(manifest, spatial_dims=..., split=...) (real volumes).
     """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"data must be 'toy' or the path of a .csv manifest, got {spec!r}")
@@ -39,5 +39,5 @@ def build_dataset(spec, *, spatial_dims: int, seed: int, split: str = "train", n
             from .volumes import PairDataset
         except ImportError as exc:
             raise ValueError(f"data={spec!r}: real-volume manifests need coopseg.data.volumes ({exc})") from None
-        return PairDataset(spec, split=split)
+        return PairDataset(spec, spatial_dims=spatial_dims, split=split)
     raise ValueError(f"data must be 'toy' or the path of a .csv manifest, got {spec!r}")
