@@ -54,7 +54,7 @@ gpu-resources: $(STAMP)
 # to $(GPU_OUT) and are copied to $$OUT when set; the exit status is the first failure.
 GPU_PY     ?= python3
 GPU_OUT    ?= gpu-results
-CUDA_TESTS  = $(shell grep -l "mark.cuda" tests/test_*.py)
+CUDA_TESTS  = $(shell grep -l "pytest.mark.cuda" tests/test_*.py)
 export GPU_DEVICE_CHECK = import torch, triton; assert torch.cuda.is_available(), "no CUDA device"; \
 print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
 gpu-check:
