@@ -252,7 +252,7 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
             if NEED_MOVING:
                 # the image-gradient scatter first, from g and the weights alone, so that
                 # its addresses and weights are dead before the eight corner values below
-                # are loaded (3-D, both gradients: 191 -> see README registers at sm_90)
+                # are loaded (3-D, both gradients, sm_90: 191 -> 154 registers; README)
                 tl.static_assert(not SIMILARITY, "the D_S step has no image gradient")
                 _scatter_plane(gmb, row, W, mg & okd0, okh0, okh1, okw0, okw1, g * (1.0 - fd), fh, fw)
                 if ND == 3:
