@@ -3,7 +3,9 @@
 #   make bench  same setup, print the fused-vs-naive table (benchmarks/results/*.json)
 # Other targets: bench-pytest (pytest-benchmark), bench-train (memory/time of one training step),
 # toy (the toy lambda sweep, TOY_OUT=toy-out, TOY_ARGS=--full on a GPU),
-# demo (offline real-anatomy demo: demo-data -> train -> evaluate, CPU minutes), gpu-check (on a CUDA machine), clean.
+# demo (offline real-anatomy demo: demo-data -> train -> evaluate, CPU minutes),
+# gpu-compile (every Triton specialisation compiled for sm_80/sm_90 without a GPU),
+# gpu-resources (their registers/spills/smem table), gpu-check (on a CUDA machine), clean.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -12,7 +14,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test bench bench-pytest bench-train toy gpu-check demo clean
+.PHONY: test bench bench-pytest bench-train toy demo gpu-compile gpu-resources gpu-check clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,16 +52,39 @@ TOY_ARGS ?=
 toy: $(STAMP)
 	$(VPY) -m coopseg toy --out $(TOY_OUT) $(TOY_ARGS)
 
-# On a lent GPU machine: its own python3 (torch with CUDA, triton, pytest), no venv,
-# no network. Runs the CUDA tests and the benchmarks; copies results to $OUT if set.
+# Every flag x dtype x arch specialisation of the Triton kernels (and the covering
+# set of integer specialisations), compiled for sm_80 and sm_90 on this CPU-only
+# machine; `make test` compiles the covering subset only (tests/test_gpu_compile.py).
+gpu-compile: $(STAMP)
+	$(VPY) benchmarks/gpu_resources.py --check --jobs $(or $(JOBS),2)
+
+gpu-resources: $(STAMP)
+	$(VPY) benchmarks/gpu_resources.py --dtypes fp32 --jobs $(or $(JOBS),2)
+
+# On a lent GPU machine: its own python3 (torch with CUDA, triton, pytest, scipy), no
+# venv, no network, no nibabel. The package is used from this tree (PYTHONPATH; the C++
+# extension is not needed). Runs the CUDA tests (files with `cuda`-marked tests only, so
+# nothing imports nibabel), the fused-vs-naive table, the copy bandwidth and each
+# kernel's achieved bytes/s; every step runs even if an earlier one fails, results go
+# to $(GPU_OUT) and are copied to $$OUT when set; the exit status is the first failure.
+GPU_PY     ?= python3
+GPU_OUT    ?= gpu-results
+CUDA_TESTS  = $(shell grep -l "pytest.mark.cuda" tests/test_*.py)
+export GPU_DEVICE_CHECK = import torch, triton; assert torch.cuda.is_available(), "no CUDA device"; \
+print(torch.cuda.get_device_name(), "| torch", torch.__version__, "| triton", triton.__version__)
 gpu-check:
-	python3 -m pip install --no-deps --no-build-isolation -e .
-	python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'"
-	TRITON_INTERPRET=0 python3 -m pytest tests -m cuda -q -p no:cacheprovider
-	python3 benchmarks/table.py --device cuda
-	python3 benchmarks/train_memory.py --device cuda --breakdown 64
-	python3 -m pytest benchmarks --benchmark-only -q -p no:cacheprovider --benchmark-json=benchmarks/results/pytest-benchmark-cuda.json
-	if [ -n "$$OUT" ]; then cp benchmarks/results/*.json "$$OUT"/; fi
+	@mkdir -p $(GPU_OUT); status=0; \
+	export PYTHONPATH="$(CURDIR)" TRITON_INTERPRET=0 PYTHONDONTWRITEBYTECODE=1; \
+	$(GPU_PY) -c "$$GPU_DEVICE_CHECK" > $(GPU_OUT)/device.txt 2>&1 || { cat $(GPU_OUT)/device.txt; exit 1; }; \
+	cat $(GPU_OUT)/device.txt; \
+	run() { name=$$1; shift; echo "== $$*"; "$$@" > $(GPU_OUT)/$$name 2>&1; rc=$$?; cat $(GPU_OUT)/$$name; \
+	  if [ $$rc -ne 0 ] && [ $$status -eq 0 ]; then status=$$rc; fi; }; \
+	run cuda-tests.txt $(GPU_PY) -m pytest -m cuda -q -rs -p no:cacheprovider $(CUDA_TESTS); \
+	run table.md $(GPU_PY) benchmarks/table.py --device cuda --out $(GPU_OUT); \
+	run bandwidth.md $(GPU_PY) benchmarks/bandwidth.py --device cuda --out $(GPU_OUT); \
+	run train-memory.md $(GPU_PY) benchmarks/train_memory.py --device cuda --breakdown 64; \
+	if [ -n "$${OUT:-}" ]; then cp -r $(GPU_OUT)/. "$$OUT"/; fi; \
+	exit $$status
 
 # Offline demo on real anatomy (CPU, minutes): pairs from the MNI152 templates in the
 # nilearn wheel -> a short 3-D training run -> the paper's evaluation table and figure.
@@ -73,4 +98,4 @@ demo: $(STAMP)
 	    --out $(DEMO)/results.csv --patch 64
 
 clean:
-	rm -rf build *.egg-info coopseg_kernels/*.so $(VENV) $(DEMO)
+	rm -rf build *.egg-info coopseg_kernels/*.so $(VENV) $(DEMO) gpu-results

@@ -152,12 +152,22 @@ def _plane_corners(base, row, W, md, okh0, okh1, okw0, okw1, like):
 
 
 @triton.jit
-def _corner(v, idx, m, wt_d, wt_h, wt_w, dd, dh, dw, g, gm_base, NEED_MOVING: tl.constexpr):
-    """One corner (value v) of the backward: returns its contributions to the
-    position gradient (d, h, w) and scatters g * weight into the image gradient."""
-    if NEED_MOVING:
-        tl.atomic_add(gm_base + idx, (g * wt_d * wt_h * wt_w).to(gm_base.dtype.element_ty), mask=m)
+def _corner(v, wt_d, wt_h, wt_w, dd, dh, dw):
+    """One corner (value v) of the backward: its contributions to the position
+    gradient (d, h, w)."""
     return dd * wt_h * wt_w * v, wt_d * dh * wt_w * v, wt_d * wt_h * dw * v
+
+
+@triton.jit
+def _scatter_plane(gm_base, row, W, md, okh0, okh1, okw0, okw1, gd, fh, fw):
+    """Scatter gd * (h, w) weights into the four corners of one d plane of the image
+    gradient (gd: the output gradient times the plane's d weight). Relaxed atomics:
+    the scatter is a sum, no ordering is needed."""
+    ty = gm_base.dtype.element_ty
+    tl.atomic_add(gm_base + row, (gd * (1.0 - fh) * (1.0 - fw)).to(ty), mask=md & okh0 & okw0, sem="relaxed")
+    tl.atomic_add(gm_base + row + 1, (gd * (1.0 - fh) * fw).to(ty), mask=md & okh0 & okw1, sem="relaxed")
+    tl.atomic_add(gm_base + row + W, (gd * fh * (1.0 - fw)).to(ty), mask=md & okh1 & okw0, sem="relaxed")
+    tl.atomic_add(gm_base + row + W + 1, (gd * fh * fw).to(ty), mask=md & okh1 & okw1, sem="relaxed")
 
 
 @triton.jit
@@ -239,6 +249,14 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
             base = mov_ptr + (b * C + c) * N
             gmb = gmov_ptr + (b * C + c) * N
             g = tl.load(gout_ptr + (b * C + c) * N + vox, mask=m, other=0.0).to(fw.dtype)
+            if NEED_MOVING:
+                # the image-gradient scatter first, from g and the weights alone, so that
+                # its addresses and weights are dead before the eight corner values below
+                # are loaded (3-D, both gradients, sm_90: 191 -> 154 registers; README)
+                tl.static_assert(not SIMILARITY, "the D_S step has no image gradient")
+                _scatter_plane(gmb, row, W, mg & okd0, okh0, okh1, okw0, okw1, g * (1.0 - fd), fh, fw)
+                if ND == 3:
+                    _scatter_plane(gmb, row + H * W, W, mg & okd1, okh0, okh1, okw0, okw1, g * fd, fh, fw)
             v000, v001, v010, v011, m000, m001, m010, m011 = _plane_corners(base, row, W, mg & okd0, okh0, okh1,
                                                                            okw0, okw1, fw)
             val = (1.0 - fh) * ((1.0 - fw) * v000 + fw * v001) + fh * ((1.0 - fw) * v010 + fw * v011)
@@ -254,18 +272,18 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
                 res = tl.where(bad, nan, res)
                 loss += res * res
                 g = scale * res
-            a0, a1, a2 = _corner(v000, row, m000, 1.0 - fd, 1.0 - fh, 1.0 - fw, -cld, -clh, -clw, g, gmb, NEED_MOVING)
-            b0, b1, b2 = _corner(v001, row + 1, m001, 1.0 - fd, 1.0 - fh, fw, -cld, -clh, clw, g, gmb, NEED_MOVING)
-            c0, c1, c2 = _corner(v010, row + W, m010, 1.0 - fd, fh, 1.0 - fw, -cld, clh, -clw, g, gmb, NEED_MOVING)
-            e0, e1, e2 = _corner(v011, row + W + 1, m011, 1.0 - fd, fh, fw, -cld, clh, clw, g, gmb, NEED_MOVING)
+            a0, a1, a2 = _corner(v000, 1.0 - fd, 1.0 - fh, 1.0 - fw, -cld, -clh, -clw)
+            b0, b1, b2 = _corner(v001, 1.0 - fd, 1.0 - fh, fw, -cld, -clh, clw)
+            c0, c1, c2 = _corner(v010, 1.0 - fd, fh, 1.0 - fw, -cld, clh, -clw)
+            e0, e1, e2 = _corner(v011, 1.0 - fd, fh, fw, -cld, clh, clw)
             sd_ = a0 + b0 + c0 + e0
             sh_ = a1 + b1 + c1 + e1
             sw_ = a2 + b2 + c2 + e2
             if ND == 3:
-                a0, a1, a2 = _corner(v100, r1, m100, fd, 1.0 - fh, 1.0 - fw, cld, -clh, -clw, g, gmb, NEED_MOVING)
-                b0, b1, b2 = _corner(v101, r1 + 1, m101, fd, 1.0 - fh, fw, cld, -clh, clw, g, gmb, NEED_MOVING)
-                c0, c1, c2 = _corner(v110, r1 + W, m110, fd, fh, 1.0 - fw, cld, clh, -clw, g, gmb, NEED_MOVING)
-                e0, e1, e2 = _corner(v111, r1 + W + 1, m111, fd, fh, fw, cld, clh, clw, g, gmb, NEED_MOVING)
+                a0, a1, a2 = _corner(v100, fd, 1.0 - fh, 1.0 - fw, cld, -clh, -clw)
+                b0, b1, b2 = _corner(v101, fd, 1.0 - fh, fw, cld, -clh, clw)
+                c0, c1, c2 = _corner(v110, fd, fh, 1.0 - fw, cld, clh, -clw)
+                e0, e1, e2 = _corner(v111, fd, fh, fw, cld, clh, clw)
                 sd_ += a0 + b0 + c0 + e0
                 sh_ += a1 + b1 + c1 + e1
                 sw_ += a2 + b2 + c2 + e2
