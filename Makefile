@@ -1,7 +1,8 @@
 # coopseg: two commands.
 #   make test   create .venv, install torch (CPU) + triton + the package, run the tests
 #   make bench  same setup, print the fused-vs-naive table (benchmarks/results/*.json)
-# Other targets: bench-pytest (pytest-benchmark), gpu-check (on a CUDA machine), clean.
+# Other targets: bench-pytest (pytest-benchmark), gpu-check (on a CUDA machine), warp-phases
+# (per-phase CPU time of the warp), clean.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -10,7 +11,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test bench bench-pytest gpu-check clean
+.PHONY: test bench bench-pytest gpu-check clean warp-phases
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -47,3 +48,10 @@ gpu-check:
 
 clean:
 	rm -rf build *.egg-info coopseg_kernels/*.so $(VENV)
+
+# Where the CPU warp's time goes: per-phase table of the forward and backward on one
+# thread (benchmarks/warp_phases.cpp). MARCH=x86-64-v3 (AVX2 only) or MARCH=none
+# (the compiler default, as COOPSEG_NATIVE=0) time the other builds.
+MARCH ?= native
+warp-phases: $(STAMP)
+	$(VPY) benchmarks/warp_phases.py --march $(MARCH)
