@@ -28,11 +28,25 @@ def warp(moving: torch.Tensor, coarse: torch.Tensor, *, align_corners: bool = Tr
          padding_mode: str = "zeros") -> torch.Tensor:
     """Sample `moving` at voxel + upsampled displacement (multilinear, grid_sample align_corners=True).
 
-    Math in float32 (float64 for float64 images); the result has the image's dtype."""
+    Math in float32 (float64 for float64 images); the result has the image's dtype.
+
+    Non-finite displacements (README, Conventions): a voxel whose displacement is
+    NaN or infinite comes out NaN, adds nothing to the image gradient and gives a
+    NaN gradient to its displacement (so to the coarse nodes it interpolates from).
+    grid_sample itself is only ever given finite coordinates: such voxels sample
+    at displacement 0 and are overwritten. Besides defining the rule, this guards
+    against torch 2.13's grid_sample backward, which crashes the process
+    (segfault) on a NaN grid with padding_mode="border"."""
     dtype = math_dtype(moving.dtype)
     field = upsample_field(coarse.to(dtype), moving.shape[2:], align_corners=align_corners)
+    bad = ~field.isfinite().all(1, keepdim=True)  # (B, 1, *S)
+    if bad.any():
+        if field.requires_grad:
+            field.register_hook(lambda g: g.masked_fill(bad.expand_as(g), float("nan")))
+        field = field.masked_fill(bad.expand_as(field), 0.0)
     grid = field_to_grid(field, align_corners=True)
     out = F.grid_sample(moving.to(dtype), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    out = out.masked_fill(bad.expand_as(out), float("nan"))
     return out.to(moving.dtype)
 
 
