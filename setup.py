@@ -23,13 +23,20 @@ if os.environ.get("COOPSEG_NO_EXT") != "1":
     flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if os.environ.get("COOPSEG_NATIVE", "1") == "1":
         flags.append("-march=native")
+    link = ["-fopenmp"]
+    if os.environ.get("COOPSEG_SANITIZE") == "1":
+        # make sanitize: ASan + UBSan; -fno-wrapv comes last to undo Python's
+        # -fwrapv, which would hide signed overflow from UBSan
+        san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+        flags = ["-O1", "-g", "-fopenmp", "-fno-math-errno"] + san + ["-fno-wrapv"]
+        link += san
     ext_modules = [
         CppExtension(
             "coopseg_kernels._C",
             sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")),
             include_dirs=[os.path.abspath("csrc/cpu")],
             extra_compile_args={"cxx": flags},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=link,
         )
     ]
     cmdclass = {"build_ext": BuildExtension.with_options(use_ninja=True)}

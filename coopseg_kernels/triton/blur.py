@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import block_voxels, new_output
+from .geometry import block_voxels, needs_int64, new_output
 
 _BLOCK = 256
 
@@ -57,5 +57,5 @@ def blur_apply(x: torch.Tensor, idx: list[torch.Tensor], wt: list[torch.Tensor])
     out = new_output(x.shape, x.dtype, x.device)
     grid = (triton.cdiv(N, _BLOCK), x.shape[0] * x.shape[1])
     blur_apply_kernel[grid](x, out, idx[0], wt[0], idx[1], wt[1], idx[2], wt[2], D, H, W,
-                            M=M, ND=nd, INT64=N >= 2**31 - 1, BLOCK=_BLOCK)
+                            M=M, ND=nd, INT64=needs_int64(N), BLOCK=_BLOCK)
     return out

@@ -129,7 +129,7 @@ struct RowTaps {
   std::vector<I> lower;                         // index of tap 0 along the slab axis (d in 3-D, h in 2-D)
   std::vector<I> lower_w;                       // index of tap 0 along w (in 3-D first scratch for h)
   std::vector<I> ok;                            // TapBits of the taps inside the image
-  std::vector<I> bad;                           // 1 where the position is NaN
+  std::vector<I> bad;                           // 1 where the position is not finite
   std::vector<T> pd, ph, pw;                    // positions
   // scratch: the corner values of the row, [corner (d, h, w bits)][w], filled by row_corners_pairs
   mutable std::vector<T> corners;
@@ -211,7 +211,9 @@ inline void row_taps(const T* rowf, Dims3 s, const AxisInterp<T>& Iw, Dims3 S, i
       pd[w] = T(d) + (a[0] + b[0] * l1[w]);
       ph[w] = T(h) + (a[1] + b[1] * l1[w]);
       pw[w] = T(w) + (a[2] + b[2] * l1[w]);
-      bad[w] = ((pd[w] != pd[w]) | (ph[w] != ph[w]) | (pw[w] != pw[w])) ? I(1) : I(0);
+      // a non-finite (NaN or infinite) position: x * 0 is NaN exactly then
+      const T z = pd[w] * T(0) + ph[w] * T(0) + pw[w] * T(0);
+      bad[w] = (z != z) ? I(1) : I(0);
       ok[w] = ND == 3 ? I(0) : I(kD0);
     }
   }
@@ -339,9 +341,25 @@ inline void row_corners_pairs(const float* img, const RowTaps<float, int32_t>& R
 #endif
 
 // Calls fn(w, v000, ..., v111) for every voxel of the row with its corner
-// values (see for_each_corners_generic).
-template <typename T, typename I, int ND, typename Fn>
+// values (see for_each_corners_generic). The fast paths already select 0 for
+// the corners outside the image; MASKED is the scalar path that the callers
+// re-run for the rare rows whose result is not finite (see all_finite), where
+// they also skip voxels with no corner inside (any_corner_inside).
+template <typename T, typename I, int ND, bool MASKED = false, typename Fn>
 inline void for_each_corners(const T* img, const RowTaps<T, I>& R, Dims3 S, Fn&& fn) {
+  if constexpr (MASKED) {
+    for (int64_t w = 0; w < S.w; ++w) {
+      const I ok = R.ok[w];
+      auto at = [&](I od, I oh, I ow, I bits) { return (ok & bits) == bits ? img[od + oh + ow] : T(0); };
+      fn(w, at(R.od0[w], R.oh0[w], R.ow0[w], kD0 | kH0 | kW0), at(R.od0[w], R.oh0[w], R.ow1[w], kD0 | kH0 | kW1),
+         at(R.od0[w], R.oh1[w], R.ow0[w], kD0 | kH1 | kW0), at(R.od0[w], R.oh1[w], R.ow1[w], kD0 | kH1 | kW1),
+         ND == 3 ? at(R.od1[w], R.oh0[w], R.ow0[w], kD1 | kH0 | kW0) : T(0),
+         ND == 3 ? at(R.od1[w], R.oh0[w], R.ow1[w], kD1 | kH0 | kW1) : T(0),
+         ND == 3 ? at(R.od1[w], R.oh1[w], R.ow0[w], kD1 | kH1 | kW0) : T(0),
+         ND == 3 ? at(R.od1[w], R.oh1[w], R.ow1[w], kD1 | kH1 | kW1) : T(0));
+    }
+    return;
+  }
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float> && std::is_same_v<I, int32_t>) {
     const int64_t W = S.w;
@@ -359,20 +377,47 @@ inline void for_each_corners(const T* img, const RowTaps<T, I>& R, Dims3 S, Fn&&
   for_each_corners_generic<T, I, ND>(img, R, S, fn);
 }
 
+// Whether x[0..n) is all finite: one vectorised pass (x - x is 0 exactly for
+// finite x). The kernels take their exact, slower path only for rows where it
+// is not, so finite data pays one pass over a row in cache.
+template <typename T>
+inline bool all_finite(const T* x, int64_t n) {
+  T acc = T(0);
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += x[i] - x[i];
+  return acc == T(0);
+}
+
+// Whether some corner of voxel w lies inside the image (its sample depends on
+// its position). A voxel with none passes no gradient to its position, even
+// for an infinite or NaN output gradient (grid_sample skips such corners).
+template <typename T, typename I, int ND>
+inline bool any_corner_inside(const RowTaps<T, I>& R, int64_t w) {
+  const I ok = R.ok[w];
+  return (ok & (kD0 | kD1)) && (ok & (kH0 | kH1)) && (ok & (kW0 | kW1));
+}
+
 // out[w] = image sampled at the row's positions (NaN where the position is NaN).
 template <typename T, typename I, int ND>
 inline void row_sample(const T* img, const RowTaps<T, I>& R, Dims3 S, T* out) {
   const T nan = std::numeric_limits<T>::quiet_NaN();
-  for_each_corners<T, I, ND>(img, R, S, [&](int64_t w, T a, T b, T c, T d, T e, T f, T g, T h) {
+  auto sample = [&](int64_t w, T a, T b, T c, T d, T e, T f, T g, T h) {
     out[w] = R.bad[w] ? nan : interp<T, I, ND>(R, w, a, b, c, d, e, f, g, h);
-  });
+  };
+  for_each_corners<T, I, ND>(img, R, S, sample);
+  // a non-finite image value must not reach the voxels whose taps outside the
+  // image read it with weight 0
+  if (!all_finite(out, S.w)) for_each_corners<T, I, ND, true>(img, R, S, sample);
 }
 
 // gp{d,h,w}[w] += g[w] * d(sample)/d(position) for one channel.
-template <typename T, typename I, int ND>
+// MASKED: the exact path for non-finite data (for_each_corners; voxels with no
+// corner inside the image are skipped).
+template <typename T, typename I, int ND, bool MASKED = false>
 inline void row_position_grad(const T* img, const T* g, const RowTaps<T, I>& R, Dims3 S, T* gpd, T* gph,
                               T* gpw) {
-  for_each_corners<T, I, ND>(img, R, S, [&](int64_t w, T a, T b, T c, T d, T e, T f, T gg, T h) {
+  for_each_corners<T, I, ND, MASKED>(img, R, S, [&](int64_t w, T a, T b, T c, T d, T e, T f, T gg, T h) {
+    if (MASKED && !any_corner_inside<T, I, ND>(R, w)) return;
     interp_grad<T, I, ND>(R, w, g[w], a, b, c, d, e, f, gg, h, gpd[w], gph[w], gpw[w]);
   });
 }
@@ -427,6 +472,10 @@ struct ScatterScratch {
   explicit ScatterScratch(int64_t W) : base(4 * W), wt(8 * W) {}
 };
 
+//
+// Needs lo < hi (the task owns a plane) and W >= 2: the zero-weight writes go
+// to the pair [safe, safe + 1] at the slab's first element, which must be the
+// task's own. A task that owns no plane does not call it.
 template <typename T, typename I, int ND>
 inline void row_scatter(const T* g, const RowTaps<T, I>& R, Dims3 S, int64_t C, int64_t N, int64_t lo,
                         int64_t hi, T* gm, ScatterScratch<T, I>& X) {
@@ -531,6 +580,11 @@ inline void row_coarse_sums(const RowTaps<T, I>& R, const T* img, const T* g, in
   T* gpw = gph + S.w;
   std::fill(gpos.begin(), gpos.end(), T(0));
   for (int64_t c = 0; c < C; ++c) row_position_grad<T, I, ND>(img + c * N, g + c * N, R, S, gpd, gph, gpw);
+  if (!all_finite(gpd, 3 * S.w)) {  // a non-finite image value or output gradient: the exact path
+    std::fill(gpos.begin(), gpos.end(), T(0));
+    for (int64_t c = 0; c < C; ++c)
+      row_position_grad<T, I, ND, true>(img + c * N, g + c * N, R, S, gpd, gph, gpw);
+  }
   cell_sums<T, I, ND>(R, gpos, S, Iw, Alo, Ahi);
 }
 
@@ -545,23 +599,41 @@ inline double row_similarity_sums(const RowTaps<T, I>& R, const T* s1, const T* 
   T* gpd = gpos.data();
   T* gph = gpd + S.w;
   T* gpw = gph + S.w;
-  std::fill(gpos.begin(), gpos.end(), T(0));
-  double loss = 0.0;
   T* r = resid.data();
   const T nan = std::numeric_limits<T>::quiet_NaN();
-  for (int64_t c = 0; c < C; ++c) {
-    const T* s2c = s2 + c * N;
-    // value and position gradient from one read of the corners
-    for_each_corners<T, I, ND>(s1 + c * N, R, S, [&](int64_t w, T a, T b, T cc, T d, T e, T f, T g, T h) {
-      const T res = R.bad[w] ? nan : interp<T, I, ND>(R, w, a, b, cc, d, e, f, g, h) - s2c[w];
-      r[w] = res;
-      interp_grad<T, I, ND>(R, w, scale * res, a, b, cc, d, e, f, g, h, gpd[w], gph[w], gpw[w]);
-    });
+  auto pass = [&](auto masked) {
+    constexpr bool MASKED = decltype(masked)::value;
+    std::fill(gpos.begin(), gpos.end(), T(0));
+    double loss = 0.0;
+    for (int64_t c = 0; c < C; ++c) {
+      const T* s2c = s2 + c * N;
+      // value and position gradient from one read of the corners
+      for_each_corners<T, I, ND, MASKED>(s1 + c * N, R, S, [&](int64_t w, T a, T b, T cc, T d, T e, T f, T g, T h) {
+        const T res = R.bad[w] ? nan : interp<T, I, ND>(R, w, a, b, cc, d, e, f, g, h) - s2c[w];
+        r[w] = res;
+        if (MASKED && !any_corner_inside<T, I, ND>(R, w)) return;
+        interp_grad<T, I, ND>(R, w, scale * res, a, b, cc, d, e, f, g, h, gpd[w], gph[w], gpw[w]);
+      });
 #pragma omp simd reduction(+ : loss)
-    for (int64_t w = 0; w < S.w; ++w) loss += double(r[w]) * double(r[w]);
-  }
+      for (int64_t w = 0; w < S.w; ++w) loss += double(r[w]) * double(r[w]);
+    }
+    return loss;
+  };
+  double loss = pass(std::false_type{});
+  // a non-finite value in s1 or s2 (NaN positions alone keep the fast path's
+  // position gradient finite): the exact path
+  if (!all_finite(gpd, 3 * S.w) || !std::isfinite(loss)) loss = pass(std::true_type{});
   cell_sums<T, I, ND>(R, gpos, S, Iw, Alo, Ahi);
   return loss;
+}
+
+// Test-only switch: COOPSEG_FORCE_INT64=1 makes dispatch_warp take the 64-bit
+// index path on any volume, so that the tests run that instantiation on small
+// inputs (a real one needs 2^31 voxels, see tests/test_int64.py). Read per
+// call (cheap next to any kernel) so a test can set it for one call.
+inline bool force_int64_index() {
+  const char* v = std::getenv("COOPSEG_FORCE_INT64");
+  return v != nullptr && std::strcmp(v, "1") == 0;
 }
 
 // Calls fn.template operator()<T, I, ND, BORDER>() for the runtime dtype,
@@ -569,7 +641,7 @@ inline double row_similarity_sums(const RowTaps<T, I>& R, const T* s1, const T* 
 template <typename Fn>
 auto dispatch_warp(const at::Tensor& moving, bool border, Fn&& fn) {
   const bool three = moving.dim() == 5;
-  const bool small = dims3(moving).numel() < (int64_t(1) << 31);
+  const bool small = dims3(moving).numel() < (int64_t(1) << 31) && !force_int64_index();
   return AT_DISPATCH_FLOATING_TYPES(moving.scalar_type(), "coopseg_warp", [&] {
     using T = scalar_t;
     if (small) {
