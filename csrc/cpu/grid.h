@@ -146,9 +146,9 @@ struct RowTaps {
 // It vectorises only with -fno-trapping-math (setup.py): otherwise GCC 12
 // may not if-convert the float compares and conversions and leaves the loop
 // scalar ("control flow in loop"), everywhere with AVX2 or SSE2 and, once
-// inlined into row_taps, with AVX-512 too: the taps then cost 4x the sampling
-// (24 vs 6 TSC ticks per voxel on AMD EPYC, see README). Kept out of line as
-// well, which alone was enough with AVX-512.
+// inlined into row_taps in some translation units, with AVX-512 too (then 24
+// instead of 6 TSC ticks per voxel on AMD EPYC, see README). Kept out of line
+// as well, which alone was enough with AVX-512.
 template <typename T, typename I, bool BORDER, bool GRAD>
 COOPSEG_NOINLINE void axis_taps(const T* __restrict p_, int64_t W, I n, I stride, I bit0, I bit1, I* __restrict o0,
                       I* __restrict o1, T* __restrict w0, T* __restrict w1, T* __restrict g0,
