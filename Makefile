@@ -60,13 +60,15 @@ SAN_DEPS ?= $(STAMP)
 sanitize: $(SAN_DEPS)
 	mkdir -p $(ASAN_DIR)
 	rm -rf $(ASAN_DIR)/csrc $(ASAN_DIR)/coopseg_kernels
-	cp -r setup.py csrc coopseg_kernels $(ASAN_DIR)/
+	cp -rp setup.py csrc coopseg_kernels $(ASAN_DIR)/
 	rm -f $(ASAN_DIR)/coopseg_kernels/*.so
 	cd $(ASAN_DIR) && COOPSEG_SANITIZE=1 $(abspath $(VPY)) setup.py -q build_ext --inplace
-	$(SAN_ENV) $(abspath $(VPY)) -c "import coopseg_kernels._C as c; assert '$(ASAN_DIR)' in c.__file__, c.__file__"
-	$(SAN_ENV) $(abspath $(VPY)) -m pytest -q -p no:cacheprovider tests/test_raw_ops.py tests/test_warp.py \
-		tests/test_nonfinite.py tests/test_int64.py tests/test_blur.py tests/test_similarity.py -k "not triton and not cuda"
-	$(SAN_ENV) COOPSEG_FUZZ_LONG=1 $(abspath $(VPY)) -m pytest -q -p no:cacheprovider tests/test_fuzz.py
+	# run from build-asan/ so that its coopseg_kernels (with the sanitized _C) is imported
+	cd $(ASAN_DIR) && $(SAN_ENV) $(abspath $(VPY)) -c "import coopseg_kernels._C as c; assert '$(ASAN_DIR)' in c.__file__, c.__file__"
+	cd $(ASAN_DIR) && $(SAN_ENV) $(abspath $(VPY)) -m pytest -q -p no:cacheprovider ../tests/test_raw_ops.py \
+		../tests/test_warp.py ../tests/test_nonfinite.py ../tests/test_int64.py ../tests/test_blur.py \
+		../tests/test_similarity.py -k "not triton and not cuda"
+	cd $(ASAN_DIR) && $(SAN_ENV) COOPSEG_FUZZ_LONG=1 $(abspath $(VPY)) -m pytest -q -p no:cacheprovider ../tests/test_fuzz.py
 
 clean:
 	rm -rf build $(ASAN_DIR) *.egg-info coopseg_kernels/*.so $(VENV)

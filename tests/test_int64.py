@@ -31,12 +31,11 @@ def test_switch_selects_int64_in_triton():
     assert not needs_int64(10) and needs_int64(2**31)
 
 
-@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
-@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("padding_mode,align_corners,dtype", [("zeros", True, torch.float64),
+                                                               ("border", False, torch.float32)])
 @pytest.mark.parametrize("size,coarse_size", test_warp.CASES_3D[:2] + test_warp.CASES_2D[:2])
-def test_warp_matches_reference_int64(backend, size, coarse_size, align_corners, padding_mode):
-    for dtype in (torch.float64, torch.float32):
-        test_warp.test_warp_matches_reference(backend, size, coarse_size, align_corners, padding_mode, dtype)
+def test_warp_matches_reference_int64(backend, size, coarse_size, align_corners, padding_mode, dtype):
+    test_warp.test_warp_matches_reference(backend, size, coarse_size, align_corners, padding_mode, dtype)
 
 
 @pytest.mark.parametrize("size,coarse_size", test_warp.CASES_3D[:1] + test_warp.CASES_2D[:1])
