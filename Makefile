@@ -5,7 +5,8 @@
 # toy (the toy lambda sweep, TOY_OUT=toy-out, TOY_ARGS=--full on a GPU),
 # demo (offline real-anatomy demo: demo-data -> train -> evaluate, CPU minutes),
 # gpu-compile (every Triton specialisation compiled for sm_80/sm_90 without a GPU),
-# gpu-resources (their registers/spills/smem table), gpu-check (on a CUDA machine), clean.
+# gpu-resources (their registers/spills/smem table), gpu-check (on a CUDA machine),
+# sanitize (ASan/UBSan build + C++ tests + long fuzz), warp-phases (per-phase CPU time of the warp), clean.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -14,7 +15,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test bench bench-pytest bench-train toy demo gpu-compile gpu-resources gpu-check clean
+.PHONY: test bench bench-pytest bench-train toy demo gpu-compile gpu-resources gpu-check sanitize warp-phases clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -97,5 +98,36 @@ demo: $(STAMP)
 	$(VPY) -m coopseg.cli evaluate --manifest $(DEMO)/data/test.csv --checkpoint $(DEMO)/run/last.pt \
 	    --out $(DEMO)/results.csv --patch 64
 
+# The C++ extension under AddressSanitizer + UBSan (-fno-wrapv), built in a
+# separate copy (build-asan/, the in-place build is untouched), then the C++
+# tests and the long seeded fuzz (tests/test_fuzz.py, threads 1/2/3/6/16, NaN/inf
+# inputs) with libasan preloaded into python. Fails on any sanitizer report
+# (halt_on_error) or mismatch with the reference.
+ASAN_DIR := build-asan
+SAN_ENV := LD_PRELOAD="$$(gcc -print-file-name=libasan.so) $$(gcc -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1 \
+	UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 PYTHONMALLOC=malloc \
+	PYTHONPATH=$(CURDIR)/$(ASAN_DIR) COOPSEG_BACKEND=cpp TRITON_INTERPRET=1
+SAN_DEPS ?= $(STAMP)
+sanitize: $(SAN_DEPS)
+	mkdir -p $(ASAN_DIR)
+	rm -rf $(ASAN_DIR)/csrc $(ASAN_DIR)/coopseg_kernels
+	cp -rp setup.py csrc coopseg_kernels $(ASAN_DIR)/
+	rm -f $(ASAN_DIR)/coopseg_kernels/*.so
+	cd $(ASAN_DIR) && COOPSEG_SANITIZE=1 $(abspath $(VPY)) setup.py -q build_ext --inplace
+	# run from build-asan/ so that its coopseg_kernels (with the sanitized _C) is imported
+	cd $(ASAN_DIR) && $(SAN_ENV) $(abspath $(VPY)) -c "import coopseg_kernels._C as c; assert '$(ASAN_DIR)' in c.__file__, c.__file__"
+	cd $(ASAN_DIR) && $(SAN_ENV) $(abspath $(VPY)) -m pytest -q -p no:cacheprovider ../tests/test_raw_ops.py \
+		../tests/test_warp.py ../tests/test_nonfinite.py ../tests/test_int64.py ../tests/test_blur.py \
+		../tests/test_similarity.py -k "not triton and not cuda"
+	cd $(ASAN_DIR) && $(SAN_ENV) COOPSEG_FUZZ_LONG=1 $(abspath $(VPY)) -m pytest -q -p no:cacheprovider ../tests/test_fuzz.py
+
 clean:
-	rm -rf build *.egg-info coopseg_kernels/*.so $(VENV) $(DEMO) gpu-results
+	rm -rf build $(ASAN_DIR) *.egg-info coopseg_kernels/*.so $(VENV) $(DEMO) gpu-results
+
+# Where the CPU warp's time goes: per-phase table of the forward and backward on one
+# thread (benchmarks/warp_phases.cpp). MARCH=x86-64-v3 (AVX2 only) or MARCH=none
+# (the compiler default, as COOPSEG_NATIVE=0) time the other builds.
+MARCH ?= native
+warp-phases: $(STAMP)
+	$(VPY) benchmarks/warp_phases.py --march $(MARCH)

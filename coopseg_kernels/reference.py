@@ -28,12 +28,50 @@ def warp(moving: torch.Tensor, coarse: torch.Tensor, *, align_corners: bool = Tr
          padding_mode: str = "zeros") -> torch.Tensor:
     """Sample `moving` at voxel + upsampled displacement (multilinear, grid_sample align_corners=True).
 
-    Math in float32 (float64 for float64 images); the result has the image's dtype."""
+    Math in float32 (float64 for float64 images); the result has the image's dtype.
+
+    Non-finite displacements (README, Conventions): a voxel whose displacement is
+    NaN or infinite comes out NaN, adds nothing to the image gradient and gives a
+    NaN gradient to its displacement (so to the coarse nodes it interpolates from).
+    grid_sample itself is only ever given finite coordinates: such voxels sample
+    at displacement 0 and are overwritten. Besides defining the rule, this guards
+    against torch 2.13's grid_sample backward, which crashes the process
+    (segfault) on a NaN grid with padding_mode="border"."""
     dtype = math_dtype(moving.dtype)
     field = upsample_field(coarse.to(dtype), moving.shape[2:], align_corners=align_corners)
+    bad = ~field.isfinite().all(1, keepdim=True) | _cells_with_nonfinite_node(coarse, moving.shape[2:], align_corners)
+    if bad.any():
+        if field.requires_grad:
+            field.register_hook(lambda g: g.masked_fill(bad.expand_as(g), float("nan")))
+        field = field.masked_fill(bad.expand_as(field), 0.0)
     grid = field_to_grid(field, align_corners=True)
     out = F.grid_sample(moving.to(dtype), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
+    out = out.masked_fill(bad.expand_as(out), float("nan"))
     return out.to(moving.dtype)
+
+
+def _cells_with_nonfinite_node(coarse: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:
+    """(B, 1, *S) bool: voxels of a coarse cell with a non-finite node among its
+    2^nd corners. Interpolation forms 0 * node there too (0 * inf = NaN), so such
+    a voxel's displacement is not finite even where the node's weight is 0 --
+    except that F.interpolate copies an axis whose coarse and fine sizes are equal
+    (align_corners=True) and so sometimes skips that product; the rule is the
+    arithmetic's, stated per cell (README, Conventions)."""
+    node_bad = ~coarse.isfinite().all(1)  # (B, *s)
+    if not node_bad.any():
+        return torch.zeros((coarse.shape[0], 1, *size), dtype=torch.bool, device=coarse.device)
+    dtype = math_dtype(coarse.dtype)
+    t = node_bad
+    for k, (S, n) in enumerate(zip(size, coarse.shape[2:])):
+        x = torch.arange(S, dtype=dtype, device=coarse.device)
+        if align_corners:  # the index arithmetic of F.interpolate, in the math dtype
+            src = x * (torch.tensor(float(n - 1), dtype=dtype) / (S - 1) if S > 1 else torch.tensor(0.0, dtype=dtype))
+        else:
+            src = (torch.tensor(float(n), dtype=dtype) / S * (x + 0.5) - 0.5).clamp_min(0)
+        i0 = src.floor().clamp_max(n - 1).long()
+        i1 = (i0 + 1).clamp_max(n - 1)
+        t = t.index_select(k + 1, i0) | t.index_select(k + 1, i1)
+    return t.unsqueeze(1)
 
 
 def normalized_kernel(kernel) -> list[float]:

@@ -41,14 +41,21 @@ def _seed():
     torch.manual_seed(1234)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA device (make gpu-check)")
+    config.addinivalue_line("markers", "slow: long/big opt-in test (--runslow or COOPSEG_SLOW=1)")
 
 
 def pytest_collection_modifyitems(config, items):
-    if CUDA:
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    runslow = config.getoption("--runslow") or os.environ.get("COOPSEG_SLOW") == "1"
+    skip_slow = pytest.mark.skip(reason="slow: run with --runslow or COOPSEG_SLOW=1")
+    skip_cuda = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        if "slow" in item.keywords and not runslow:
+            item.add_marker(skip_slow)
+        if "cuda" in item.keywords and not CUDA:
+            item.add_marker(skip_cuda)

@@ -118,6 +118,39 @@ def test_cpp_gradients_do_not_depend_on_thread_count():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("need", ["both", "moving"])
+@pytest.mark.parametrize("size,coarse_size,align_corners", [
+    ((2, 64, 64), (6, 2, 2), True),   # the issue-7 repro: 6 cells along d over 2 planes
+    ((3, 9, 8), (5, 2, 3), False),
+    ((3, 17), (7, 2), True),          # 2-D: the slab axis is h
+])
+def test_cpp_empty_slabs_at_many_thread_counts(size, coarse_size, align_corners, need):
+    # A coarse grid longer than the image along the slab axis makes slabs (of
+    # cells, or of planes when there are more tasks than planes) that own no
+    # plane. Such a slab must not scatter: it used to write into another task's
+    # slab or past the buffer (lost updates from 3 threads on).
+    if not ck.HAS_CPP:
+        pytest.skip("C++ extension not built")
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3, 4, 6, 16):
+            torch.set_num_threads(n)
+            for trial in range(4):
+                moving, coarse = _inputs(size, coarse_size, torch.float64, B=1 + trial % 2, C=2, scale=2.0)
+                grad_out = torch.randn(moving.shape, dtype=torch.float64)
+                inputs = (moving, coarse) if need == "both" else (moving,)
+                out = ck.warp(moving, coarse if need == "both" else coarse.detach(), align_corners=align_corners,
+                              backend="cpp")
+                got = torch.autograd.grad(out, inputs, grad_out)
+                ref = reference.warp(moving, coarse if need == "both" else coarse.detach(),
+                                     align_corners=align_corners)
+                want = torch.autograd.grad(ref, inputs, grad_out)
+                for g, w in zip(got, want):
+                    torch.testing.assert_close(g, w, **TOL[torch.float64], msg=lambda m: f"{n} threads: {m}")
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_non_contiguous_inputs(backend):
     moving = torch.randn(2, 3, 12, 5, 7, dtype=torch.float64)[:, :, ::2].requires_grad_()
     coarse = torch.randn(2, 3, 4, 3, 2, dtype=torch.float64).transpose(2, 4).mul(3).requires_grad_()

@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import new_output
+from .geometry import needs_int64, new_output
 
 _BLOCK = 512
 
@@ -69,7 +69,7 @@ def blur_apply(x: torch.Tensor, idx: list[torch.Tensor], wt: list[torch.Tensor])
     compute = wt[-1].dtype
     BC = x.shape[0] * x.shape[1]
     grid = (triton.cdiv(N, _BLOCK), BC)
-    int64 = N >= 2**31 - 1
+    int64 = needs_int64(N)
     # w first (contiguous reads), d last; each axis is a pass src -> dst
     axes = list(range(nd - 1, -1, -1))
     out = new_output(x.shape, x.dtype, x.device)

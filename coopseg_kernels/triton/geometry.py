@@ -84,6 +84,13 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def needs_int64(numel: int) -> bool:
+    """64-bit offsets inside a volume: for 2^31 - 1 voxels or more, or always under
+    the test-only switch COOPSEG_FORCE_INT64=1, which runs the INT64
+    specialisations on small inputs (the C++ kernels read the same variable)."""
+    return numel >= 2**31 - 1 or os.environ.get("COOPSEG_FORCE_INT64") == "1"
+
+
 @triton.jit
 def block_voxels(pid, D, H, W, INT64: tl.constexpr, BLOCK: tl.constexpr):
     """The BLOCK flat voxel indices of program `pid` in a (D, H, W) volume, their

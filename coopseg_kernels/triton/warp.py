@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import axis_tables, block_voxels, fold_cell_partials, new_output
+from .geometry import axis_tables, block_voxels, fold_cell_partials, needs_int64, new_output
 
 _FWD_BLOCK = 256
 _BWD_BLOCK = 256
@@ -39,9 +39,10 @@ def _interp(i0_ptr, l1_ptr, x, s, m):
 
 
 @triton.jit
-def _taps(p, n, BORDER: tl.constexpr):
+def _taps(p, n, BORDER: tl.constexpr, INT64: tl.constexpr):
     """The two sampling taps of positions p along an axis of length n
-    (grid_sample, align_corners=True, voxel units)."""
+    (grid_sample, align_corners=True, voxel units). The lower tap is int64 under
+    INT64, so that tap offsets ((zd * H + zh) * W + zw) do not overflow."""
     hi = tl.zeros_like(p) + (n - 1)  # n may be a specialised constexpr (n == 1)
     if BORDER:
         # the border itself counts as outside for the gradient, as in grid_sample
@@ -52,7 +53,10 @@ def _taps(p, n, BORDER: tl.constexpr):
         # beyond one voxel outside both taps are out anyway; keeps the int cast defined
         p = tl.minimum(tl.maximum(p, -2.0), hi + 2.0)
     fl = tl.floor(p)
-    i0 = fl.to(tl.int32)
+    if INT64:
+        i0 = fl.to(tl.int64)
+    else:
+        i0 = fl.to(tl.int32)
     f = p - fl
     ok0 = (i0 >= 0) & (i0 < n)
     ok1 = (i0 >= -1) & (i0 < n - 1)
@@ -114,11 +118,11 @@ def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
         pd = d.to(uh.dtype) + ud
         ph = h.to(uh.dtype) + uh
         pw = w.to(uh.dtype) + uw
-        nan = pd + ph + pw  # NaN exactly where a coordinate is NaN
+        nan = pd * 0.0 + ph * 0.0 + pw * 0.0  # NaN exactly where a coordinate is NaN or infinite
         bad = nan != nan
-        zd, fd, okd0, okd1, _cd = _taps(tl.where(bad, 0.0, pd), D, BORDER)
-        zh, fh, okh0, okh1, _ch = _taps(tl.where(bad, 0.0, ph), H, BORDER)
-        zw, fw, okw0, okw1, _cw = _taps(tl.where(bad, 0.0, pw), W, BORDER)
+        zd, fd, okd0, okd1, _cd = _taps(tl.where(bad, 0.0, pd), D, BORDER, INT64)
+        zh, fh, okh0, okh1, _ch = _taps(tl.where(bad, 0.0, ph), H, BORDER, INT64)
+        zw, fw, okw0, okw1, _cw = _taps(tl.where(bad, 0.0, pw), W, BORDER, INT64)
         row = (zd * H + zh) * W + zw  # corner (0, 0, 0); may be negative, masked
         for c in range(C):
             base = mov_ptr + (b * C + c) * N
@@ -234,12 +238,13 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
         pd = d.to(uh.dtype) + ud
         ph = h.to(uh.dtype) + uh
         pw = w.to(uh.dtype) + uw
-        nan = pd + ph + pw
+        nan = pd * 0.0 + ph * 0.0 + pw * 0.0  # NaN exactly where a coordinate is NaN or infinite
         bad = nan != nan
-        zd, fd, okd0, okd1, cld = _taps(tl.where(bad, 0.0, pd), D, BORDER)
-        zh, fh, okh0, okh1, clh = _taps(tl.where(bad, 0.0, ph), H, BORDER)
-        zw, fw, okw0, okw1, clw = _taps(tl.where(bad, 0.0, pw), W, BORDER)
+        zd, fd, okd0, okd1, cld = _taps(tl.where(bad, 0.0, pd), D, BORDER, INT64)
+        zh, fh, okh0, okh1, clh = _taps(tl.where(bad, 0.0, ph), H, BORDER, INT64)
+        zw, fw, okw0, okw1, clw = _taps(tl.where(bad, 0.0, pw), W, BORDER, INT64)
         mg = m & ~bad
+        inside = (okd0 | okd1) & (okh0 | okh1) & (okw0 | okw1)
         row = (zd * H + zh) * W + zw
         loss = tl.zeros_like(fw)
         gd = tl.zeros_like(fw)
@@ -287,10 +292,12 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
                 sd_ += a0 + b0 + c0 + e0
                 sh_ += a1 + b1 + c1 + e1
                 sw_ += a2 + b2 + c2 + e2
-            gd += g * sd_
-            gh += g * sh_
-            gw += g * sw_
-        # a NaN position has a NaN gradient (documented)
+            # a voxel with no corner inside the image passes no gradient to its
+            # position, even for a non-finite g (as grid_sample)
+            gd += tl.where(inside, g * sd_, 0.0)
+            gh += tl.where(inside, g * sh_, 0.0)
+            gw += tl.where(inside, g * sw_, 0.0)
+        # a non-finite position has a NaN gradient (documented)
         gd = tl.where(bad, nan, gd)
         gh = tl.where(bad, nan, gh)
         gw = tl.where(bad, nan, gw)
@@ -346,10 +353,6 @@ def _grid3(size):
     return [1] + size if len(size) == 2 else size
 
 
-def _needs_int64(*numels: int) -> bool:
-    return max(numels) >= 2**31 - 1
-
-
 def _table_args(tabs, with_cells: bool):
     args = []
     for t in tabs:
@@ -368,7 +371,7 @@ def _forward(moving_or_none, coarse, size, align_corners, padding_mode, C, out, 
         moving_or_none if moving_or_none is not None else out, coarse, out, *_table_args(tabs, False),
         C, D, H, W, sd, sh, sw,
         ND=nd, BORDER=padding_mode == "border", WRITE_FIELD=write_field,
-        INT64=_needs_int64(N), BLOCK=_FWD_BLOCK)
+        INT64=needs_int64(N), BLOCK=_FWD_BLOCK)
     return out
 
 
@@ -403,7 +406,7 @@ def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_co
         C, D, H, W, sd, sh, sw, T, 2.0 / (N * C) if similarity else 0.0,
         ND=nd, BORDER=padding_mode == "border", FIELD_GRAD=field_grad, SIMILARITY=similarity,
         NEED_MOVING=need_moving, NEED_COARSE=need_coarse,
-        INT64=_needs_int64(N), BLOCK=_BWD_BLOCK)
+        INT64=needs_int64(N), BLOCK=_BWD_BLOCK)
     grad_coarse = None
     if need_coarse:
         cells_sum = part.view(B, sd, sh, sw, T, 2, 2, 2, nd).sum(4)

@@ -9,6 +9,7 @@
 // h into a ring of M planes, and output planes are combined from those along d.
 // Each input row is read once per task (slab edges re-read a radius of halo),
 // and the only temporaries are the per-task rings.
+#include "checks.h"
 #include "grid.h"
 
 #include <torch/library.h>
@@ -183,23 +184,27 @@ void blur_apply_impl(const at::Tensor& x, const std::vector<AxisOp<T>>& ops, at:
 }
 
 at::Tensor blur_apply(const at::Tensor& x_, at::TensorList idx, at::TensorList wt) {
-  TORCH_CHECK(x_.device().is_cpu(), "coopseg: x must be a CPU tensor for the C++ kernels");
-  TORCH_CHECK(x_.dim() == 4 || x_.dim() == 5, "coopseg: x must be 4-D or 5-D");
-  TORCH_CHECK(x_.scalar_type() == at::kFloat || x_.scalar_type() == at::kDouble,
-              "coopseg: x must be float32 or float64 for the C++ kernels");
+  check_image(x_, "blur_apply", "x", 1);
   const int64_t nd = x_.dim() - 2;
   TORCH_CHECK(static_cast<int64_t>(idx.size()) == nd && static_cast<int64_t>(wt.size()) == nd,
-              "coopseg: one table per spatial axis");
-  const int64_t M = idx[0].size(1);
+              "coopseg.blur_apply: idx and wt must hold one table per spatial axis (", nd, "), got ", idx.size(),
+              " and ", wt.size());
+  const int64_t M = idx[0].dim() == 2 ? idx[0].size(1) : 0;
+  TORCH_CHECK(M >= 1, "coopseg.blur_apply: idx[0] must be (n, M) with M >= 1, got shape ", shape_str(idx[0]));
   for (int64_t k = 0; k < nd; ++k) {
-    TORCH_CHECK(idx[k].scalar_type() == at::kInt && idx[k].dim() == 2 && idx[k].size(0) == x_.size(2 + k) &&
-                    idx[k].size(1) == M && idx[k].is_contiguous(),
-                "coopseg: idx tables must be contiguous int32 (n, M) for each axis");
-    TORCH_CHECK(wt[k].scalar_type() == x_.scalar_type() && wt[k].sizes() == idx[k].sizes() && wt[k].is_contiguous(),
-                "coopseg: weight tables must match the index tables and x's dtype");
+    TORCH_CHECK(idx[k].device().is_cpu() && idx[k].scalar_type() == at::kInt && idx[k].dim() == 2 &&
+                    idx[k].size(0) == x_.size(2 + k) && idx[k].size(1) == M && idx[k].is_contiguous(),
+                "coopseg.blur_apply: idx[", k, "] must be a contiguous int32 CPU tensor (", x_.size(2 + k), ", ", M,
+                "), got ", idx[k].scalar_type(), " ", shape_str(idx[k]), " on ", idx[k].device());
+    TORCH_CHECK(wt[k].device().is_cpu() && wt[k].scalar_type() == x_.scalar_type() &&
+                    wt[k].sizes() == idx[k].sizes() && wt[k].is_contiguous(),
+                "coopseg.blur_apply: wt[", k, "] must be a contiguous CPU tensor of x's dtype (", x_.scalar_type(),
+                ") shaped like idx[", k, "], got ", wt[k].scalar_type(), " ", shape_str(wt[k]), " on ",
+                wt[k].device());
     const int32_t* ip = idx[k].data_ptr<int32_t>();
     for (int64_t e = 0; e < idx[k].numel(); ++e)
-      TORCH_CHECK(ip[e] >= -1 && ip[e] < x_.size(2 + k), "coopseg: table index out of range");
+      TORCH_CHECK(ip[e] >= -1 && ip[e] < x_.size(2 + k), "coopseg.blur_apply: idx[", k,
+                  "] entries must be -1 (unused) or in [0, ", x_.size(2 + k), "), got ", ip[e]);
   }
   const at::Tensor x = x_.contiguous();
   at::Tensor out = new_output(x.sizes(), x.options());

@@ -4,6 +4,7 @@
 // taps serve the sample, the residual and its position gradient, which is
 // reduced per coarse cell (CellPartials, deterministic). Nothing
 // full-resolution is stored and no autograd graph is built.
+#include "checks.h"
 #include "grid.h"
 
 #include <torch/library.h>
@@ -44,16 +45,9 @@ struct StepFn {
 
 std::tuple<at::Tensor, at::Tensor> similarity_pass(const at::Tensor& s1_, const at::Tensor& s2_,
                                                    const at::Tensor& coarse_, bool align_corners) {
-  for (const at::Tensor* t : {&s1_, &s2_, &coarse_}) {
-    TORCH_CHECK(t->device().is_cpu(), "coopseg: similarity_step's C++ kernel takes CPU tensors");
-    TORCH_CHECK(t->scalar_type() == s1_.scalar_type() &&
-                    (s1_.scalar_type() == at::kFloat || s1_.scalar_type() == at::kDouble),
-                "coopseg: similarity_step needs float32 or float64 tensors of one dtype");
-  }
-  TORCH_CHECK((s1_.dim() == 4 || s1_.dim() == 5) && s1_.sizes() == s2_.sizes(),
-              "coopseg: s1_blurred and s2_blurred must have one shape (B, C, *S)");
-  TORCH_CHECK(coarse_.dim() == s1_.dim() && coarse_.size(0) == s1_.size(0) && coarse_.size(1) == s1_.dim() - 2,
-              "coopseg: coarse must be (B, nd, *s)");
+  check_image(s1_, "similarity_pass", "s1_blurred", 2);
+  check_same(s2_, s1_, "similarity_pass", "s2_blurred", "s1_blurred");
+  check_coarse(coarse_, s1_, "similarity_pass", "coarse", "s1_blurred");
   const at::Tensor s1 = s1_.contiguous(), s2 = s2_.contiguous(), coarse = coarse_.contiguous();
   return dispatch_warp(s1, false, StepFn{s1, s2, coarse, align_corners});
 }

@@ -9,28 +9,13 @@
 //   another's voxels and no per-thread copy of the image exists.
 // upsample_field_fwd / _bwd: the materialised field and its adjoint, on the
 //   same interpolation tables and reduction.
+#include "checks.h"
 #include "grid.h"
 
 #include <torch/library.h>
 
 namespace coopseg {
 namespace {
-
-void check_common(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu(), "coopseg: ", name, " must be a CPU tensor for the C++ kernels");
-  TORCH_CHECK(t.dim() == 4 || t.dim() == 5, "coopseg: ", name, " must be 4-D or 5-D, got ", t.dim(), "-D");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "coopseg: ", name,
-              " must be float32 or float64 for the C++ kernels, got ", t.scalar_type());
-}
-
-void check_pair(const at::Tensor& moving, const at::Tensor& coarse) {
-  check_common(moving, "moving");
-  check_common(coarse, "coarse");
-  TORCH_CHECK(moving.dim() == coarse.dim() && coarse.size(1) == moving.dim() - 2 &&
-                  coarse.size(0) == moving.size(0),
-              "coopseg: coarse must be (B, nd, *s) matching moving (B, C, *S)");
-  TORCH_CHECK(moving.scalar_type() == coarse.scalar_type(), "coopseg: moving and coarse dtypes differ");
-}
 
 template <typename T, typename I, int ND, bool BORDER>
 void warp_forward_impl(const at::Tensor& moving, const at::Tensor& coarse, bool align_corners,
@@ -108,6 +93,11 @@ void warp_slab_pass(const at::Tensor& grad_out, const at::Tensor& moving, const 
       const int64_t b = t / nslab, k = t % nslab;
       const int64_t u0 = units * k / nslab, u1 = units * (k + 1) / nslab;
       const int64_t lo = P ? Isa.cell_begin[u0] : u0, hi = P ? Isa.cell_begin[u1] : u1;
+      // A slab may own no planes (more slabs than planes, or only empty cells:
+      // a coarse axis longer than the image). It has nothing to zero, scatter or
+      // reduce; row_scatter must not run for it, as its scratch address
+      // lo * plane_stride would lie in another slab or past the channel.
+      if (lo >= hi) continue;
       for (int64_t c = 0; c < C; ++c)
         std::fill(gm + (b * C + c) * N + lo * plane_stride, gm + (b * C + c) * N + hi * plane_stride, T(0));
       for (int64_t q = 0; q < n_sa; ++q) {
@@ -183,7 +173,8 @@ bool is_border(c10::string_view padding_mode) {
 
 at::Tensor warp_fwd(const at::Tensor& moving_, const at::Tensor& coarse_, bool align_corners,
                     c10::string_view padding_mode) {
-  check_pair(moving_, coarse_);
+  check_image(moving_, "warp_fwd", "moving", 2);
+  check_coarse(coarse_, moving_, "warp_fwd", "coarse", "moving");
   const at::Tensor moving = moving_.contiguous(), coarse = coarse_.contiguous();
   at::Tensor out = new_output(moving.sizes(), moving.options());
   dispatch_warp(moving, is_border(padding_mode), ForwardFn{moving, coarse, align_corners, out});
@@ -194,9 +185,9 @@ std::tuple<at::Tensor, at::Tensor> warp_bwd(const at::Tensor& grad_out_, const a
                                             const at::Tensor& coarse_, bool align_corners,
                                             c10::string_view padding_mode, bool need_moving,
                                             bool need_coarse) {
-  check_pair(moving_, coarse_);
-  TORCH_CHECK(grad_out_.sizes() == moving_.sizes() && grad_out_.scalar_type() == moving_.scalar_type(),
-              "coopseg: grad_out must match moving in shape and dtype");
+  check_image(moving_, "warp_bwd", "moving", 2);
+  check_coarse(coarse_, moving_, "warp_bwd", "coarse", "moving");
+  check_same(grad_out_, moving_, "warp_bwd", "grad_out", "moving");
   const at::Tensor grad_out = grad_out_.contiguous(), moving = moving_.contiguous(),
                    coarse = coarse_.contiguous();
   return dispatch_warp(moving, is_border(padding_mode),
@@ -230,19 +221,15 @@ void upsample_forward_impl(const at::Tensor& coarse, at::Tensor& field, bool ali
   });
 }
 
-std::vector<int64_t> checked_size(at::IntArrayRef size, int64_t nd) {
-  TORCH_CHECK(static_cast<int64_t>(size.size()) == nd, "coopseg: size must have ", nd, " entries");
-  for (int64_t n : size) TORCH_CHECK(n >= 1, "coopseg: sizes must be >= 1");
-  return size.vec();
-}
-
 at::Tensor upsample_field_fwd(const at::Tensor& coarse_, at::IntArrayRef size, bool align_corners) {
-  check_common(coarse_, "coarse");
+  check_image(coarse_, "upsample_field_fwd", "coarse", 1);
+  const int64_t nd = coarse_.dim() - 2;
+  TORCH_CHECK(coarse_.size(1) == nd, "coopseg.upsample_field_fwd: coarse must have ", nd, " channels, got shape ",
+              shape_str(coarse_));
+  check_sizes(size, nd, "upsample_field_fwd", "size");
   const at::Tensor coarse = coarse_.contiguous();
-  const int64_t nd = coarse.dim() - 2;
-  TORCH_CHECK(coarse.size(1) == nd, "coopseg: coarse must have ", nd, " channels");
   std::vector<int64_t> shape = {coarse.size(0), nd};
-  for (int64_t n : checked_size(size, nd)) shape.push_back(n);
+  for (int64_t n : size) shape.push_back(n);
   at::Tensor field = new_output(shape, coarse.options());
   AT_DISPATCH_FLOATING_TYPES(coarse.scalar_type(), "coopseg_upsample_fwd", [&] {
     if (nd == 3) upsample_forward_impl<scalar_t, 3>(coarse, field, align_corners);
@@ -269,11 +256,14 @@ at::Tensor upsample_backward_impl(const at::Tensor& grad_field, const at::Tensor
 
 at::Tensor upsample_field_bwd(const at::Tensor& grad_field_, at::IntArrayRef coarse_size,
                               bool align_corners) {
-  check_common(grad_field_, "grad_field");
+  check_image(grad_field_, "upsample_field_bwd", "grad_field", 1);
+  const int64_t nd = grad_field_.dim() - 2;
+  TORCH_CHECK(grad_field_.size(1) == nd, "coopseg.upsample_field_bwd: grad_field must have ", nd,
+              " channels, got shape ", shape_str(grad_field_));
+  check_sizes(coarse_size, nd, "upsample_field_bwd", "coarse_size");
   const at::Tensor grad_field = grad_field_.contiguous();
-  const int64_t nd = grad_field.dim() - 2;
   std::vector<int64_t> shape = {grad_field.size(0), nd};
-  for (int64_t n : checked_size(coarse_size, nd)) shape.push_back(n);
+  for (int64_t n : coarse_size) shape.push_back(n);
   // Only the shape of the coarse grid is needed: an uninitialised carrier.
   const at::Tensor shape_of_coarse = at::empty(shape, grad_field.options());
   at::Tensor out;
