@@ -62,13 +62,16 @@ class LUConv(nn.Module):
         if len(xs) == 1:
             return self.conv1(xs[0])
         conv = F.conv3d if xs[0].dim() == 5 else F.conv2d
-        w, out, start = self.conv1.weight, None, 0
-        for i, x in enumerate(xs):
-            part = conv(x, w[:, start:start + x.shape[1]], self.conv1.bias if i == 0 else None, padding=1)
+        w = self.conv1.weight
+        sizes = [x.shape[1] for x in xs]
+        if sum(sizes) != w.shape[1]:
+            raise ValueError(f"conv1 expects {w.shape[1]} input channels in all, got {sum(sizes)}")
+        # split (not slicing): its backward writes the weight gradient once, where
+        # each slice's backward would allocate a full-size zero gradient.
+        out = None
+        for i, (x, wi) in enumerate(zip(xs, w.split(sizes, 1))):
+            part = conv(x, wi, self.conv1.bias if i == 0 else None, padding=1)
             out = part if out is None else out.add_(part)
-            start += x.shape[1]
-        if start != w.shape[1]:
-            raise ValueError(f"conv1 expects {w.shape[1]} input channels in all, got {start}")
         return out
 
 
