@@ -200,3 +200,84 @@ def test_load_genesis_reports_mismatches_and_errors(tmp_path):
     torch.save({"state_dict": {"module.other.weight": torch.zeros(1)}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="no key matches"):
         load_genesis(Segmentor(3), tmp_path / "other.pt")
+
+
+def _lean_layer(norm, cin, dtype=torch.float64, out=4):
+    from coopseg.models.segmentor import LUConv
+    layer = LUConv(cin, out, 3, norm).to(dtype).train()
+    with torch.no_grad():  # non-trivial affine parameters, some γ negative
+        layer.bn1.weight.normal_()
+        layer.bn1.bias.normal_()
+    return layer
+
+
+def test_up_level_split_conv_equals_conv_of_concatenation():
+    """ops[0](up, skip) = relu(norm(conv(cat(up, skip)))) with the same conv1 weight."""
+    import torch.nn.functional as F
+    torch.manual_seed(0)
+    layer = _lean_layer("cont_bn", 5)
+    up, skip = torch.randn(2, 3, 4, 5, 3, dtype=torch.float64), torch.randn(2, 2, 4, 5, 3, dtype=torch.float64)
+    ref = F.relu(F.batch_norm(F.conv3d(torch.cat((up, skip), 1), layer.conv1.weight, layer.conv1.bias, padding=1),
+                              None, None, layer.bn1.weight, layer.bn1.bias, True, 0.0, layer.bn1.eps))
+    torch.testing.assert_close(layer(up, skip), ref, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="input channels"):
+        layer(up, skip[:, :1])
+
+
+@pytest.mark.parametrize("norm,n_inputs", [("cont_bn", 2), ("batch", 1), ("instance", 2)])
+def test_lean_layer_gradcheck_and_same_as_dense(norm, n_inputs):
+    """The lean conv+norm+ReLU (inputs stored, layer recomputed in the backward):
+    fp64 gradcheck, and output, gradients and running statistics equal to the dense
+    path in fp32, with the running statistics updated once."""
+    torch.manual_seed(1)
+    layer = _lean_layer(norm, 2 * n_inputs, out=2)
+    layer.lean = True
+    xs = [torch.randn(1, 2, 2, 3, 2, dtype=torch.float64, requires_grad=True) for _ in range(n_inputs)]
+    assert torch.autograd.gradcheck(lambda *a: layer(*a), xs)
+
+    layer = _lean_layer(norm, 3 * n_inputs, torch.float32)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    xs = [torch.randn(1, 3, 6, 5, 7, requires_grad=True) for _ in range(n_inputs)]
+    results = []
+    for lean in (False, True):
+        layer.load_state_dict(state)
+        layer.lean = lean
+        y = layer(*xs)
+        grads = torch.autograd.grad((y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum(),
+                                    xs + list(layer.parameters()))
+        results.append((y.detach(), grads, {k: v.clone() for k, v in layer.state_dict().items()}))
+    (y0, g0, s0), (y1, g1, s1) = results
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for k in s0:
+        torch.testing.assert_close(s1[k], s0[k], rtol=0, atol=0)
+    if norm != "instance":
+        assert int(s1["bn1.num_batches_tracked"]) == 1 and not torch.equal(s1["bn1.running_mean"],
+                                                                          state["bn1.running_mean"])
+
+
+def test_lean_layer_same_as_dense_under_bf16_autocast():
+    torch.manual_seed(2)
+    layer = _lean_layer("cont_bn", 6, torch.float32)
+    xs = [torch.randn(1, 3, 6, 5, 7).bfloat16().requires_grad_() for _ in range(2)]
+    results = []
+    for lean in (False, True):
+        layer.lean = lean
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(*xs)
+        results.append((y.detach(), torch.autograd.grad(y.float().square().sum(), xs + list(layer.parameters()))))
+    (y0, g0), (y1, g1) = results
+    assert y1.dtype == y0.dtype
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    for a, b in zip(g1, g0):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_checkpointing_switches_the_lean_layers():
+    seg = Segmentor(3, width=0.125)
+    lus = [m for m in seg.modules() if hasattr(m, "lean")]
+    assert len(lus) == 14 and not any(m.lean for m in lus)
+    seg.checkpointing = True
+    assert all(m.lean for m in lus)

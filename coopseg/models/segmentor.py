@@ -22,7 +22,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+import torch.nn.functional as F
+
 from .checkpointing import checkpointed
+from .lean import lean_conv_norm_relu
 from .norm import NORMS, make_norm
 
 
@@ -39,9 +42,37 @@ class LUConv(nn.Module):
         self.conv1 = conv(cin, cout, kernel_size=3, padding=1)
         self.bn1 = make_norm(norm, cout, spatial_dims)
         self.activation = nn.ReLU(inplace=True)
+        # Set by the Segmentor with its checkpointing: store only the inputs and
+        # recompute this layer in the backward (coopseg.models.lean).
+        self.lean = False
 
-    def forward(self, x):
-        return self.activation(self.bn1(self.conv1(x)))
+    def forward(self, *xs):
+        """relu(norm(conv1(cat(xs)))). Several inputs (an up level's upsampled tensor
+        and skip) are convolved with the matching input-channel slices of conv1's
+        weight and summed, so that the concatenation is never stored (one weight
+        parameter: the Models Genesis keys and shapes are unchanged)."""
+        if self.lean and torch.is_grad_enabled():
+            return lean_conv_norm_relu(self, *xs)
+        return self.dense_forward(*xs)
+
+    def dense_forward(self, *xs):
+        return self.activation(self.bn1(self._conv(xs)))
+
+    def _conv(self, xs):
+        if len(xs) == 1:
+            return self.conv1(xs[0])
+        conv = F.conv3d if xs[0].dim() == 5 else F.conv2d
+        w = self.conv1.weight
+        sizes = [x.shape[1] for x in xs]
+        if sum(sizes) != w.shape[1]:
+            raise ValueError(f"conv1 expects {w.shape[1]} input channels in all, got {sum(sizes)}")
+        # split (not slicing): its backward writes the weight gradient once, where
+        # each slice's backward would allocate a full-size zero gradient.
+        out = None
+        for i, (x, wi) in enumerate(zip(xs, w.split(sizes, 1))):
+            part = conv(x, wi, self.conv1.bias if i == 0 else None, padding=1)
+            out = part if out is None else out.add_(part)
+        return out
 
 
 class DownTransition(nn.Module):
@@ -68,7 +99,8 @@ class UpTransition(nn.Module):
         self.ops = nn.Sequential(LUConv(cin + cskip, cout, spatial_dims, norm), LUConv(cout, cout, spatial_dims, norm))
 
     def forward(self, x, skip):
-        return self.ops(torch.cat((self.up_conv(x), skip), 1))
+        # ops[0] takes (upsampled, skip) as two inputs: no stored concatenation.
+        return self.ops[1](self.ops[0](self.up_conv(x), skip))
 
 
 class OutputTransition(nn.Module):
@@ -86,7 +118,8 @@ class Segmentor(nn.Module):
 
     The pair (x1, x2) comes in as 2 channels; one mask logit per modality comes out.
     Spatial sizes must be multiples of 8 (three 2× max-pools). `checkpointing=True`
-    recomputes each U-Net level in backward instead of storing its activations.
+    recomputes each U-Net level in backward instead of storing its activations, and
+    inside it each conv+norm+ReLU (coopseg.models.lean): trades compute for memory.
     """
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 2, out_channels: int = 2, width: float = 1.0,
@@ -103,7 +136,6 @@ class Segmentor(nn.Module):
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         self.width, self.norm = float(width), norm
-        self.checkpointing = checkpointing
 
         def c(n):
             return max(1, int(round(n * width)))
@@ -117,6 +149,20 @@ class Segmentor(nn.Module):
         self.up_tr128 = UpTransition(c(256), c(128), c(128), nd, norm)
         self.up_tr64 = UpTransition(c(128), c(64), c(64), nd, norm)
         self.out_tr = OutputTransition(c(64), out_channels, nd)
+        self.checkpointing = checkpointing
+
+    @property
+    def checkpointing(self) -> bool:
+        return self._checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, on: bool) -> None:
+        # Checkpointing = trade compute for memory: recompute each U-Net level in the
+        # backward, and inside it each conv+norm+ReLU (LUConv.lean).
+        self._checkpointing = bool(on)
+        for m in self.modules():
+            if isinstance(m, LUConv):
+                m.lean = self._checkpointing
 
     def check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor):
