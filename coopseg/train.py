@@ -78,6 +78,7 @@ class Config:
     crop_max: Any = _doc("largest crop side (int, or one per axis); a multiple of 16", 160)
     intensity_shift: float = _doc("each image gets + U(-a, a) per step (augmentation)", 0.1)
     lr: float = _doc("Adam learning rate", 1e-3)
+    registor_lr: float = _doc("Adam learning rate of the registor's parameters (0 = lr)", 0.0)
     width: float = _doc("segmentor channel multiplier (1 = Models Genesis, needed to load its weights)", 0.25)
     norm: str = _doc("segmentor normalisation: cont_bn (Genesis) | batch | instance", "cont_bn")
     omega: str = _doc("registor output: elastic (1/16 grid) | translation (one vector; the toy task)",
@@ -128,7 +129,7 @@ class Config:
             fail("spatial_dims", "2 with data: toy (the toy pairs are 2-D)")
         if not (is_int(self.toy_size) and self.toy_size >= 32 and self.toy_size % CROP_MULTIPLE == 0):
             fail("toy_size", "an int >= 32, a multiple of 16")
-        for key in ("lambda_r", "lambda_g", "lambda_p", "intensity_shift", "blur_sigma"):
+        for key in ("lambda_r", "lambda_g", "lambda_p", "intensity_shift", "blur_sigma", "registor_lr"):
             if not (is_num(getattr(self, key)) and getattr(self, key) >= 0):
                 fail(key, "a number >= 0")
         for key in ("lr", "width", "registor_scale"):
@@ -379,7 +380,9 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
     random.seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed * 1000 + rank)
     model = build_model(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam([dict(params=model.segmentor.parameters()),
+                                  dict(params=model.registor.parameters(), lr=config.registor_lr or config.lr)],
+                                 lr=config.lr)
     dataset = build_training_data(config)
     plan = [(s, getattr(config, f"steps_{s}")) for s in stages]
     total_steps = sum(n for _, n in plan)
