@@ -64,6 +64,7 @@ def test_default_config_round_trip(tmp_path):
     ("norm: group\n", r"norm: expected one of cont_bn \| batch \| instance"),
     ("checkpointing: 'yes'\n", r"checkpointing: expected true or false"),
     ("lr: 0\n", r"lr: expected a number > 0"),
+    ("registor_lr: -1\n", r"registor_lr: expected a number >= 0, got -1"),
     ("blur_sigma: -2\n", r"blur_sigma: expected a number >= 0, got -2"),
     ("data: volumes.txt\n", r"data: expected 'toy' or the path of a .csv manifest"),
     ("spatial_dims: 3\n", r"spatial_dims: expected 2 with data: toy"),
@@ -141,6 +142,14 @@ def test_blur_sigma_reaches_the_blur_of_both_stages(tmp_path, monkeypatch):
     seen.clear()
     train(tiny(steps_segmentor=0, steps_registor=1, steps_joint=1), tmp_path / "paper")
     assert len(seen) == 4 and set(seen) == {(1.0, 2.0, 1.0)}
+
+
+def test_registor_lr_is_the_registor_param_group(tmp_path):
+    path = train(tiny(steps_segmentor=1, steps_registor=1, steps_joint=0, registor_lr=3e-4), tmp_path)
+    groups = torch.load(path, weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [1e-3, 3e-4]
+    path = train(tiny(steps_segmentor=1, steps_registor=0, steps_joint=0), tmp_path / "default")
+    assert [g["lr"] for g in torch.load(path, weights_only=True)["optimizer"]["param_groups"]] == [1e-3, 1e-3]
 
 
 RESUME_CFG = dict(steps_segmentor=10, steps_registor=2, steps_joint=2, checkpoint_every=4)
