@@ -22,6 +22,7 @@ torch ops, the memory benchmark's baseline).
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import torch
@@ -55,6 +56,25 @@ def segmentation_loss(logits1: torch.Tensor, logits2: torch.Tensor, s1: torch.Te
     """L_r = BCE(ŝ1, s1) + BCE(ŝ2, s2), from logits (each BCE a mean over voxels)."""
     return (F.binary_cross_entropy_with_logits(logits1.float(), s1.float())
             + F.binary_cross_entropy_with_logits(logits2.float(), s2.float()))
+
+
+PAPER_KERNEL = (1.0, 2.0, 1.0)
+
+
+def blur_kernel(sigma: float) -> tuple[float, ...]:
+    """The 1-D kernel of L_g's blur: sigma = 0 is the paper's [1, 2, 1]; sigma > 0 a
+    Gaussian of that standard deviation (pixels) truncated at ceil(3 sigma), odd length,
+    normalised to sum 1. A wide one lets L_g see shifts larger than the masks' edges:
+    with [1, 2, 1] the warped and target masks of a pair shifted by tens of pixels barely
+    overlap and L_g is nearly flat in the shift."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (0 <= sigma < float("inf")):
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    if sigma == 0:
+        return PAPER_KERNEL
+    r = max(1, math.ceil(3 * sigma))
+    k = [math.exp(-0.5 * (i / sigma) ** 2) for i in range(-r, r + 1)]
+    total = sum(k)
+    return tuple(v / total for v in k)
 
 
 def registration_loss(moved: torch.Tensor, s2: torch.Tensor, *, kernel: Sequence[float] = (1.0, 2.0, 1.0),

@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 import coopseg_kernels as ck
 
-from .losses import cooperative_loss, registration_loss, segmentation_loss
+from .losses import blur_kernel, cooperative_loss, registration_loss, segmentation_loss
 from .models import NORMS, OMEGAS, CooperativeNet, Registor, Segmentor, load_genesis
 
 STAGES = ("segmentor", "registor", "joint")
@@ -78,11 +78,13 @@ class Config:
     crop_max: Any = _doc("largest crop side (int, or one per axis); a multiple of 16", 160)
     intensity_shift: float = _doc("each image gets + U(-a, a) per step (augmentation)", 0.1)
     lr: float = _doc("Adam learning rate", 1e-3)
+    registor_lr: float = _doc("Adam learning rate of the registor's parameters (0 = lr)", 0.0)
     width: float = _doc("segmentor channel multiplier (1 = Models Genesis, needed to load its weights)", 0.25)
     norm: str = _doc("segmentor normalisation: cont_bn (Genesis) | batch | instance", "cont_bn")
     omega: str = _doc("registor output: elastic (1/16 grid) | translation (one vector; the toy task)",
                       "translation")
     registor_scale: float = _doc("gain on the registor output (voxels per unit); 1 = the paper", 8.0)
+    blur_sigma: float = _doc("L_g's blur: 0 = the paper's [1, 2, 1]; > 0 = a Gaussian of this std (voxels)", 0.0)
     genesis: str = _doc("path of Models Genesis weights to start the segmentor from ('' = none; 3-D)", "")
     checkpointing: bool = _doc("activation checkpointing of the network levels (less memory)", False)
     bf16: bool = _doc("bf16 autocast of the networks on CUDA (ignored on CPU)", True)
@@ -127,7 +129,7 @@ class Config:
             fail("spatial_dims", "2 with data: toy (the toy pairs are 2-D)")
         if not (is_int(self.toy_size) and self.toy_size >= 32 and self.toy_size % CROP_MULTIPLE == 0):
             fail("toy_size", "an int >= 32, a multiple of 16")
-        for key in ("lambda_r", "lambda_g", "lambda_p", "intensity_shift"):
+        for key in ("lambda_r", "lambda_g", "lambda_p", "intensity_shift", "blur_sigma", "registor_lr"):
             if not (is_num(getattr(self, key)) and getattr(self, key) >= 0):
                 fail(key, "a number >= 0")
         for key in ("lr", "width", "registor_scale"):
@@ -378,7 +380,9 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
     random.seed(config.seed)
     gen = torch.Generator().manual_seed(config.seed * 1000 + rank)
     model = build_model(config).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam([dict(params=model.segmentor.parameters()),
+                                  dict(params=model.registor.parameters(), lr=config.registor_lr or config.lr)],
+                                 lr=config.lr)
     dataset = build_training_data(config)
     plan = [(s, getattr(config, f"steps_{s}")) for s in stages]
     total_steps = sum(n for _, n in plan)
@@ -407,6 +411,7 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
 
     autocast = dict(device_type=device.type, dtype=torch.bfloat16, enabled=config.bf16 and device.type == "cuda")
     crop_min, crop_max = config.crop_bounds()
+    kernel = blur_kernel(config.blur_sigma)  # L_g's blur
     wrapped = {}  # stage -> the module that runs its forward (DDP-wrapped under torchrun)
 
     def runner(stage):
@@ -431,12 +436,14 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
                 terms = dict(total=seg, seg=seg)
             elif stage == "registor":
                 coarse = net(torch.cat((s1, s2), 1)).float()
-                reg = registration_loss(ck.warp(s1, coarse, backend=config.backend), s2, backend=config.backend)
+                reg = registration_loss(ck.warp(s1, coarse, backend=config.backend), s2, kernel=kernel,
+                                        backend=config.backend)
                 terms = dict(total=reg, reg=reg)
             else:
                 t = cooperative_loss(net(x1, x2), s1, s2, lambda_r=config.lambda_r, lambda_g=config.lambda_g,
                                      lambda_p=config.lambda_p, backend=config.backend,
-                                     sim_to_s1=config.sim_to_s1, sim_to_registor=config.sim_to_registor)
+                                     sim_to_s1=config.sim_to_s1, sim_to_registor=config.sim_to_registor,
+                                     kernel=kernel)
                 terms = t._asdict()
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()

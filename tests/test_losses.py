@@ -127,3 +127,16 @@ def test_bad_arguments():
         cooperative_loss(out, s1, s2[..., :8], lambda_r=1, lambda_g=1, lambda_p=1)
     with pytest.raises(TypeError, match="outputs must be"):
         cooperative_loss(out[:2], s1, s2, lambda_r=1, lambda_g=1, lambda_p=1)
+
+
+def test_blur_kernel_sigma():
+    from coopseg.losses import blur_kernel
+
+    assert blur_kernel(0) == (1.0, 2.0, 1.0)  # the paper's
+    k = blur_kernel(2.5)
+    assert len(k) == 2 * 8 + 1 and abs(sum(k) - 1) < 1e-12 and max(k) == k[8]
+    assert all(abs(a - b) < 1e-15 for a, b in zip(k, reversed(k)))
+    assert k[8 + 3] / k[8] == pytest.approx(torch.exp(torch.tensor(-0.5 * (3 / 2.5) ** 2)).item(), rel=1e-6)
+    for bad in (-1, float("nan"), float("inf"), True, "2"):
+        with pytest.raises(ValueError, match="sigma must be a finite number >= 0"):
+            blur_kernel(bad)

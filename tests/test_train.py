@@ -64,6 +64,8 @@ def test_default_config_round_trip(tmp_path):
     ("norm: group\n", r"norm: expected one of cont_bn \| batch \| instance"),
     ("checkpointing: 'yes'\n", r"checkpointing: expected true or false"),
     ("lr: 0\n", r"lr: expected a number > 0"),
+    ("registor_lr: -1\n", r"registor_lr: expected a number >= 0, got -1"),
+    ("blur_sigma: -2\n", r"blur_sigma: expected a number >= 0, got -2"),
     ("data: volumes.txt\n", r"data: expected 'toy' or the path of a .csv manifest"),
     ("spatial_dims: 3\n", r"spatial_dims: expected 2 with data: toy"),
     ("device: gpu\n", r"device: expected auto \| cpu \| cuda \| cuda:N"),
@@ -121,6 +123,33 @@ def test_stages_and_init_checkpoint(tmp_path):
     assert not torch.equal(after["registor.head.weight"], state["registor.head.weight"])
     with pytest.raises(ValueError, match="ordered subset"):
         train(cfg, tmp_path / "x", stages=("joint", "segmentor"))
+
+
+def test_blur_sigma_reaches_the_blur_of_both_stages(tmp_path, monkeypatch):
+    import coopseg_kernels as ck
+    from coopseg.losses import blur_kernel
+
+    seen = []
+    real = ck.blur
+
+    def spy(x, *, kernel=(1.0, 2.0, 1.0), **kw):
+        seen.append(tuple(kernel))
+        return real(x, kernel=kernel, **kw)
+
+    monkeypatch.setattr(ck, "blur", spy)
+    train(tiny(steps_segmentor=0, steps_registor=2, steps_joint=2, blur_sigma=1.5), tmp_path)
+    assert len(seen) == 8 and set(seen) == {blur_kernel(1.5)} and len(blur_kernel(1.5)) == 11
+    seen.clear()
+    train(tiny(steps_segmentor=0, steps_registor=1, steps_joint=1), tmp_path / "paper")
+    assert len(seen) == 4 and set(seen) == {(1.0, 2.0, 1.0)}
+
+
+def test_registor_lr_is_the_registor_param_group(tmp_path):
+    path = train(tiny(steps_segmentor=1, steps_registor=1, steps_joint=0, registor_lr=3e-4), tmp_path)
+    groups = torch.load(path, weights_only=True)["optimizer"]["param_groups"]
+    assert [g["lr"] for g in groups] == [1e-3, 3e-4]
+    path = train(tiny(steps_segmentor=1, steps_registor=0, steps_joint=0), tmp_path / "default")
+    assert [g["lr"] for g in torch.load(path, weights_only=True)["optimizer"]["param_groups"]] == [1e-3, 1e-3]
 
 
 RESUME_CFG = dict(steps_segmentor=10, steps_registor=2, steps_joint=2, checkpoint_every=4)

@@ -6,7 +6,10 @@ channels), then a 1×1(×1) conv to `nd` channels: a displacement per node of a 
 coopseg_kernels convention), upsampled and applied by coopseg_kernels.warp.
 omega="translation" (the toy task) averages that over space: a (B, nd, 1, …, 1) grid,
 i.e. one translation. The last conv starts at zero, so the registor starts as the
-identity. `scale` multiplies the output (a fixed gain so that a few steps of Adam can
+identity; the other convs start from He (Kaiming-normal, ReLU gain) weights and zero
+biases: with torch's default init each conv shrinks the signal, and after eight of
+them the features (so the output) hardly depend on the input masks -- the toy's
+translation registor then only learnt a constant shift (README "Toy experiment"). `scale` multiplies the output (a fixed gain so that a few steps of Adam can
 reach displacements of tens of voxels); 1 = the paper.
 """
 from __future__ import annotations
@@ -49,6 +52,10 @@ class Registor(nn.Module):
         chans = [in_channels, *channels]
         self.blocks = nn.ModuleList(RegistorBlock(a, b, spatial_dims) for a, b in zip(chans[:-1], chans[1:]))
         conv = nn.Conv3d if spatial_dims == 3 else nn.Conv2d
+        for m in self.blocks.modules():
+            if isinstance(m, conv):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+                nn.init.zeros_(m.bias)
         self.head = conv(chans[-1], spatial_dims, kernel_size=1)
         nn.init.zeros_(self.head.weight)  # identity at start
         nn.init.zeros_(self.head.bias)
