@@ -42,7 +42,7 @@ def _close(got, want, dtype, what, nonfinite):
         fin = gf & wf
         got, want = got[fin], want[fin]
     # scale by the magnitude: fp32 sums of large displacement gradients
-    scale = max(1.0, float(want.abs().max())) if want.numel() else 1.0
+    scale = max(1.0, float(want.detach().abs().max())) if want.numel() else 1.0
     torch.testing.assert_close(got / scale, want / scale, **TOL[dtype], msg=lambda m: f"{what}: {m}")
 
 
