@@ -46,24 +46,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 def load_mask(path: str):
-    """(mask tensor (1, 1, *S) bool, affine) of a NIfTI file; a trailing axis of 1 is dropped."""
+    """(mask tensor (1, 1, *S) bool, affine) of a 2-D or 3-D NIfTI file (read by
+    `coopseg.data.volumes.load_nifti`; its errors become one-line CLI errors)."""
     try:
-        import nibabel as nib
-    except ImportError:
-        raise CliError("reading masks needs nibabel: pip install nibabel") from None
-    p = Path(path)
-    if not p.exists():
-        raise CliError(f"{path}: no such file")
-    try:
-        img = nib.load(str(p))
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:  # nibabel raises several types for unreadable files
-        raise CliError(f"{path}: cannot read as NIfTI ({exc})") from None
-    while data.ndim > 2 and data.shape[-1] == 1:
-        data = data[..., 0]
-    if data.ndim not in (2, 3):
-        raise CliError(f"{path}: expected a 2-D or 3-D mask, got shape {data.shape}")
-    return torch.from_numpy(np.asarray(data, dtype=np.float32) > 0.5)[None, None], img.affine
+        from coopseg.data.volumes import VolumeError, load_nifti
+        data, img = load_nifti(path, "mask", ndims=(2, 3))
+    except (ImportError, VolumeError) as exc:
+        raise CliError(str(exc)) from None
+    return torch.from_numpy(data > 0.5)[None, None], img.affine
 
 
 def compare(path_a: str, path_b: str, args) -> tuple[float, float]:

@@ -48,12 +48,26 @@ def test_shape_mismatch_is_a_clear_error(tmp_path, masks, capsys):
 def test_missing_file_and_affine_warning(tmp_path, masks, capsys):
     a, b, _ = masks
     assert main(["similarity", a, str(tmp_path / "nope.nii.gz")]) == 2
-    assert "no such file" in capsys.readouterr().err
+    assert "nope.nii.gz: no such mask file" in capsys.readouterr().err
     shifted = np.eye(4)
     shifted[0, 3] = 5.0
     c = _save(tmp_path / "c.nii.gz", nib.load(b).get_fdata() > 0.5, shifted)
     with pytest.warns(UserWarning, match="different affines"):
         assert main(["similarity", a, c, "--omega", "translation", "--max-translation", "4"]) == 0
+
+
+def test_non_finite_or_4d_mask_is_a_clear_error(tmp_path, masks, capsys):
+    a, _, _ = masks
+    bad = np.ones((20, 22, 17), np.float32)
+    bad[3, 4, 5] = np.nan
+    c = str(tmp_path / "nan.nii.gz")
+    nib.save(nib.Nifti1Image(bad, np.eye(4)), c)  # float, so the NaN survives
+    assert main(["similarity", a, c]) == 2
+    err = capsys.readouterr().err
+    assert "nan.nii.gz: mask has NaN or infinite voxels" in err and len(err.strip().splitlines()) == 1
+    d = _save(tmp_path / "four.nii.gz", np.ones((20, 22, 17, 2), np.float32))
+    assert main(["similarity", a, d]) == 2
+    assert "expected a 2-D or 3-D mask, got shape (20, 22, 17, 2)" in capsys.readouterr().err
 
 
 def test_pairs_csv_with_progress(masks, capsys):

@@ -131,9 +131,11 @@ def write_manifest(path, rows) -> Path:
     return path
 
 
-def load_nifti(path, what: str = "image"):
-    """(data float32 3-D array, nibabel image). Trailing axes of length 1 are dropped;
-    anything else that is not 3-D raises VolumeError naming the file."""
+def load_nifti(path, what: str = "image", ndims: tuple[int, ...] = (3,)):
+    """(data float32 array, nibabel image). Trailing axes of length 1 are dropped
+    down to the fewest axes in `ndims`; a result whose number of axes
+    is not in `ndims`, or that holds NaN or infinite voxels, raises VolumeError
+    naming the file."""
     nib = _nib()
     path = Path(path)
     if not path.is_file():
@@ -143,10 +145,11 @@ def load_nifti(path, what: str = "image"):
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises several types for unreadable files
         raise VolumeError(f"{path}: cannot read as NIfTI ({exc})") from None
-    while data.ndim > 3 and data.shape[-1] == 1:
+    while data.ndim > min(ndims) and data.shape[-1] == 1:
         data = data[..., 0]
-    if data.ndim != 3:
-        raise VolumeError(f"{path}: expected a 3-D {what}, got shape {tuple(data.shape)}"
+    if data.ndim not in ndims:
+        want = " or ".join(f"{n}-D" for n in ndims)
+        raise VolumeError(f"{path}: expected a {want} {what}, got shape {tuple(data.shape)}"
                           + (" (a 4-D series: pick one volume)" if data.ndim == 4 else ""))
     data = np.asarray(data, dtype=np.float32)
     if not np.isfinite(data).all():
