@@ -44,7 +44,7 @@ import torch.distributed as dist
 import coopseg_kernels as ck
 
 from .losses import blur_kernel, cooperative_loss, registration_loss, segmentation_loss
-from .models import NORMS, OMEGAS, CooperativeNet, Registor, Segmentor, load_genesis
+from .models import NORMS, OMEGAS, POOLS, CooperativeNet, Registor, Segmentor, load_genesis
 
 STAGES = ("segmentor", "registor", "joint")
 LOG_HEADER = ["step", "stage", "total", "seg", "reg", "sim", "seconds"]
@@ -84,6 +84,8 @@ class Config:
     omega: str = _doc("registor output: elastic (1/16 grid) | translation (one vector; the toy task)",
                       "translation")
     registor_scale: float = _doc("gain on the registor output (voxels per unit); 1 = the paper", 8.0)
+    registor_pool: str = _doc("omega translation: mean (the spec's global average) | mask (weighted by the mask "
+                              "mass each location sees; README 'Toy experiment')", "mean")
     blur_sigma: float = _doc("L_g's blur: 0 = the paper's [1, 2, 1]; > 0 = a Gaussian of this std (voxels)", 0.0)
     genesis: str = _doc("path of Models Genesis weights to start the segmentor from ('' = none; 3-D)", "")
     checkpointing: bool = _doc("activation checkpointing of the network levels (less memory)", False)
@@ -138,7 +140,8 @@ class Config:
         for key in ("sim_to_s1", "sim_to_registor", "checkpointing", "bf16", "progress"):
             if not isinstance(getattr(self, key), bool):
                 fail(key, "true or false")
-        for key, options in (("norm", NORMS), ("omega", OMEGAS), ("backend", ck.BACKENDS)):
+        for key, options in (("norm", NORMS), ("omega", OMEGAS), ("registor_pool", POOLS),
+                             ("backend", ck.BACKENDS)):
             if getattr(self, key) not in options:
                 fail(key, "one of " + " | ".join(options))
         if not isinstance(self.genesis, str):
@@ -224,7 +227,8 @@ def build_model(config: Config) -> CooperativeNet:
     seg = Segmentor(config.spatial_dims, in_channels=2, out_channels=2, width=config.width, norm=config.norm)
     if config.genesis:
         load_genesis(seg, config.genesis)
-    reg = Registor(config.spatial_dims, omega=config.omega, in_channels=2, scale=config.registor_scale)
+    reg = Registor(config.spatial_dims, omega=config.omega, in_channels=2, scale=config.registor_scale,
+                   pool=config.registor_pool)
     return CooperativeNet(seg, reg, checkpointing=config.checkpointing)
 
 

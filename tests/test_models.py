@@ -105,6 +105,39 @@ def test_registor_shapes_and_identity_start(dims, omega, size, coarse):
         reg(torch.rand(1, 2, *[s + 8 for s in size]))
 
 
+@pytest.mark.parametrize("dims,size", [(2, (32, 48)), (3, (16, 48, 16))])
+def test_registor_mask_pool_is_the_mask_weighted_mean_of_the_location_shifts(dims, size):
+    """pool="mask": sum_l w_l u_l / sum_l w_l with w_l the input mass under coarse cell l
+    (checked by hand on random, non-zero head weights and a mask that leaves cells empty)."""
+    torch.manual_seed(0)
+    reg = Registor(spatial_dims=dims, omega="translation", pool="mask", scale=2.0)
+    torch.nn.init.normal_(reg.head.weight)
+    torch.nn.init.normal_(reg.head.bias)
+    p = torch.zeros(2, 2, *size)
+    p[(slice(None), slice(None), *[slice(0, n // 2 + 3) for n in size])] = torch.rand(2, 2, *[n // 2 + 3 for n in size])
+    x = p
+    for block in reg.blocks:
+        x = block(x)
+    u = (reg.head(x) * 2.0).flatten(2)                                     # (B, nd, cells)
+    pool = torch.nn.functional.avg_pool3d if dims == 3 else torch.nn.functional.avg_pool2d
+    w = pool(p.sum(1, keepdim=True), 16).flatten(2) + 1e-6                 # (B, 1, cells)
+    assert (w < 1e-5).any() and (w > 1e-2).any()                          # some cells see no mask
+    expected = ((u * w).sum(-1) / w.sum(-1)).view(2, dims, *[1] * dims)
+    torch.testing.assert_close(reg(p), expected)
+    assert not torch.allclose(reg(p), _mean_pool(reg, p), atol=1e-3, rtol=0)  # the empty cells no longer count
+    with pytest.raises(ValueError, match="pool must be one of mean, mask, got 'max'"):
+        Registor(spatial_dims=dims, omega="translation", pool="max")
+
+
+def _mean_pool(reg, p):
+    """The same registor's output with the spec's global average."""
+    reg.pool = "mean"
+    try:
+        return reg(p)
+    finally:
+        reg.pool = "mask"
+
+
 def test_cooperative_net_shapes_and_detached_registor_input():
     torch.manual_seed(0)
     net = CooperativeNet(Segmentor(2, width=0.125), Registor(2))

@@ -66,6 +66,7 @@ def test_default_config_round_trip(tmp_path):
     ("lr: 0\n", r"lr: expected a number > 0"),
     ("registor_lr: -1\n", r"registor_lr: expected a number >= 0, got -1"),
     ("blur_sigma: -2\n", r"blur_sigma: expected a number >= 0, got -2"),
+    ("registor_pool: max\n", r"registor_pool: expected one of mean \| mask"),
     ("data: volumes.txt\n", r"data: expected 'toy' or the path of a .csv manifest"),
     ("spatial_dims: 3\n", r"spatial_dims: expected 2 with data: toy"),
     ("device: gpu\n", r"device: expected auto \| cpu \| cuda \| cuda:N"),

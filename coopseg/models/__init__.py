@@ -3,7 +3,7 @@ and the cooperative pair; loading Models Genesis weights."""
 from .cooperative import CooperativeNet
 from .genesis import load_genesis
 from .norm import NORMS, BatchNormNd
-from .registor import OMEGAS, Registor
+from .registor import OMEGAS, POOLS, Registor
 from .segmentor import Segmentor
 
-__all__ = ["Segmentor", "Registor", "CooperativeNet", "load_genesis", "BatchNormNd", "NORMS", "OMEGAS"]
+__all__ = ["Segmentor", "Registor", "CooperativeNet", "load_genesis", "BatchNormNd", "NORMS", "OMEGAS", "POOLS"]

@@ -11,6 +11,16 @@ biases: with torch's default init each conv shrinks the signal, and after eight 
 them the features (so the output) hardly depend on the input masks -- the toy's
 translation registor then only learnt a constant shift (README "Toy experiment"). `scale` multiplies the output (a fixed gain so that a few steps of Adam can
 reach displacements of tens of voxels); 1 = the paper.
+
+pool (omega="translation" only) says how the per-location shifts become one:
+"mean" is the global average of the spec; "mask" (a documented departure, the toy
+default) weights each location of the 1/16 grid by the mask mass it covers (the
+input's channel sum, average-pooled by 16), so that locations that see only
+background -- whose features are zero, hence whose output is the head's bias --
+do not dilute the estimate. With "mean" the estimate shrinks by the fraction of
+informative locations, which varies per crop and with the image size (measured:
+slope of predicted vs true shift 0.7-0.8 on 128-px crops but 0.35 on the 240-px
+images after 2500 steps; README "Toy experiment").
 """
 from __future__ import annotations
 
@@ -20,6 +30,7 @@ from torch import nn
 from .checkpointing import checkpointed
 
 OMEGAS = ("elastic", "translation")
+POOLS = ("mean", "mask")
 
 
 class RegistorBlock(nn.Module):
@@ -41,12 +52,16 @@ class Registor(nn.Module):
     or (B, nd, 1, …, 1) for omega="translation". Sizes must be multiples of 16."""
 
     def __init__(self, spatial_dims: int = 3, omega: str = "elastic", in_channels: int = 2,
-                 channels=(16, 32, 64, 128), scale: float = 1.0, checkpointing: bool = False):
+                 channels=(16, 32, 64, 128), scale: float = 1.0, checkpointing: bool = False,
+                 pool: str = "mean"):
         super().__init__()
         if spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         if omega not in OMEGAS:
             raise ValueError(f"omega must be one of {', '.join(OMEGAS)}, got {omega!r}")
+        if pool not in POOLS:
+            raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        self.pool = pool
         self.spatial_dims, self.omega, self.in_channels, self.scale = spatial_dims, omega, in_channels, float(scale)
         self.checkpointing = checkpointing
         chans = [in_channels, *channels]
@@ -74,5 +89,13 @@ class Registor(nn.Module):
             x = checkpointed(block, x) if self.checkpointing else block(x)
         coarse = self.head(x) * self.scale
         if self.omega == "translation":
-            coarse = coarse.mean(dim=tuple(range(2, coarse.dim())), keepdim=True)
+            dims = tuple(range(2, coarse.dim()))
+            if self.pool == "mean":
+                coarse = coarse.mean(dim=dims, keepdim=True)
+            else:
+                pool = nn.functional.avg_pool3d if self.spatial_dims == 3 else nn.functional.avg_pool2d
+                # mask mass under each coarse cell (detached input: no gradient to the masks), plus a
+                # tiny floor so that an all-empty pair falls back to the plain average
+                w = pool(p.detach().float().sum(1, keepdim=True), 16) + 1e-6
+                coarse = (coarse * w).sum(dim=dims, keepdim=True) / w.sum(dim=dims, keepdim=True)
         return coarse
