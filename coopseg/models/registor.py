@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from .checkpointing import checkpointed
+from .pooling import pool_like_input
 
 OMEGAS = ("elastic", "translation")
 
@@ -33,7 +34,7 @@ class RegistorBlock(nn.Module):
         self.pool = pool(2)
 
     def forward(self, x):
-        return self.pool(self.relu(self.conv2(self.relu(self.conv1(x)))))
+        return pool_like_input(self.pool, self.relu(self.conv2(self.relu(self.conv1(x)))))
 
 
 class Registor(nn.Module):

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .checkpointing import checkpointed
 from .lean import lean_conv_norm_relu
 from .norm import NORMS, make_norm
+from .pooling import pool_like_input
 
 
 def _layers(spatial_dims: int):
@@ -46,31 +47,43 @@ class LUConv(nn.Module):
         # recompute this layer in the backward (coopseg.models.lean).
         self.lean = False
 
-    def forward(self, *xs):
-        """relu(norm(conv1(cat(xs)))). Several inputs (an up level's upsampled tensor
-        and skip) are convolved with the matching input-channel slices of conv1's
-        weight and summed, so that the concatenation is never stored (one weight
-        parameter: the Models Genesis keys and shapes are unchanged)."""
+    def forward(self, *xs, up=None):
+        """relu(norm(conv1(cat(xs)))), with xs[0] replaced by up(xs[0]) if `up` (an up
+        level's transposed conv) is given. Several inputs (an up level's upsampled
+        tensor and skip) are convolved with the matching input-channel slices of
+        conv1's weight and summed, so that the concatenation is never stored (one
+        weight parameter: the Models Genesis keys and shapes are unchanged)."""
         if self.lean and torch.is_grad_enabled():
-            return lean_conv_norm_relu(self, *xs)
-        return self.dense_forward(*xs)
+            return lean_conv_norm_relu(self, *xs, up=up)
+        return self.dense_forward(*xs, up=up)
 
-    def dense_forward(self, *xs):
-        return self.activation(self.bn1(self._conv(xs)))
+    def dense_forward(self, *xs, up=None):
+        return self.activation(self.bn1(self._conv(xs, up)))
 
-    def _conv(self, xs):
-        if len(xs) == 1:
+    def input_channels(self, xs, up=None) -> list[int]:
+        """Channels of each conv input (xs[0] after `up`), checked against conv1."""
+        sizes = [x.shape[1] for x in xs]
+        if up is not None:
+            sizes[0] = up.out_channels
+        if sum(sizes) != self.conv1.in_channels:
+            raise ValueError(f"conv1 expects {self.conv1.in_channels} input channels in all, got {sum(sizes)}")
+        return sizes
+
+    def _conv(self, xs, up=None):
+        xs = list(xs)
+        if up is None and len(xs) == 1:
             return self.conv1(xs[0])
         conv = F.conv3d if xs[0].dim() == 5 else F.conv2d
         w = self.conv1.weight
-        sizes = [x.shape[1] for x in xs]
-        if sum(sizes) != w.shape[1]:
-            raise ValueError(f"conv1 expects {w.shape[1]} input channels in all, got {sum(sizes)}")
+        sizes = self.input_channels(xs, up)
         # split (not slicing): its backward writes the weight gradient once, where
         # each slice's backward would allocate a full-size zero gradient.
         out = None
-        for i, (x, wi) in enumerate(zip(xs, w.split(sizes, 1))):
-            part = conv(x, wi, self.conv1.bias if i == 0 else None, padding=1)
+        for i, wi in enumerate(w.split(sizes, 1)):
+            x = up(xs[0]) if (i == 0 and up is not None) else xs[i]
+            # Without grad (the lean layers) the upsampled tensor is freed once convolved.
+            part = conv(x, wi, self.conv1.bias if i == 0 else None, padding=self.conv1.padding)
+            del x
             out = part if out is None else out.add_(part)
         return out
 
@@ -86,7 +99,8 @@ class DownTransition(nn.Module):
 
     def forward(self, x):
         before_pool = self.ops(x)
-        return (self.maxpool(before_pool) if self.maxpool is not None else before_pool), before_pool
+        pooled = pool_like_input(self.maxpool, before_pool) if self.maxpool is not None else before_pool
+        return pooled, before_pool
 
 
 class UpTransition(nn.Module):
@@ -99,8 +113,9 @@ class UpTransition(nn.Module):
         self.ops = nn.Sequential(LUConv(cin + cskip, cout, spatial_dims, norm), LUConv(cout, cout, spatial_dims, norm))
 
     def forward(self, x, skip):
-        # ops[0] takes (upsampled, skip) as two inputs: no stored concatenation.
-        return self.ops[1](self.ops[0](self.up_conv(x), skip))
+        # ops[0] takes (x, skip) and upsamples x itself: no stored concatenation, and
+        # with lean layers the upsampled tensor is not stored either.
+        return self.ops[1](self.ops[0](x, skip, up=self.up_conv))
 
 
 class OutputTransition(nn.Module):
