@@ -47,18 +47,21 @@ class LUConv(nn.Module):
         # recompute this layer in the backward (coopseg.models.lean).
         self.lean = False
 
-    def forward(self, *xs, up=None):
+    def forward(self, *xs, up=None, head=None):
         """relu(norm(conv1(cat(xs)))), with xs[0] replaced by up(xs[0]) if `up` (an up
         level's transposed conv) is given. Several inputs (an up level's upsampled
         tensor and skip) are convolved with the matching input-channel slices of
         conv1's weight and summed, so that the concatenation is never stored (one
-        weight parameter: the Models Genesis keys and shapes are unchanged)."""
+        weight parameter: the Models Genesis keys and shapes are unchanged). `head`
+        (the segmentor's output conv) is applied to the result: the lean layer then
+        does not store its output, only the logits leave it."""
         if self.lean and torch.is_grad_enabled():
-            return lean_conv_norm_relu(self, *xs, up=up)
-        return self.dense_forward(*xs, up=up)
+            return lean_conv_norm_relu(self, *xs, up=up, head=head)
+        return self.dense_forward(*xs, up=up, head=head)
 
-    def dense_forward(self, *xs, up=None):
-        return self.activation(self.bn1(self._conv(xs, up)))
+    def dense_forward(self, *xs, up=None, head=None):
+        y = self.activation(self.bn1(self._conv(xs, up)))
+        return head(y) if head is not None else y
 
     def input_channels(self, xs, up=None) -> list[int]:
         """Channels of each conv input (xs[0] after `up`), checked against conv1."""
@@ -112,10 +115,11 @@ class UpTransition(nn.Module):
         self.up_conv = convT(cin, cin, kernel_size=2, stride=2)
         self.ops = nn.Sequential(LUConv(cin + cskip, cout, spatial_dims, norm), LUConv(cout, cout, spatial_dims, norm))
 
-    def forward(self, x, skip):
+    def forward(self, x, skip, head=None):
         # ops[0] takes (x, skip) and upsamples x itself: no stored concatenation, and
-        # with lean layers the upsampled tensor is not stored either.
-        return self.ops[1](self.ops[0](x, skip, up=self.up_conv))
+        # with lean layers the upsampled tensor is not stored either. `head`: a conv
+        # applied to the output inside ops[1] (the segmentor's out_tr.final_conv).
+        return self.ops[1](self.ops[0](x, skip, up=self.up_conv), head=head)
 
 
 class OutputTransition(nn.Module):
@@ -190,8 +194,8 @@ class Segmentor(nn.Module):
             raise ValueError(f"Segmentor input spatial sizes must be multiples of 8 (three 2x max-pools), "
                              f"got {tuple(x.shape[2:])}")
 
-    def _run(self, block, *args):
-        return checkpointed(block, *args) if self.checkpointing else block(*args)
+    def _run(self, block, *args, **kwargs):
+        return checkpointed(block, *args, **kwargs) if self.checkpointing else block(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -201,5 +205,7 @@ class Segmentor(nn.Module):
         out, _ = self._run(self.down_tr512, out)
         out = self._run(self.up_tr256, out, skip256)
         out = self._run(self.up_tr128, out, skip128)
-        out = self._run(self.up_tr64, out, skip64)
-        return self.out_tr(out)
+        # out_tr's conv runs inside up_tr64's last layer (the same function as
+        # out_tr(up_tr64(...))): with lean layers the full-resolution features are then
+        # not stored for out_tr's backward, only recomputed there.
+        return self._run(self.up_tr64, out, skip64, head=self.out_tr.final_conv)
