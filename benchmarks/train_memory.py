@@ -78,8 +78,8 @@ class _PerConvCheckpoint(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, x):
-        return checkpointed(self.inner, x)
+    def forward(self, *xs, **kwargs):  # an up level's ops[0] takes (x, skip, up=...), ops[1] head=...
+        return checkpointed(self.inner, *xs, **kwargs)
 
 
 def per_conv_checkpointing(net) -> None:
