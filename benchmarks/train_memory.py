@@ -36,8 +36,9 @@ and 80 GiB projected. Time: median of --repeats steps after one warm-up, outside
 the counting mode.
 
 --breakdown N measures, at crop N, for naive, fused, ckpt and all, the bytes held
-after each top-level module's forward and which tensors (op that made them,
-dtype, shape) are alive at the peak: where the memory goes.
+after each top-level module's forward, which tensors (op that made them,
+dtype, shape) are alive at the peak, and the peak of each phase of the step
+(each part's forward, recomputation and backward): where the memory goes.
 
 Writes benchmarks/results/train-memory-<device>-<date>.json and prints a Markdown table.
 """
@@ -78,8 +79,8 @@ class _PerConvCheckpoint(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, x):
-        return checkpointed(self.inner, x)
+    def forward(self, *xs, **kwargs):  # an up level's ops[0] takes (x, skip, up=...), ops[1] head=...
+        return checkpointed(self.inner, *xs, **kwargs)
 
 
 def per_conv_checkpointing(net) -> None:
@@ -174,6 +175,8 @@ class PeakSnapshot(StepBytes):
         self._what: dict[int, tuple[str, str, int]] = {}
         self.at_peak: list[tuple[str, str, int]] = []
         self._op = ""
+        self.phase = ""  # set by breakdown's hooks: which part of the step is running
+        self.phase_peaks: dict[str, int] = {}
 
     def _track(self, t: torch.Tensor) -> None:
         key = t.untyped_storage()._cdata
@@ -184,6 +187,8 @@ class PeakSnapshot(StepBytes):
                                t.untyped_storage().nbytes())
         before = self.peak
         super()._track(t)
+        if self.live > self.phase_peaks.get(self.phase, -1):
+            self.phase_peaks[self.phase] = self.live
         if self.peak > before:
             self.at_peak = [self._what[k] for k in self._seen if k in self._what]
 
@@ -205,10 +210,13 @@ class PeakSnapshot(StepBytes):
         return sorted(((k, c, b) for k, (c, b) in groups.items()), key=lambda r: -r[2])[:n]
 
 
-def breakdown(net, batch: dict, backend: str, bf16: bool) -> tuple[list[tuple[str, int]], list]:
+def breakdown(net, batch: dict, backend: str, bf16: bool) -> tuple[list[tuple[str, int]], list, dict]:
     """Bytes alive after each top-level module's forward (first call only, so
     checkpoint recomputation in the backward is not counted twice), after the
-    losses, and the peak of the whole step: where the memory goes."""
+    losses, and the peak of the whole step: where the memory goes. Also the peak
+    of each phase of the step: `fwd:<part>` runs from that part's forward on,
+    `recompute:<part>` from its recomputation in the backward, `bwd:<part>` from
+    the moment its output's gradient arrives (its backward), until the next label."""
     step_fn(net, batch, backend, bf16, batch["x1"].device)()  # allocates the parameter gradients
     mode = PeakSnapshot(existing_tensors(net))
     rows: list[tuple[str, int]] = []
@@ -216,14 +224,29 @@ def breakdown(net, batch: dict, backend: str, bf16: bool) -> tuple[list[tuple[st
     handles = []
     parts = []
     for top_name, top in net.named_children():
-        kids = list(top.named_children())
-        parts += [(f"{top_name}.{n}", m) for n, m in kids] if kids else [(top_name, top)]
+        for n, m in top.named_children() if list(top.children()) else [("", top)]:
+            name = f"{top_name}.{n}" if n else top_name
+            if isinstance(m, nn.ModuleList):  # e.g. the registor's blocks
+                parts += [(f"{name}.{i}", b) for i, b in enumerate(m)]
+            else:
+                parts.append((name, m))
     seen: set[str] = set()
+
+    def set_phase(phase):
+        mode.phase = phase
+
     for name, mod in parts:
-        def hook(_m, _i, _o, name=name):
+        def pre(_m, _i, name=name):
+            set_phase(("fwd:" if state["fwd"] else "recompute:") + name)
+
+        def hook(_m, _i, out, name=name):
             if state["fwd"] and name not in seen:
                 seen.add(name)
                 rows.append((name, mode.live))
+                for o in (out if isinstance(out, tuple) else (out,)):
+                    if isinstance(o, torch.Tensor) and o.requires_grad:
+                        o.register_hook(lambda g, name=name: set_phase("bwd:" + name))
+        handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(hook))
     from coopseg.losses import cooperative_loss
 
@@ -233,16 +256,18 @@ def breakdown(net, batch: dict, backend: str, bf16: bool) -> tuple[list[tuple[st
             with amp:
                 outputs = net(batch["x1"], batch["x2"])
             rows.append(("(network outputs)", mode.live))
+            set_phase("fwd:losses")
             terms = cooperative_loss(outputs, batch["s1"], batch["s2"], backend=backend, **LAMBDAS)
             rows.append(("losses", mode.live))
             state["fwd"] = False
+            set_phase("bwd:losses")
             terms.total.backward()
             rows.append(("after backward", mode.live))
     finally:
         for h in handles:
             h.remove()
     rows.append(("PEAK", mode.peak))
-    return rows, mode.top()
+    return rows, mode.top(), dict(sorted(mode.phase_peaks.items(), key=lambda kv: -kv[1]))
 
 
 def cubic_fit(crops: list[int], peaks: list[int]) -> tuple[float, float]:
@@ -347,8 +372,9 @@ def main(argv=None) -> int:
         for name in [n for n in ("naive", "fused", "ckpt", "all", "all+conv-ckpt") if n in args.configs]:
             backend, ckpt, bf16 = CONFIGS[name]
             net = build(args.width, ckpt, device)
-            rows, top = breakdown(net, make_batch(args.breakdown, device), backend, bf16)
-            out["breakdown"][name] = {"crop": args.breakdown, "rows": rows, "alive_at_peak": top}
+            rows, top, phases = breakdown(net, make_batch(args.breakdown, device), backend, bf16)
+            out["breakdown"][name] = {"crop": args.breakdown, "rows": rows, "alive_at_peak": top,
+                                      "phase_peaks": phases}
             print(f"\nwhere the memory goes, {name}, {args.breakdown}^3 (MiB alive after each part's forward):")
             prev = 0
             for part, live in rows:
@@ -357,6 +383,10 @@ def main(argv=None) -> int:
             print(f"  alive at the peak, largest groups (op that made it -> dtype[shape], count, MiB):")
             for what, count, nb in top:
                 print(f"    {what:60s} x{count:<3d} {nb / MiB:9.1f}")
+            v = args.breakdown ** 3
+            print(f"  peak of each phase of the step, largest first (MiB, bytes per voxel of {args.breakdown}^3):")
+            for phase, nb in list(phases.items())[:8]:
+                print(f"    {phase:45s} {nb / MiB:9.1f} {nb / v:8.0f}")
     out["seconds_total"] = time.perf_counter() - t0
     if "naive" in results and "all" in results and "voxels_at_budget" in results["all"]:
         ratio = results["all"]["voxels_at_budget"] / results["naive"]["voxels_at_budget"]

@@ -314,3 +314,183 @@ def test_checkpointing_switches_the_lean_layers():
     assert len(lus) == 14 and not any(m.lean for m in lus)
     seg.checkpointing = True
     assert all(m.lean for m in lus)
+
+
+def _up_layer(norm, dtype, cin_low=3, cskip=2, out=3, dims=3):
+    """An up level's first layer: ConvTranspose (k2 s2) of the low-resolution input,
+    then conv(cat(upsampled, skip)) + norm + ReLU (the up tensor has cin_low channels)."""
+    from coopseg.models.segmentor import LUConv
+    layer = LUConv(cin_low + cskip, out, dims, norm).to(dtype).train()
+    convT = torch.nn.ConvTranspose3d if dims == 3 else torch.nn.ConvTranspose2d
+    up = convT(cin_low, cin_low, kernel_size=2, stride=2).to(dtype)
+    with torch.no_grad():
+        layer.bn1.weight.normal_()
+        layer.bn1.bias.normal_()
+    return layer, up
+
+
+def _grads_of(layer, up, xs, run):
+    params = list(layer.parameters()) + list(up.parameters())
+    y = run()
+    w = torch.linspace(-1, 1, y.numel(), dtype=torch.float32).view_as(y)
+    return y.detach(), torch.autograd.grad((y.float() * w).sum(), xs + params)
+
+
+@pytest.mark.parametrize("norm,dims,train", [("cont_bn", 3, True), ("batch", 2, True), ("batch", 3, False),
+                                             ("instance", 3, True)])
+def test_lean_up_layer_gradcheck_and_same_as_dense(norm, dims, train):
+    """ops[0] of an up level with the transposed conv folded in (lean: stores the
+    low-resolution input and the skip): fp64 gradcheck, and output, every gradient
+    (inputs, conv, norm and up-conv parameters) and the running statistics equal to
+    the dense path in fp32 -- written-out backward (batch statistics) and the
+    autograd one (eval BatchNorm, InstanceNorm)."""
+    torch.manual_seed(4)
+    layer, up = _up_layer(norm, torch.float64, cin_low=2, cskip=1, out=2, dims=dims)
+    layer.train(train)
+    layer.lean = True
+    low = (1, 2, 1) if dims == 3 else (2, 1)
+    xs = [torch.randn(1, 2, *low, dtype=torch.float64, requires_grad=True),
+          torch.randn(1, 1, *[2 * n for n in low], dtype=torch.float64, requires_grad=True)]
+    assert torch.autograd.gradcheck(lambda a, b: layer(a, b, up=up), xs)
+
+    layer, up = _up_layer(norm, torch.float32, dims=dims)
+    layer.train(train)
+    if not train:
+        with torch.no_grad():
+            layer.bn1.running_mean.normal_()
+            layer.bn1.running_var.uniform_(0.5, 2)
+    state = {k: v.clone() for k, v in layer.state_dict().items()}
+    low, sk = (3, 2, 4) if dims == 3 else (3, 5), (6, 4, 8) if dims == 3 else (6, 10)
+    xs = [torch.randn(1, 3, *low, requires_grad=True), torch.randn(1, 2, *sk, requires_grad=True)]
+    results = []
+    for lean in (False, True):
+        layer.load_state_dict(state)
+        layer.lean = lean
+        y, g = _grads_of(layer, up, xs, lambda: layer(*xs, up=up))
+        results.append((y, g, {k: v.clone() for k, v in layer.state_dict().items()}))
+    (y0, g0, s0), (y1, g1, s1) = results
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    assert len(g0) == 2 + 4 + 2 and all(g is not None for g in g1)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for k in s0:
+        torch.testing.assert_close(s1[k], s0[k], rtol=0, atol=0)
+
+
+def test_lean_up_layer_same_as_dense_under_bf16_autocast():
+    """Under bf16 autocast the written-out backward calls the kernels autograd calls
+    on the same tensors: the same output and bit-identical gradients."""
+    torch.manual_seed(5)
+    layer, up = _up_layer("cont_bn", torch.float32)
+    xs = [torch.randn(1, 3, 3, 2, 4).bfloat16().requires_grad_(), torch.randn(1, 2, 6, 4, 8).bfloat16().requires_grad_()]
+    results = []
+    for lean in (False, True):
+        layer.lean = lean
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(_grads_of(layer, up, xs, lambda: layer(*xs, up=up)))
+    (y0, g0), (y1, g1) = results
+    assert y1.dtype == y0.dtype == torch.bfloat16
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    for a, b in zip(g1, g0):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_lean_layer_with_head_same_as_dense(dtype):
+    """The last layer with the output conv folded in (lean: its output is not stored,
+    only the logits leave it): fp64 gradcheck; fp32 and bf16 autocast equal to the
+    dense path (bf16: bit-identical)."""
+    from coopseg.models.segmentor import LUConv
+    torch.manual_seed(6)
+    layer = LUConv(3, 4, 3, "cont_bn").train()
+    head = torch.nn.Conv3d(4, 2, kernel_size=1)
+    with torch.no_grad():
+        layer.bn1.weight.normal_()
+        layer.bn1.bias.normal_()
+    if dtype == torch.float64:
+        layer, head = layer.double(), head.double()
+        layer.lean = True
+        x = torch.randn(1, 3, 2, 3, 2, dtype=dtype, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a: layer(a, head=head), [x])
+        return
+    x = torch.randn(1, 3, 4, 6, 5, requires_grad=True)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+    results = []
+    for lean in (False, True):
+        layer.lean = lean
+        with amp:
+            y = layer(x, head=head)
+        w = torch.linspace(-1, 1, y.numel()).view_as(y)
+        results.append((y.detach(), torch.autograd.grad((y.float() * w).sum(),
+                                                        [x, *layer.parameters(), *head.parameters()])))
+    (y0, g0), (y1, g1) = results
+    assert y0.dtype == y1.dtype
+    torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+    tol = dict(rtol=0, atol=0) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-6)
+    for a, b in zip(g1, g0):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_lean_registor_block_same_as_plain(dims):
+    """A registor block storing only its input (checkpointing on): fp64 gradcheck
+    (input and parameters through the block), and fp32 / bf16 autocast gradients
+    equal to the plain block (bf16: bit-identical)."""
+    from coopseg.models.lean import lean_conv_relu_pool
+    from coopseg.models.registor import RegistorBlock
+    torch.manual_seed(7)
+    block = RegistorBlock(2, 3, dims).double()
+    shape = (1, 2, 4, 2, 4) if dims == 3 else (1, 2, 4, 6)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: lean_conv_relu_pool(block, a), [x])
+    block = block.float()
+    x = torch.randn(*[2 * n if i > 1 else n for i, n in enumerate(shape)], requires_grad=True)
+    for bf16 in (False, True):
+        results = []
+        for lean in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = lean_conv_relu_pool(block, x) if lean else block(x)
+            w = torch.linspace(-1, 1, y.numel()).view_as(y)
+            results.append((y.detach(), torch.autograd.grad((y.float() * w).sum(), [x, *block.parameters()])))
+        (y0, g0), (y1, g1) = results
+        torch.testing.assert_close(y1, y0, rtol=0, atol=0)
+        tol = dict(rtol=0, atol=0) if bf16 else dict(rtol=1e-5, atol=1e-6)
+        for a, b in zip(g1, g0):
+            torch.testing.assert_close(a, b, **tol)
+
+
+def test_checkpointing_3d_bf16_autocast_same_as_plain():
+    from coopseg.losses import cooperative_loss
+    """The whole pair in 3-D under bf16 autocast (the memory benchmark's `all`):
+    checkpointing with the lean layers gives the plain path's loss and gradients
+    bit for bit, and the running statistics once."""
+    torch.manual_seed(8)
+    net = CooperativeNet(Segmentor(3, width=0.125), Registor(3))
+    torch.nn.init.normal_(net.registor.head.weight, std=0.1)
+    g = torch.Generator().manual_seed(2)
+    # 32^3: at the coarsest levels of smaller crops (a few voxels) oneDNN's bf16 weight
+    # gradients differ from run to run already on the plain path.
+    x1, x2 = torch.rand(1, 1, 32, 32, 32, generator=g), torch.rand(1, 1, 32, 32, 32, generator=g)
+    s1, s2 = (x1 > 0.5).float(), (x2 > 0.4).float()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    results = []
+    for ckpt in (False, True):
+        net.load_state_dict(state)
+        net.zero_grad(set_to_none=True)
+        net.checkpointing = ckpt
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outputs = net(x1, x2)
+        terms = cooperative_loss(outputs, s1, s2, lambda_r=0.1, lambda_g=1.0, lambda_p=1.0)
+        terms.total.backward()
+        results.append((terms.total.detach(), {n: p.grad.clone() for n, p in net.named_parameters()
+                                               if p.grad is not None},
+                        {k: v.clone() for k, v in net.state_dict().items() if "running" in k}))
+    (l0, g0, s0), (l1, g1, s1) = results
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    assert g0.keys() == g1.keys() and len(g0) == len(list(net.parameters()))
+    bad = {k: float((g1[k] - g0[k]).abs().max() / g0[k].abs().max()) for k in g0 if not torch.equal(g1[k], g0[k])}
+    assert not bad, bad
+    for k in s0:
+        torch.testing.assert_close(s1[k], s0[k], rtol=0, atol=0)

@@ -15,19 +15,19 @@ from torch.utils.checkpoint import checkpoint
 from .norm import frozen_running_stats
 
 
-def checkpointed(block: nn.Module, *args):
-    """block(*args), activation-checkpointed when gradients are being recorded."""
+def checkpointed(block: nn.Module, *args, **kwargs):
+    """block(*args, **kwargs), activation-checkpointed when gradients are being recorded."""
     if not torch.is_grad_enabled():
-        return block(*args)
+        return block(*args, **kwargs)
     calls = 0
 
-    def run(*a):
+    def run(*a, **kw):
         nonlocal calls
         calls += 1
         if calls == 1:
-            return block(*a)
+            return block(*a, **kw)
         with frozen_running_stats(block):
-            return block(*a)
+            return block(*a, **kw)
 
     # The blocks hold no randomness (no dropout): no RNG state to stash.
-    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False)
+    return checkpoint(run, *args, use_reentrant=False, preserve_rng_state=False, **kwargs)

@@ -57,7 +57,12 @@ class BatchNormNd(nn.modules.batchnorm._BatchNorm):
         m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
         dims = [0, *range(2, x.dim())]
         n = x.numel() // x.shape[1]
-        var, mean = torch.var_mean(x.float(), dim=dims, correction=1 if n > 1 else 0)
+        # In float32, a group of channels at a time: under bf16 autocast a float32 copy
+        # of the whole input would be twice its bytes (the forward's peak at full
+        # resolution); 8 groups keep the copy at a quarter of the input.
+        groups = x.split(max(1, -(-x.shape[1] // 8)), dim=1) if x.dtype != torch.float32 else (x,)
+        stats = [torch.var_mean(g.float(), dim=dims, correction=1 if n > 1 else 0) for g in groups]
+        var, mean = torch.cat([v for v, _ in stats]), torch.cat([m for _, m in stats])
         self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
         self.running_var.lerp_(var.to(self.running_var.dtype), m)
 

@@ -27,7 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .checkpointing import checkpointed
+from .lean import lean_conv_relu_pool
+from .pooling import pool_like_input
 
 OMEGAS = ("elastic", "translation")
 POOLS = ("mean", "mask")
@@ -44,7 +45,10 @@ class RegistorBlock(nn.Module):
         self.pool = pool(2)
 
     def forward(self, x):
-        return self.pool(self.relu(self.conv2(self.relu(self.conv1(x)))))
+        return self.pool_like_input(self.relu(self.conv2(self.relu(self.conv1(x)))))
+
+    def pool_like_input(self, h):
+        return pool_like_input(self.pool, h)
 
 
 class Registor(nn.Module):
@@ -86,7 +90,9 @@ class Registor(nn.Module):
                              f"got {tuple(p.shape[2:])}")
         x = p
         for block in self.blocks:
-            x = checkpointed(block, x) if self.checkpointing else block(x)
+            # Checkpointing: each block stores only its input and is recomputed in the
+            # backward by a written-out backward that holds as little as it can at once.
+            x = lean_conv_relu_pool(block, x) if (self.checkpointing and torch.is_grad_enabled()) else block(x)
         coarse = self.head(x) * self.scale
         if self.omega == "translation":
             dims = tuple(range(2, coarse.dim()))

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from .checkpointing import checkpointed
 from .lean import lean_conv_norm_relu
 from .norm import NORMS, make_norm
+from .pooling import pool_like_input
 
 
 def _layers(spatial_dims: int):
@@ -46,31 +47,46 @@ class LUConv(nn.Module):
         # recompute this layer in the backward (coopseg.models.lean).
         self.lean = False
 
-    def forward(self, *xs):
-        """relu(norm(conv1(cat(xs)))). Several inputs (an up level's upsampled tensor
-        and skip) are convolved with the matching input-channel slices of conv1's
-        weight and summed, so that the concatenation is never stored (one weight
-        parameter: the Models Genesis keys and shapes are unchanged)."""
+    def forward(self, *xs, up=None, head=None):
+        """relu(norm(conv1(cat(xs)))), with xs[0] replaced by up(xs[0]) if `up` (an up
+        level's transposed conv) is given. Several inputs (an up level's upsampled
+        tensor and skip) are convolved with the matching input-channel slices of
+        conv1's weight and summed, so that the concatenation is never stored (one
+        weight parameter: the Models Genesis keys and shapes are unchanged). `head`
+        (the segmentor's output conv) is applied to the result: the lean layer then
+        does not store its output, only the logits leave it."""
         if self.lean and torch.is_grad_enabled():
-            return lean_conv_norm_relu(self, *xs)
-        return self.dense_forward(*xs)
+            return lean_conv_norm_relu(self, *xs, up=up, head=head)
+        return self.dense_forward(*xs, up=up, head=head)
 
-    def dense_forward(self, *xs):
-        return self.activation(self.bn1(self._conv(xs)))
+    def dense_forward(self, *xs, up=None, head=None):
+        y = self.activation(self.bn1(self._conv(xs, up)))
+        return head(y) if head is not None else y
 
-    def _conv(self, xs):
-        if len(xs) == 1:
+    def input_channels(self, xs, up=None) -> list[int]:
+        """Channels of each conv input (xs[0] after `up`), checked against conv1."""
+        sizes = [x.shape[1] for x in xs]
+        if up is not None:
+            sizes[0] = up.out_channels
+        if sum(sizes) != self.conv1.in_channels:
+            raise ValueError(f"conv1 expects {self.conv1.in_channels} input channels in all, got {sum(sizes)}")
+        return sizes
+
+    def _conv(self, xs, up=None):
+        xs = list(xs)
+        if up is None and len(xs) == 1:
             return self.conv1(xs[0])
         conv = F.conv3d if xs[0].dim() == 5 else F.conv2d
         w = self.conv1.weight
-        sizes = [x.shape[1] for x in xs]
-        if sum(sizes) != w.shape[1]:
-            raise ValueError(f"conv1 expects {w.shape[1]} input channels in all, got {sum(sizes)}")
+        sizes = self.input_channels(xs, up)
         # split (not slicing): its backward writes the weight gradient once, where
         # each slice's backward would allocate a full-size zero gradient.
         out = None
-        for i, (x, wi) in enumerate(zip(xs, w.split(sizes, 1))):
-            part = conv(x, wi, self.conv1.bias if i == 0 else None, padding=1)
+        for i, wi in enumerate(w.split(sizes, 1)):
+            x = up(xs[0]) if (i == 0 and up is not None) else xs[i]
+            # Without grad (the lean layers) the upsampled tensor is freed once convolved.
+            part = conv(x, wi, self.conv1.bias if i == 0 else None, padding=self.conv1.padding)
+            del x
             out = part if out is None else out.add_(part)
         return out
 
@@ -86,7 +102,8 @@ class DownTransition(nn.Module):
 
     def forward(self, x):
         before_pool = self.ops(x)
-        return (self.maxpool(before_pool) if self.maxpool is not None else before_pool), before_pool
+        pooled = pool_like_input(self.maxpool, before_pool) if self.maxpool is not None else before_pool
+        return pooled, before_pool
 
 
 class UpTransition(nn.Module):
@@ -98,9 +115,11 @@ class UpTransition(nn.Module):
         self.up_conv = convT(cin, cin, kernel_size=2, stride=2)
         self.ops = nn.Sequential(LUConv(cin + cskip, cout, spatial_dims, norm), LUConv(cout, cout, spatial_dims, norm))
 
-    def forward(self, x, skip):
-        # ops[0] takes (upsampled, skip) as two inputs: no stored concatenation.
-        return self.ops[1](self.ops[0](self.up_conv(x), skip))
+    def forward(self, x, skip, head=None):
+        # ops[0] takes (x, skip) and upsamples x itself: no stored concatenation, and
+        # with lean layers the upsampled tensor is not stored either. `head`: a conv
+        # applied to the output inside ops[1] (the segmentor's out_tr.final_conv).
+        return self.ops[1](self.ops[0](x, skip, up=self.up_conv), head=head)
 
 
 class OutputTransition(nn.Module):
@@ -175,8 +194,8 @@ class Segmentor(nn.Module):
             raise ValueError(f"Segmentor input spatial sizes must be multiples of 8 (three 2x max-pools), "
                              f"got {tuple(x.shape[2:])}")
 
-    def _run(self, block, *args):
-        return checkpointed(block, *args) if self.checkpointing else block(*args)
+    def _run(self, block, *args, **kwargs):
+        return checkpointed(block, *args, **kwargs) if self.checkpointing else block(*args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -186,5 +205,7 @@ class Segmentor(nn.Module):
         out, _ = self._run(self.down_tr512, out)
         out = self._run(self.up_tr256, out, skip256)
         out = self._run(self.up_tr128, out, skip128)
-        out = self._run(self.up_tr64, out, skip64)
-        return self.out_tr(out)
+        # out_tr's conv runs inside up_tr64's last layer (the same function as
+        # out_tr(up_tr64(...))): with lean layers the full-resolution features are then
+        # not stored for out_tr's backward, only recomputed there.
+        return self._run(self.up_tr64, out, skip64, head=self.out_tr.final_conv)
