@@ -123,6 +123,25 @@ def test_translation_search_matches_brute_force(size, seed):
         assert tuple(int(v) for v in t[0]) == want_t, method
 
 
+@pytest.mark.parametrize("counter", ["cpp", "torch"])
+@pytest.mark.parametrize("size,seed", PAIRS[::3])
+def test_translation_search_chunks_and_counters_match_brute_force(size, seed, counter, monkeypatch):
+    """The direct path in tiny chunks of shifts (one row of the last axis each, so the best
+    and its ties are merged across chunks), with the C++ bit-packed counter and with the
+    torch slicing fallback (devices without the extension), at a bound past the volume."""
+    s1, s2 = related_pair(size, seed, shift=6)
+    bound = [n - 1 for n in size] if len(size) == 2 else [5, 9, 4]
+    want_d, want_t = _brute_force_shift(s1, s2, bound)
+    if counter == "torch":
+        monkeypatch.setattr(S._backend, "HAS_CPP", False)
+    elif not S._backend.HAS_CPP:
+        pytest.skip("C++ extension not built")
+    monkeypatch.setattr(S, "_SHIFT_BYTES", 1 << 40)
+    t, d = ck.translation_search(s1, s2, bound, method="direct")
+    assert abs(d.item() - want_d) < 1e-12
+    assert tuple(int(v) for v in t[0]) == want_t
+
+
 @pytest.mark.parametrize("size,seed", PAIRS[::2])
 def test_translation_score_never_below_the_exact_shift(size, seed):
     """The exact best integer shift is a floor of D_S(translation): the sub-voxel
