@@ -145,8 +145,9 @@ def _fast_len(n: int) -> int:
 def _bbox(m: Tensor) -> tuple[list[int], list[int]]:
     """Per spatial axis [lo, hi) of the voxels set in any channel of m (C, *S)."""
     nd = m.dim() - 1
-    head = m.any(dim=-1).any(dim=0)           # (*S[:-1]): one pass over the volume
-    last = m.any(dim=tuple(range(nd)))          # (S[-1],): the second pass
+    u = m.view(torch.uint8)                    # amax over bytes: ~3x faster than any() on bool
+    head = u.amax(dim=-1).amax(dim=0)           # (*S[:-1]): one pass over the volume
+    last = u.amax(dim=tuple(range(nd)))         # (S[-1],): the second pass
     lo, hi = [], []
     for k in range(nd):
         if k == nd - 1:
@@ -305,10 +306,13 @@ def _search_one(a: Tensor, b: Tensor, bound: Sequence[int], method: str) -> tupl
     C = a.shape[0]
     volume = C * math.prod(size)            # bytes of one bool mask of this item: "an input volume"
     cpp = a.device.type == "cpu" and _backend.HAS_CPP
-    # 3-D views with the packed (last) axis the longest one: (C, 1, H, W) for 2-D masks
-    perm = list(range(nd)) if nd == 2 else [k for k in range(3) if k != max(range(3), key=lambda k: ma[k] + mb[k])]
+    # 3-D views (C, 1, H, W) for 2-D masks) whose last axis is the packed one: the longest
+    # whose crops fit one 64-bit word (the counter's fastest case), else the longest
+    perm = list(range(nd))
     if nd == 3:
-        perm.append(max(range(3), key=lambda k: ma[k] + mb[k]))
+        fits = [k for k in range(3) if max(ma[k], mb[k]) <= 64]
+        p = max(fits or range(3), key=lambda k: ma[k] + mb[k])
+        perm = [k for k in range(3) if k != p] + [p]
     a3 = ac.permute(0, *[k + 1 for k in perm])
     b3 = bc.permute(0, *[k + 1 for k in perm])
     dr3 = [d_ranges[k] for k in perm]
