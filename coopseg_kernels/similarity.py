@@ -237,15 +237,17 @@ def _counts_direct_torch(a3: Tensor, b3: Tensor, d_lo, d_n, box_lo, box_len) -> 
     return overlap.view(shape), size1.view(shape)
 
 
-# the cost model of method="auto", in seconds on this project's CPU (AMD EPYC, fitted from
-# benchmarks/tsearch_bounds.py): the C++ direct counter costs _WORD_COST per 64-voxel word
-# AND+popcount and _SHIFT_COST per shift; the torch slicing fallback _SLICE_COST per shift
-# plus _DIRECT_COST per voxel; one FFT point costs _FFT_COST * log2(points) per transform
-_WORD_COST = 1.0e-9
-_SHIFT_COST = 2.0e-8
-_SLICE_COST = 4.0e-5
+# the cost model of method="auto", in seconds on one core of this project's CPU (AMD EPYC,
+# fitted to benchmarks/table.py's translation-search rows, 64x64x32 and 128x128x64, bounds
+# 3, 16 and any): the C++ direct counter costs _WORD_COST per 64-voxel word AND+popcount and
+# _SHIFT_COST per shift (scoring included); the torch slicing fallback _SLICE_COST per shift
+# plus _DIRECT_COST per voxel; the FFT _FFT_COST per point and log2(points) of each of its
+# 2C + 1 transforms
+_WORD_COST = 2.0e-10
+_SHIFT_COST = 1.5e-7
+_SLICE_COST = 6.0e-5
 _DIRECT_COST = 1.0e-9
-_FFT_COST = 4.0e-9
+_FFT_COST = 3.0e-9
 # the peak-memory target: at most this many input volumes (one item's bool masks, C * prod(S)
 # bytes) above the inputs, at any bound; the score arrays of one chunk of shifts take at most
 # _CHUNK_VOLUMES of it (_SHIFT_BYTES a shift: the int64 overlap and size1, the float64 score
