@@ -34,7 +34,9 @@ at::Tensor pack_bits(const at::Tensor& m) {
   const bool* p = m.data_ptr<bool>();
   const int64_t s0 = m.stride(0), s1 = m.stride(1), s2 = m.stride(2), s3 = m.stride(3);
   auto* o = reinterpret_cast<uint64_t*>(out.data_ptr<int64_t>());
-  at::parallel_for(0, C * D0 * D1, 64, [&](int64_t begin, int64_t end) {
+  // grains of ~64K voxels or word operations a task: small searches run on the calling
+  // thread (on a busy machine every parallel region can wait for a descheduled thread)
+  at::parallel_for(0, C * D0 * D1, std::max<int64_t>(1, (int64_t(1) << 16) / D2), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const int64_t c = r / (D0 * D1), i = (r / D1) % D0, j = r % D1;
       const bool* row = p + c * s0 + i * s1 + j * s2;
@@ -95,7 +97,9 @@ std::tuple<at::Tensor, at::Tensor> overlap_counts(const at::Tensor& pa, const at
   const int64_t planeA = A[0] * A[1] * Wa, planeB = B[0] * B[1] * Wb;
 
   // overlap: one task per (d0, d1); for each row pair of the overlap region, every d2
-  at::parallel_for(0, n0 * n1, 1, [&](int64_t begin, int64_t end) {
+  const int64_t pair_work = C * std::min(A[0], B[0]) * std::min(A[1], B[1]) * n2 * Wb;
+  at::parallel_for(0, n0 * n1, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, pair_work)),
+                   [&](int64_t begin, int64_t end) {
     std::vector<int64_t> acc(n2);
     for (int64_t p = begin; p < end; ++p) {
       const int64_t d0 = d_lo[0] + p / n1, d1 = d_lo[1] + p % n1;
@@ -153,7 +157,8 @@ std::tuple<at::Tensor, at::Tensor> overlap_counts(const at::Tensor& pa, const at
   const uint64_t last = (a_bits & 63) ? (uint64_t(1) << (a_bits & 63)) - 1 : ~uint64_t(0);  // bits past a_bits
   auto lo_of = [&](int k, int64_t d) { return std::clamp<int64_t>(d + box_lo[k], 0, A[k]); };
   auto hi_of = [&](int k, int64_t d) { return std::clamp<int64_t>(d + box_lo[k] + box_len[k], 0, A[k]); };
-  at::parallel_for(0, n0, 1, [&](int64_t begin, int64_t end) {
+  const int64_t d0_work = C * A[0] * A[1] * Wa + n1 * (A[2] + n2);
+  at::parallel_for(0, n0, std::max<int64_t>(1, (int64_t(1) << 16) / d0_work), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> hist(A[2]), pref(A[2] + 1);
     for (int64_t i0 = begin; i0 < end; ++i0) {
       const int64_t d0 = d_lo[0] + i0;
