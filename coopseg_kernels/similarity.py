@@ -212,36 +212,68 @@ def _fft_pad(ma, mb, d_ranges) -> list[int]:
 
 
 def _counts_direct_torch(a3: Tensor, b3: Tensor, d_lo, d_n, box_lo, box_len) -> tuple[Tensor, Tensor]:
-    """overlap(d) and size1(d) (see `_counts_direct`) for the offsets d_lo + [0, d_n) of 3-D
-    crops (C, *3), one shift at a time by slicing (devices without the C++ counter): memory
-    one slab, never the volume."""
-    shape = list(d_n)
-    overlap = torch.zeros(math.prod(shape), dtype=torch.int64, device=a3.device)
+    """overlap(d) and size1(d) as `coopseg.overlap_counts` (csrc/cpu/overlap.cpp) returns
+    them, for the offsets d_lo + [0, d_n) of 3-D crops (C, *3), in torch ops on any device
+    (CUDA tensors, no C++ extension): per (d0, d1), the overlaps of every d2 at once are one
+    conv1d of the overlapping rows (a cross-correlation summed over rows as channels; exact:
+    float32 while the counts stay below 2^24), in blocks of rows whose float copies take at
+    most one input volume; size1 from the prefix sums of the box's column histogram."""
+    n0, n1, n2 = d_n
+    dev = a3.device
+    overlap = torch.zeros(n0, n1, n2, dtype=torch.int64, device=dev)
     size1 = torch.zeros_like(overlap)
-    ma, mb = a3.shape[1:], b3.shape[1:]
-    d_ranges = [range(lo, lo + n) for lo, n in zip(d_lo, d_n)]
-    for i, d in enumerate(itertools.product(*d_ranges)):
-        sa, sb, box = [slice(None)], [slice(None)], [slice(None)]
-        empty = False
-        for dk, na, nb, bl, bn in zip(d, ma, mb, box_lo, box_len):
-            x0, x1 = min(max(dk + bl, 0), na), min(max(dk + bl + bn, 0), na)
-            box.append(slice(x0, max(x0, x1)))
-            y0, y1 = max(0, -dk), min(nb, na - dk)
-            if y1 <= y0:
-                empty = True
-            sa.append(slice(y0 + dk, max(y0, y1) + dk))
-            sb.append(slice(y0, max(y0, y1)))
-        size1[i] = a3[tuple(box)].view(torch.uint8).sum(dtype=torch.int64)
-        if not empty:
-            overlap[i] = torch.logical_and(a3[tuple(sa)], b3[tuple(sb)]).view(torch.uint8).sum(dtype=torch.int64)
-    return overlap.view(shape), size1.view(shape)
+    C, A, B = a3.shape[0], a3.shape[1:], b3.shape[1:]
+    d2 = torch.arange(d_lo[2], d_lo[2] + n2, device=dev)
+    l2 = (d2 + box_lo[2]).clamp(0, A[2])
+    h2 = torch.maximum((d2 + box_lo[2] + box_len[2]).clamp(0, A[2]), l2)
+    j2 = d2 + B[2] - 1                                   # conv1d output index of offset d2
+    valid2 = (j2 >= 0) & (j2 < A[2] + B[2] - 1)
+    j2 = j2.clamp(0, A[2] + B[2] - 2)
+    dtype = torch.float32 if C * min(A[0], B[0]) * min(A[1], B[1]) * min(A[2], B[2]) < 2 ** 24 else torch.float64
+    volume = C * A[0] * A[1] * A[2]
+    # rows of one conv1d call: their bool and float copies of both crops and conv1d's padded
+    # copy of the input (A2 + 2 (B2 - 1) long) take <= 2 volumes (+ one row of each)
+    i = dtype.itemsize
+    block = max(1, 2 * volume // ((1 + 2 * i) * A[2] + (1 + 3 * i) * B[2]))
+
+    def clamp(k, d):
+        lo = min(max(d + box_lo[k], 0), A[k])
+        return lo, max(lo, min(max(d + box_lo[k] + box_len[k], 0), A[k]))
+
+    for i0 in range(n0):
+        d0 = d_lo[0] + i0
+        x0 = clamp(0, d0)
+        y0 = (max(0, -d0), min(B[0], A[0] - d0))
+        for i1 in range(n1):
+            d1 = d_lo[1] + i1
+            x1 = clamp(1, d1)
+            if x0[0] < x0[1] and x1[0] < x1[1]:
+                hist = a3[:, x0[0]:x0[1], x1[0]:x1[1]].sum(dim=(0, 1, 2), dtype=torch.int64)
+                pref = torch.cat([hist.new_zeros(1), hist.cumsum(0)])
+                size1[i0, i1] = pref[h2] - pref[l2]
+            y1 = (max(0, -d1), min(B[1], A[1] - d1))
+            if y0[0] >= y0[1] or y1[0] >= y1[1]:
+                continue
+            corr = None
+            ny1 = y1[1] - y1[0]
+            # a block: whole planes of rows where they fit, else part of one plane's rows
+            step0, step1 = (block // (C * ny1), ny1) if block >= C * ny1 else (1, max(1, block // C))
+            for p0, q0 in itertools.product(range(y0[0], y0[1], step0), range(y1[0], y1[1], step1)):
+                p1, q1 = min(y0[1], p0 + step0), min(y1[1], q0 + step1)
+                ra = a3[:, p0 + d0:p1 + d0, q0 + d1:q1 + d1].reshape(1, -1, A[2]).to(dtype)
+                rb = b3[:, p0:p1, q0:q1].reshape(1, -1, B[2]).to(dtype)
+                out = F.conv1d(ra, rb, padding=B[2] - 1)[0, 0]
+                del ra, rb
+                corr = out if corr is None else corr.add_(out)
+            overlap[i0, i1] = torch.where(valid2, corr[j2].round().to(torch.int64), 0)
+    return overlap, size1
 
 
 # the cost model of method="auto", in seconds on one core of this project's CPU (AMD EPYC,
 # fitted to benchmarks/table.py's translation-search rows, 64x64x32 and 128x128x64, bounds
 # 3, 16 and any): the C++ direct counter costs _WORD_COST per 64-voxel word AND+popcount and
-# _SHIFT_COST per shift (scoring included); the torch slicing fallback _SLICE_COST per shift
-# plus _DIRECT_COST per voxel; the FFT _FFT_COST per point and log2(points) of each of its
+# _SHIFT_COST per shift (scoring included); the torch fallback _SLICE_COST per (d0, d1) pair
+# plus _DIRECT_COST per voxel pair of its row correlations; the FFT _FFT_COST per point and log2(points) of each of its
 # 2C + 1 transforms
 _WORD_COST = 2.0e-10
 _SHIFT_COST = 1.5e-7
@@ -334,7 +366,8 @@ def _search_one(a: Tensor, b: Tensor, bound: Sequence[int], method: str) -> tupl
                 sum((max(0, min(B3[2], A3[2] - d) - max(0, -d)) + 63) // 64 + 1 for d in dr3[2])
             direct = words * _WORD_COST + n_shift * _SHIFT_COST
         else:
-            direct = n_shift * (_SLICE_COST + C * math.prod(min(x, y) for x, y in zip(ma, mb)) * _DIRECT_COST)
+            rows = C * _overlap_sum(A3[0], B3[0], dr3[0]) * _overlap_sum(A3[1], B3[1], dr3[1])
+            direct = len(dr3[0]) * len(dr3[1]) * _SLICE_COST + rows * A3[2] * B3[2] * _DIRECT_COST
         pts = math.prod(_fft_pad(ma, mb, d_ranges))
         fft = (2 * C + 1) * pts * math.log2(max(pts, 2)) * _FFT_COST
         fft_bytes = _FFT_BYTES_PER_POINT * pts + _SHIFT_BYTES * n_shift + 8 * ac[0].numel()
