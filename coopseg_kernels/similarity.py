@@ -277,8 +277,8 @@ def _counts_direct_torch(a3: Tensor, b3: Tensor, d_lo, d_n, box_lo, box_len) -> 
 # 2C + 1 transforms
 _WORD_COST = 2.0e-10
 _SHIFT_COST = 1.5e-7
-_SLICE_COST = 6.0e-5
-_DIRECT_COST = 1.0e-9
+_SLICE_COST = 1.0e-3
+_DIRECT_COST = 3.0e-9
 _FFT_COST = 3.0e-9
 # the peak-memory target: at most this many input volumes (one item's bool masks, C * prod(S)
 # bytes) above the inputs, at any bound; the score arrays of one chunk of shifts take at most
@@ -440,13 +440,16 @@ def translation_search(s1: Tensor, s2: Tensor, max_translation: int | Sequence[i
     summed over channels). max_translation: one int >= 0 for every axis or one per axis.
 
     Both masks are cropped to their bounding boxes first; the overlap counts of all
-    shifts come from `method`: "direct" (count the overlap of the sliced crops per
-    shift: time ~ shifts x crop, memory one slab) or "fft" (float64 cross-correlation
-    of the crops: time ~ crop log crop whatever the bound, memory ~3 padded crops);
-    "auto" picks the cheaper by a cost model. |s1 shifted| comes from the crop's
-    summed table. A shift that moves all of s1 out is no candidate; empty masks
-    follow D_S's rules (module docstring). Ties go to the smallest |t|_1, then the
-    lexicographically smallest t. Returns (t (B, nd) float64 voxels, Dice (B,) float64).
+    shifts come from `method`: "direct" (exact counts per shift: on CPU the C++ counter
+    on masks packed 64 voxels a word, elsewhere a conv1d of rows per shift pair; the
+    shifts are scored in chunks, so the peak stays <= 4 input volumes at any bound)
+    or "fft" (float64 cross-correlation of the crops: time ~ crop log crop whatever the
+    bound, memory ~30-40 bytes a padded point, many volumes at large bounds); "auto"
+    picks the cheaper by a cost model among those whose peak fits 4 input volumes (one
+    item's bool masks), i.e. the FFT only where it fits. |s1 shifted| inside the volume
+    comes with the counts (direct) or from the crop's summed table (fft). A shift that
+    moves all of s1 out is no candidate; empty masks follow D_S's rules (module
+    docstring). Ties go to the smallest |t|_1, then the lexicographically smallest t. Returns (t (B, nd) float64 voxels, Dice (B,) float64).
     """
     _checks.mask_pair("s1", s1, "s2", s2)
     bound = _checks.translation_bound("max_translation", max_translation, tuple(s1.shape[2:]))

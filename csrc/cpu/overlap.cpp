@@ -169,7 +169,8 @@ std::tuple<at::Tensor, at::Tensor> overlap_counts(const at::Tensor& pa, const at
           for (int64_t x0 = x0lo; x0 < x0hi; ++x0) {
             const uint64_t* ra = wa + c * planeA + (x0 * A[1] + x1) * Wa;
             for (int64_t w = 0; w < Wa; ++w)
-              for (uint64_t v = w == Wa - 1 ? ra[w] & last : ra[w]; v; v &= v - 1) hist[64 * w + __builtin_ctzll(v)] += sign;
+              for (uint64_t v = w == Wa - 1 ? ra[w] & last : ra[w]; v; v &= v - 1)
+                hist[64 * w + __builtin_ctzll(v)] += sign;
           }
       };
       int64_t cur_lo = 0, cur_hi = 0;  // rows [cur_lo, cur_hi) are in hist
