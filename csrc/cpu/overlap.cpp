@@ -96,59 +96,44 @@ std::tuple<at::Tensor, at::Tensor> overlap_counts(const at::Tensor& pa, const at
   int64_t* ps = size1.data_ptr<int64_t>();
   const int64_t planeA = A[0] * A[1] * Wa, planeB = B[0] * B[1] * Wb;
 
-  // overlap: one task per (d0, d1); for each row pair of the overlap region, every d2
-  const int64_t pair_work = C * std::min(A[0], B[0]) * std::min(A[1], B[1]) * n2 * Wb;
-  at::parallel_for(0, n0 * n1, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, pair_work)),
+  // overlap: one task per d2. The task first shifts a's packed rows by d2 onto b's word
+  // grid (bit y of row r = a[r, y + d2], zero outside a; one copy of the crop's rows, 1/8
+  // of a crop), then for every (d0, d1) the overlapping rows of a run of y1 are contiguous
+  // in both arrays: one AND + popcount loop over whole rows, which the compiler vectorizes
+  // (bits outside either crop are zero in one of the two words)
+  const int64_t rowsA = A[0] * A[1];
+  const int64_t d2_work = C * rowsA * Wb + n0 * n1 * C * std::min(A[0], B[0]) * std::min(A[1], B[1]) * Wb;
+  at::parallel_for(0, n2, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, d2_work)),
                    [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> acc(n2);
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t d0 = d_lo[0] + p / n1, d1 = d_lo[1] + p % n1;
-      std::fill(acc.begin(), acc.end(), 0);
-      const int64_t y0lo = std::max<int64_t>(0, -d0), y0hi = std::min(B[0], A[0] - d0);
-      const int64_t y1lo = std::max<int64_t>(0, -d1), y1hi = std::min(B[1], A[1] - d1);
-      if (y0lo < y0hi && y1lo < y1hi) {
-        for (int64_t c = 0; c < C; ++c)
-          for (int64_t y0 = y0lo; y0 < y0hi; ++y0) {
-            const uint64_t* rb0 = wb + c * planeB + (y0 * B[1] + y1lo) * Wb;
-            const uint64_t* ra0 = wa + c * planeA + ((y0 + d0) * A[1] + y1lo + d1) * Wa;
-            const int64_t nrows = y1hi - y1lo;
-            for (int64_t i2 = 0; i2 < n2; ++i2) {
-              const int64_t d2 = d_lo[2] + i2;
-              const int64_t y2lo = std::max<int64_t>(0, -d2), y2hi = std::min(B[2], A[2] - d2);
-              if (y2lo >= y2hi) continue;
-              const int64_t wlo = y2lo >> 6, whi = (y2hi - 1) >> 6;  // b's words that can overlap
-              const int64_t q = d2 >> 6;                              // floor(d2 / 64)
-              const int r = int(d2 & 63);
-              int64_t sum = 0;
-              if (Wa == 1 && Wb == 1) {
-                // rows of <= 64 voxels (the common case: the packed axis is chosen so): one
-                // shift and one AND + popcount per row pair, a loop the compiler vectorizes
-                // (|d2| < 64 here, since -B2 < d2 < A2 <= 64)
-                if (d2 >= 0)
-                  for (int64_t row = 0; row < nrows; ++row) sum += __builtin_popcountll((ra0[row] >> d2) & rb0[row]);
-                else
-                  for (int64_t row = 0; row < nrows; ++row) sum += __builtin_popcountll((ra0[row] << -d2) & rb0[row]);
-              } else if (r == 0) {
-                for (int64_t row = 0; row < nrows; ++row) {
-                  const uint64_t* ra = ra0 + row * Wa;
-                  const uint64_t* rb = rb0 + row * Wb;
-                  for (int64_t w = wlo; w <= whi; ++w) sum += __builtin_popcountll(word_at(ra, Wa, w + q) & rb[w]);
-                }
-              } else {
-                for (int64_t row = 0; row < nrows; ++row) {
-                  const uint64_t* ra = ra0 + row * Wa;
-                  const uint64_t* rb = rb0 + row * Wb;
-                  for (int64_t w = wlo; w <= whi; ++w) {
-                    const uint64_t v = (word_at(ra, Wa, w + q) >> r) | (word_at(ra, Wa, w + q + 1) << (64 - r));
-                    sum += __builtin_popcountll(v & rb[w]);
-                  }
-                }
-              }
-              acc[i2] += sum;
-            }
-          }
+    std::vector<uint64_t> sh(C * rowsA * Wb);
+    for (int64_t i2 = begin; i2 < end; ++i2) {
+      const int64_t d2 = d_lo[2] + i2;
+      const int64_t q = d2 >> 6;  // floor(d2 / 64)
+      const int r = int(d2 & 63);
+      for (int64_t row = 0; row < C * rowsA; ++row) {
+        const uint64_t* ra = wa + row * Wa;
+        uint64_t* dst = sh.data() + row * Wb;
+        for (int64_t w = 0; w < Wb; ++w)
+          dst[w] = r == 0 ? word_at(ra, Wa, w + q)
+                          : (word_at(ra, Wa, w + q) >> r) | (word_at(ra, Wa, w + q + 1) << (64 - r));
       }
-      std::copy(acc.begin(), acc.end(), po + p * n2);
+      const bool none = std::max<int64_t>(0, -d2) >= std::min(B[2], A[2] - d2);  // no overlap along axis 2
+      for (int64_t p = 0; p < n0 * n1; ++p) {
+        const int64_t d0 = d_lo[0] + p / n1, d1 = d_lo[1] + p % n1;
+        const int64_t y0lo = std::max<int64_t>(0, -d0), y0hi = std::min(B[0], A[0] - d0);
+        const int64_t y1lo = std::max<int64_t>(0, -d1), y1hi = std::min(B[1], A[1] - d1);
+        int64_t sum = 0;
+        if (!none && y0lo < y0hi && y1lo < y1hi) {
+          const int64_t n = (y1hi - y1lo) * Wb;
+          for (int64_t c = 0; c < C; ++c)
+            for (int64_t y0 = y0lo; y0 < y0hi; ++y0) {
+              const uint64_t* xa = sh.data() + (c * rowsA + (y0 + d0) * A[1] + y1lo + d1) * Wb;
+              const uint64_t* xb = wb + c * planeB + (y0 * B[1] + y1lo) * Wb;
+              for (int64_t i = 0; i < n; ++i) sum += __builtin_popcountll(xa[i] & xb[i]);
+            }
+        }
+        po[p * n2 + i2] = sum;
+      }
     }
   });
 
