@@ -125,6 +125,21 @@ def similarity_cases(device: torch.device) -> list[Case]:
     return cases
 
 
+def tsearch_bound_cases(device: torch.device) -> list[tuple[str, torch.Tensor, torch.Tensor, int | None]]:
+    """The translation search at growing bounds (issue 11 point 2): (shape label, s1, s2,
+    max_translation). The blob masks of the fast table (a third of the volume's bounding box)
+    at shifts <= 3, <= 16 and any shift, and a worst case for memory: masks whose bounding
+    boxes are the whole volume (every crop is the volume), at any shift."""
+    s1, s2 = _masks((128, 128, 64), device, 4)
+    s1, s2 = s1 > 0.5, s2 > 0.5
+    cases = [("128x128x64 blobs", s1, s2, b) for b in (3, 16, None)]
+    g = torch.Generator().manual_seed(5)
+    f1 = torch.rand(1, 1, 64, 64, 32, generator=g) < 0.5            # dense noise: every crop is the volume
+    f2 = f1 ^ (torch.rand(1, 1, 64, 64, 32, generator=g) < 0.1)      # related, not a shift
+    cases.append(("64x64x32 full-volume noise", f1.to(device), f2.to(device), None))
+    return cases
+
+
 def ds_pair(device: torch.device, size=(256, 256, 128)) -> tuple[torch.Tensor, torch.Tensor]:
     """The D_S-per-pair case of issue 8: blob masks (a union of 4 balls), s2 = s1 under a
     smooth deformation of a few voxels (a 5x5x3 grid, N(0, 2^2)) plus a shift of (5, -4, 3)."""

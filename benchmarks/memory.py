@@ -3,7 +3,10 @@
 CPU: live tensor storages are counted with a TorchDispatchMode. Every aten or
 custom op that returns a tensor is seen (autograd's backward ops too); a storage
 counts from its first appearance until it is freed (a weakref finalizer on the
-storage). Views share their storage and count once. Allocations made inside a
+storage). Views share their storage and count once, and a result the op's schema
+marks as aliasing an input (a view, an in-place or out= result) is never a new
+storage: a view of a tensor that existed before the call (a slice of an input)
+costs nothing. Allocations made inside a
 fused kernel and freed before it returns are invisible to this mode: the kernels
 in this package keep such scratch small (coarse-grid sized) -- see README.
 CUDA: torch.cuda.max_memory_allocated, which sees everything.
@@ -43,9 +46,17 @@ class LiveStorageBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                self._track(t)
+        # only results the schema marks fresh: a view or an in-place/out= result aliases an
+        # input (Tensor(a)), whose storage is not new -- counting it would charge a view of a
+        # tensor that existed before the call (e.g. a slice of an input) as an allocation
+        rets = func._schema.returns
+        outs = out if isinstance(out, (tuple, list)) and len(rets) > 1 else (out,)
+        for r, o in zip(rets, outs):
+            if r.alias_info is not None:
+                continue
+            for t in tree_flatten(o)[0]:
+                if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                    self._track(t)
         return out
 
 

@@ -6,7 +6,10 @@ forward+backward, for every case in benchmarks/cases.py.
 A second table ("D_S per pair", skipped by --quick; select it alone with
 --ops "D_S per pair") times D_S(elastic) of one 256x256x128 pair with a /16 grid
 by this version's optimizer and by the frozen pre-issue-8 one
-(benchmarks/legacy_similarity.py), alternately in one process.
+(benchmarks/legacy_similarity.py), alternately in one process. A third
+("translation search bounds", skipped by --quick; select it alone with --ops
+"translation search bounds") times translation_search's methods at growing bounds
+with their peak memory in input volumes.
 
 Prints a Markdown table and writes benchmarks/results/<device>-<date>.json with
 the machine, torch version and date. Ratios are naive / fused, from one run.
@@ -145,6 +148,79 @@ def ds_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+TSEARCH = "translation search bounds"
+
+
+def tsearch_rows(device: torch.device, repeats: int) -> list[dict]:
+    """translation_search at growing bounds (benchmarks/cases.py: tsearch_bound_cases):
+    method auto / direct / fft timed alternately `repeats` times in this one process (median),
+    the peak of each in input volumes (one bool mask: its bytes), which method auto took, and
+    brute-force slicing -- measured where it scores <= 343 shifts, else its time per shift
+    measured on 27 shifts (bound 1) of the same masks times the shift count (extrapolated)."""
+    import math
+    import statistics
+    import time
+
+    import coopseg_kernels as ck
+    import coopseg_kernels.similarity as S
+    from benchmarks.cases import brute_force_translation, tsearch_bound_cases
+    from benchmarks.harness import sync
+
+    rows = []
+    for label, s1, s2, bound in tsearch_bound_cases(device):
+        size = tuple(s1.shape[2:])
+        shifts = math.prod(2 * (n - 1 if bound is None else min(bound, n - 1)) + 1 for n in size)
+        volume = s1.numel() * s1.element_size()
+        fns = {m: (lambda m=m: ck.translation_search(s1, s2, bound, method=m)) for m in ("auto", "direct", "fft")}
+        brute_measured = bound is not None and shifts <= 343
+        if brute_measured:
+            fns["brute force"] = lambda: brute_force_translation(s1, s2, bound)
+        times: dict[str, list[float]] = {k: [] for k in fns}
+        for fn in fns.values():  # warm-up
+            fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
+        row = {"shape": label, "bound": "any" if bound is None else bound, "shifts": shifts,
+               "volume_mib": volume / MiB}
+        for name, t in times.items():
+            row[f"ms_{name}"] = 1e3 * statistics.median(t)
+        if not brute_measured:
+            t1 = median_seconds(lambda: brute_force_translation(s1, s2, 1), device, repeats=1)
+            row["ms_brute force"] = 1e3 * t1 / 27 * shifts
+        row["brute_extrapolated"] = not brute_measured
+        for name in ("auto", "direct", "fft"):
+            row[f"volumes_{name}"] = peak_bytes(fns[name], device) / volume
+        calls = []
+        real_fft = S._overlap_fft
+        S._overlap_fft = lambda *a: (calls.append(1), real_fft(*a))[1]
+        try:
+            fns["auto"]()
+        finally:
+            S._overlap_fft = real_fft
+        row["auto_took"] = "fft" if calls else "direct"
+        row["x_vs_brute"] = row["ms_brute force"] / row["ms_auto"]
+        rows.append(row)
+    return rows
+
+
+def tsearch_markdown(rows: list[dict]) -> str:
+    lines = ["| translation search | bound | shifts | auto took | auto ms | direct ms | fft ms | brute force ms "
+             "| brute / auto | peak auto (volumes) | peak direct (volumes) | peak fft (volumes) | volume MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        brute = f"{r['ms_brute force']:.0f}" + (" (extrapolated)" if r["brute_extrapolated"] else "")
+        lines.append(f"| {r['shape']} | {r['bound']} | {r['shifts']} | {r['auto_took']} | {r['ms_auto']:.1f} | "
+                     f"{r['ms_direct']:.1f} | {r['ms_fft']:.1f} | {brute} | {r['x_vs_brute']:.0f} | "
+                     f"{r['volumes_auto']:.2f} | {r['volumes_direct']:.2f} | {r['volumes_fft']:.2f} | "
+                     f"{r['volume_mib']:.2f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -152,6 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="skip the largest shapes")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ds-repeats", type=int, default=3, help="runs of each optimizer in the D_S-per-pair table")
+    ap.add_argument("--ts-repeats", type=int, default=3, help="runs of each method in the translation-search table")
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -172,11 +249,20 @@ def main(argv=None) -> int:
         if not rows:
             table += (f"\n\n{info.get('gpu', info['cpu'])}, {info['cpu_threads']} CPU threads, "
                       f"torch {info['torch']}, {info['date']}")
+    ts_rows = []
+    if not args.quick and (args.ops is None or TSEARCH in args.ops):
+        print(f"{TSEARCH} ({args.ts_repeats} runs of each method) ...", file=sys.stderr, flush=True)
+        ts_rows = tsearch_rows(device, args.ts_repeats)
+        table += "\n\n" + tsearch_markdown(ts_rows)
+        if not rows and not ds_rows:
+            table += (f"\n\n{info.get('gpu', info['cpu'])}, {info['cpu_threads']} CPU threads, "
+                      f"torch {info['torch']}, {info['date']}")
     print(table)
     os.makedirs(args.out, exist_ok=True)
     path = Path(args.out) / f"{device.type}-{info['date']}.json"
     path.write_text(json.dumps({"machine": info, "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows,
-                                "ds_pair_rows": ds_rows, "table": table}, indent=2))
+                                "ds_pair_rows": ds_rows, "tsearch_rows": ts_rows,
+                                "table": table}, indent=2))
     print(f"\nwritten {path}", file=sys.stderr)
     return 0
 

@@ -123,6 +123,25 @@ def test_translation_search_matches_brute_force(size, seed):
         assert tuple(int(v) for v in t[0]) == want_t, method
 
 
+@pytest.mark.parametrize("counter", ["cpp", "torch"])
+@pytest.mark.parametrize("size,seed", PAIRS[::3])
+def test_translation_search_chunks_and_counters_match_brute_force(size, seed, counter, monkeypatch):
+    """The direct path in tiny chunks of shifts (one row of the last axis each, so the best
+    and its ties are merged across chunks), with the C++ bit-packed counter and with the
+    torch slicing fallback (devices without the extension), at a bound past the volume."""
+    s1, s2 = related_pair(size, seed, shift=6)
+    bound = [n - 1 for n in size] if len(size) == 2 else [5, 9, 4]
+    want_d, want_t = _brute_force_shift(s1, s2, bound)
+    if counter == "torch":
+        monkeypatch.setattr(S._backend, "HAS_CPP", False)
+    elif not S._backend.HAS_CPP:
+        pytest.skip("C++ extension not built")
+    monkeypatch.setattr(S, "_SHIFT_BYTES", 1 << 40)
+    t, d = ck.translation_search(s1, s2, bound, method="direct")
+    assert abs(d.item() - want_d) < 1e-12
+    assert tuple(int(v) for v in t[0]) == want_t
+
+
 @pytest.mark.parametrize("size,seed", PAIRS[::2])
 def test_translation_score_never_below_the_exact_shift(size, seed):
     """The exact best integer shift is a floor of D_S(translation): the sub-voxel
@@ -435,3 +454,113 @@ def test_other_op_argument_errors():
         ck.blur(m, kernel="121")
     with pytest.raises(ValueError, match="x is a meta tensor"):
         ck.blur(m.to("meta"))
+
+
+def _peak(fn):
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parent.parent)
+    if root not in sys.path:  # `make sanitize` runs from build-asan/
+        sys.path.append(root)
+    from benchmarks.memory import peak_bytes
+
+    return peak_bytes(fn, torch.device("cpu"))
+
+
+def _noise_pair(size, seed):
+    """Related masks whose bounding boxes are the whole volume (the worst case for memory:
+    every crop is the volume), s2 = s1 with 10 % of the voxels flipped."""
+    g = torch.Generator().manual_seed(seed)
+    s1 = torch.rand(1, 1, *size, generator=g) < 0.4
+    return s1, s1 ^ (torch.rand(1, 1, *size, generator=g) < 0.1)
+
+
+@pytest.mark.parametrize("pair", ["blobs", "noise"])
+@pytest.mark.parametrize("size,bound", [((20, 22, 18), None), ((20, 22, 18), 9), ((40, 44), None)])
+def test_translation_search_peak_memory_within_4_volumes(size, bound, pair):
+    """Issue 11 point 2: the search's peak (benchmarks/memory.py, storages allocated above the
+    inputs) stays <= 4 input volumes (one bool mask: numel bytes) at any bound, for masks
+    whose crops are the whole volume too; the C++ counter's result equals the FFT's."""
+    if not S._backend.HAS_CPP:
+        pytest.skip("C++ extension not built")
+    s1, s2 = related_pair(size, 1, shift=4) if pair == "blobs" else _noise_pair(size, 1)
+    peak = _peak(lambda: ck.translation_search(s1, s2, bound))
+    assert 0 < peak <= 4 * s1.numel(), peak / s1.numel()
+    t, d = ck.translation_search(s1, s2, bound)
+    t_f, d_f = ck.translation_search(s1, s2, bound, method="fft")
+    assert torch.equal(t, t_f) and d.item() == d_f.item()
+    # the FFT itself would need far more than 4 volumes here: the reason it is not taken
+    assert _peak(lambda: ck.translation_search(s1, s2, bound, method="fft")) > 4 * s1.numel()
+
+
+def test_translation_search_torch_counter_peak_memory(monkeypatch):
+    """The slicing fallback (devices without the C++ counter) keeps the same bound (the
+    volume not tiny: a chunk holds at least one row of shifts, 48 bytes each)."""
+    monkeypatch.setattr(S._backend, "HAS_CPP", False)
+    s1, s2 = _noise_pair((64, 72), 2)
+    assert _peak(lambda: ck.translation_search(s1, s2, None)) <= 4 * s1.numel()
+
+
+def test_auto_takes_fft_only_where_it_fits(monkeypatch):
+    """With the direct count made expensive in the cost model, auto takes the FFT for a small
+    mask in a large volume (it fits the budget: exact, <= 4 volumes) but still not for masks
+    filling the volume (it would not fit)."""
+    calls = []
+    real = S._overlap_fft
+    monkeypatch.setattr(S, "_overlap_fft", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(S, "_WORD_COST", 1.0)
+    monkeypatch.setattr(S, "_SLICE_COST", 1.0)
+    small, _ = related_pair((12, 13, 10), 2, shift=2)
+    s1 = torch.zeros(1, 1, 40, 44, 36, dtype=torch.bool)
+    s2 = torch.zeros_like(s1)
+    s1[..., 10:22, 12:25, 8:18] = small[0, 0]
+    s2[..., 12:24, 11:24, 9:19] = related_pair((12, 13, 10), 2, shift=2)[1][0, 0]
+    want_t, want_d = ck.translation_search(s1, s2, 3, method="direct")  # exact (tests above)
+    assert not calls and 0.5 < want_d.item() < 1.0
+    t, d = ck.translation_search(s1, s2, 3)
+    assert calls and torch.equal(t, want_t) and d.item() == want_d.item()
+    assert _peak(lambda: ck.translation_search(s1, s2, 3)) <= 4 * s1.numel()
+    calls.clear()
+    f1, f2 = _noise_pair((16, 18, 14), 3)
+    assert _peak(lambda: ck.translation_search(f1, f2, None)) <= 4 * f1.numel()
+    assert not calls
+
+
+@pytest.mark.skipif(not S._backend.HAS_CPP, reason="C++ extension not built")
+@pytest.mark.parametrize("call,match", [
+    (lambda o, m, p: o.pack_bits(m.float()), "bool CPU tensor"),
+    (lambda o, m, p: o.pack_bits(m[0]), r"\(C, D0, D1, D2\)"),
+    (lambda o, m, p: o.overlap_counts(p.float(), p, 5, 5, [0, 0, 0], [1, 1, 1], [0, 0, 0], [5, 5, 5]), "packed_a"),
+    (lambda o, m, p: o.overlap_counts(p, p[:, :, :, :0], 5, 5, [0, 0, 0], [1, 1, 1], [0, 0, 0], [5, 5, 5]),
+     "packed_b"),
+    (lambda o, m, p: o.overlap_counts(p, p, 65, 5, [0, 0, 0], [1, 1, 1], [0, 0, 0], [5, 5, 5]), "a_bits"),
+    (lambda o, m, p: o.overlap_counts(p, p, 5, 0, [0, 0, 0], [1, 1, 1], [0, 0, 0], [5, 5, 5]), "b_bits"),
+    (lambda o, m, p: o.overlap_counts(p, p, 5, 5, [0, 0], [1, 1, 1], [0, 0, 0], [5, 5, 5]), "d_lo"),
+    (lambda o, m, p: o.overlap_counts(p, p, 5, 5, [0, 0, 0], [1, 0, 1], [0, 0, 0], [5, 5, 5]), "d_n"),
+    (lambda o, m, p: o.overlap_counts(p, p, 5, 5, [0, 0, 0], [1, 1, 1], [0, 0, 0], [5, -1, 5]), "box_len"),
+])
+def test_overlap_counter_raw_op_bad_args(call, match):
+    m = torch.ones(1, 4, 3, 5, dtype=torch.bool)
+    p = torch.ops.coopseg.pack_bits(m)
+    with pytest.raises(RuntimeError, match=match):
+        call(torch.ops.coopseg, m, p)
+
+
+@pytest.mark.skipif(not S._backend.HAS_CPP, reason="C++ extension not built")
+def test_overlap_counter_raw_op_matches_slicing():
+    """The raw counter on a box of offsets past both crops (empty overlaps and boxes
+    included), rows of 70 voxels (two words) and of 5, against the slicing counter."""
+    g = torch.Generator().manual_seed(4)
+    for sa, sb in [((2, 5, 4, 70), (2, 6, 3, 66)), ((1, 4, 6, 5), (1, 5, 4, 3))]:
+        a = torch.rand(*sa, generator=g) < 0.5
+        b = torch.rand(*sb, generator=g) < 0.5
+        d_lo = [-sb[1] - 1, -sb[2], -sb[3] - 2]
+        d_n = [sa[1] + sb[1] + 2, sa[2] + sb[2], sa[3] + sb[3] + 3]
+        box_lo, box_len = [-2, 1, -3], [sa[1] + 1, sa[2] - 2, sa[3]]
+        pa, pb = torch.ops.coopseg.pack_bits(a.transpose(1, 2).contiguous().transpose(1, 2)), \
+            torch.ops.coopseg.pack_bits(b)
+        got = torch.ops.coopseg.overlap_counts(pa, pb, sa[3], sb[3], d_lo, d_n, box_lo, box_len)
+        want = S._counts_direct_torch(a, b, d_lo, d_n, box_lo, box_len)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert want[0].sum() > 0 and want[1].min() == 0 and want[1].max() > 0
