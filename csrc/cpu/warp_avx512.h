@@ -334,10 +334,12 @@ inline void scatter_row(const float* g, const BackwardScratch& X, int64_t W, int
       const float* wk = X.wt.data() + k * W * 2;
       for (int64_t start = 0; start < 2; ++start)
         for (int64_t w = start; w < W; w += 2) {
-          double* p = reinterpret_cast<double*>(out + bk[w]);
-          __m128 add = _mm_castpd_ps(_mm_load_sd(reinterpret_cast<const double*>(wk + 2 * w)));
+          // 64-bit loads and stores that need no alignment (_mm_load_sd would
+          // need 8-byte aligned doubles; pairs start at any float)
+          __m128i* p = reinterpret_cast<__m128i*>(out + bk[w]);
+          __m128 add = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(wk + 2 * w)));
           if (C != 1) add = _mm_mul_ps(add, _mm_set1_ps(gc[w]));
-          _mm_store_sd(p, _mm_castps_pd(_mm_add_ps(_mm_castpd_ps(_mm_load_sd(p)), add)));
+          _mm_storel_epi64(p, _mm_castps_si128(_mm_add_ps(_mm_castsi128_ps(_mm_loadl_epi64(p)), add)));
         }
     }
   }
