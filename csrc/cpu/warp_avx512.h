@@ -10,7 +10,13 @@
 // finite (the exact non-finite rules live there only).
 //
 // Arithmetic is that of the generic path (same formulas, same order), so the
-// results agree with it to rounding (FMA contraction may differ).
+// results agree with it to rounding (FMA contraction may differ; the per-cell
+// sums reduce in another order). Everything a row computes depends on that
+// row's data only, and warp_slab_pass visits rows in a fixed order, so the
+// coarse gradient stays bitwise reproducible and independent of the thread
+// count. The rows are bound by the gathers' cache misses, which software
+// prefetches of the rows and planes ahead partly hide (prefetch_ahead; README
+// "How the kernels work").
 #pragma once
 
 #include "grid.h"
@@ -84,8 +90,6 @@ struct Taps16 {
   __mmask16 bad;          // position not finite
   __mmask16 row[4];       // corner row inside the image (and lane inside the row)
   __m512i off[4];         // element offset of each corner row's pair
-  __m512i rowbase[4];     // element offset of each corner row's start
-  __m512i pb;             // the pair's first element within the row
   __m512 pw0, pw1, pg0, pg1;
 };
 
@@ -126,14 +130,12 @@ inline void taps16(const RowField& F, const AxisInterp<float>& Iw, Dims3 S, floa
     t.pg0 = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(both, t.w.g0), left, t.w.g1);
     t.pg1 = _mm512_mask_mov_ps(_mm512_maskz_mov_ps(both, t.w.g1), right, t.w.g0);
   }
-  t.pb = pb;
   const __mmask16 kd[2] = {__mmask16(m & t.d.k0), __mmask16(m & t.d.k1)};
   const __mmask16 kh[2] = {t.h.k0, t.h.k1};
   for (int a = 0; a < 2; ++a)
     for (int b = 0; b < 2; ++b) {
       t.row[a * 2 + b] = kd[a] & kh[b];
-      t.rowbase[a * 2 + b] = _mm512_add_epi32(od[a], oh[b]);
-      t.off[a * 2 + b] = _mm512_add_epi32(t.rowbase[a * 2 + b], pb);
+      t.off[a * 2 + b] = _mm512_add_epi32(_mm512_add_epi32(od[a], oh[b]), pb);
     }
 }
 
