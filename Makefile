@@ -119,7 +119,7 @@ sanitize: $(SAN_DEPS)
 	cd $(ASAN_DIR) && $(SAN_ENV) $(abspath $(VPY)) -c "import coopseg_kernels._C as c; assert '$(ASAN_DIR)' in c.__file__, c.__file__"
 	cd $(ASAN_DIR) && $(SAN_ENV) $(abspath $(VPY)) -m pytest -q -p no:cacheprovider ../tests/test_raw_ops.py \
 		../tests/test_warp.py ../tests/test_nonfinite.py ../tests/test_int64.py ../tests/test_blur.py \
-		../tests/test_similarity.py -k "not triton and not cuda"
+		../tests/test_similarity.py ../tests/test_warp_rows.py -k "not triton and not cuda"
 	cd $(ASAN_DIR) && $(SAN_ENV) COOPSEG_FUZZ_LONG=1 $(abspath $(VPY)) -m pytest -q -p no:cacheprovider ../tests/test_fuzz.py
 
 clean:

@@ -28,7 +28,11 @@ if os.environ.get("COOPSEG_NO_EXT") != "1":
         # make sanitize: ASan + UBSan; -fno-wrapv comes last to undo Python's
         # -fwrapv, which would hide signed overflow from UBSan
         san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+        # the same -march as the optimised build, so that the code paths it takes
+        # (the warp's AVX-512 rows with -march=native on AVX-512) are the ones checked
         flags = ["-O1", "-g", "-fopenmp", "-fno-math-errno"] + san + ["-fno-wrapv"]
+        if os.environ.get("COOPSEG_NATIVE", "1") == "1":
+            flags.append("-march=native")
         link += san
     ext_modules = [
         CppExtension(

@@ -11,6 +11,7 @@
 //   same interpolation tables and reduction.
 #include "checks.h"
 #include "grid.h"
+#include "warp_avx512.h"
 
 #include <torch/library.h>
 
@@ -33,8 +34,17 @@ void warp_forward_impl(const at::Tensor& moving, const at::Tensor& coarse, bool 
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t h = r % S.h, d = (r / S.h) % S.d, b = r / (S.h * S.d);
       coarse_row<T, ND>(cp + b * ND * s.numel(), s, I3, d, h, rowf.data());
-      row_taps<T, I, ND, BORDER, false>(rowf.data(), s, I3.w, S, d, h, R);
       const int64_t row = (d * S.h + h) * S.w;
+#if defined(__AVX512F__)
+      // the hot instantiation in registers (warp_avx512.h); a row whose output
+      // is not finite is recomputed below on the generic path
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<I, int32_t> && ND == 3) {
+        if (S.w >= 2 && avx512::row_forward<BORDER>(mp + b * C * N, rowf.data(), I3.w, S, C, N, d, h,
+                                                    op + b * C * N + row))
+          continue;
+      }
+#endif
+      row_taps<T, I, ND, BORDER, false>(rowf.data(), s, I3.w, S, d, h, R);
       for (int64_t c = 0; c < C; ++c)
         row_sample<T, I, ND>(mp + (b * C + c) * N, R, S, op + (b * C + c) * N + row);
     }
@@ -89,6 +99,43 @@ void warp_slab_pass(const at::Tensor& grad_out, const at::Tensor& moving, const 
     std::vector<T> rowf(ND * s.w), gpos(3 * S.w), Alo(s.w * ND), Ahi(s.w * ND);
     RowTaps<T, I> R(S.w);
     ScatterScratch<T, I> X(S.w);
+#if defined(__AVX512F__)
+    // the hot instantiation in registers (warp_avx512.h); rows whose data is
+    // not finite fall back to the generic exact paths
+    avx512::BackwardScratch Y(std::is_same_v<T, float> && std::is_same_v<I, int32_t> && ND == 3 ? S.w : 0);
+    auto fused_row = [&](int64_t b, int64_t d, int64_t h, bool own, bool scatter, int64_t lo, int64_t hi) {
+      if constexpr (std::is_same_v<T, float> && std::is_same_v<I, int32_t> && ND == 3) {
+        const int64_t row = (d * S.h + h) * S.w;
+        const T* img = mp + b * C * N;
+        const T* g = gp + b * C * N + row;
+        int flags = 0;
+        if (own && scatter)
+          flags = avx512::row_backward<BORDER, true, true>(img, g, rowf.data(), I3.w, S, C, N, d, h, lo, hi,
+                                                                   gm + b * C * N, Y);
+        else if (own)
+          flags = avx512::row_backward<BORDER, true, false>(img, g, rowf.data(), I3.w, S, C, N, d, h, lo, hi,
+                                                                   gm + b * C * N, Y);
+        else
+          flags = avx512::row_backward<BORDER, false, true>(img, g, rowf.data(), I3.w, S, C, N, d, h, lo, hi,
+                                                                   gm + b * C * N, Y);
+        if (flags) row_taps<T, I, ND, BORDER, true>(rowf.data(), s, I3.w, S, d, h, R);
+        if (own) {
+          if (flags & avx512::kGposNotFinite) {
+            row_coarse_sums<T, I, ND>(R, img, g, C, N, S, I3.w, gpos, Alo.data(), Ahi.data());
+          } else {
+            avx512::cell_sums(Y.gpos.data(), I3.w, Alo.data(), Ahi.data());
+          }
+          CellPartials<T, ND>::add_row(P->set(b, I3.d.i0[d], I3.h.i0[h], 0), I3, d, h, Alo.data(), Ahi.data(), s.w);
+        }
+        if (scatter) {
+          if (flags & avx512::kGradNotFinite)
+            row_scatter_exact<T, I, ND>(g, R, S, C, N, lo, hi, gm + b * C * N);
+          else
+            avx512::scatter_row(g, Y, S.w, C, N, gm + b * C * N);
+        }
+      }
+    };
+#endif
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nslab, k = t % nslab;
       const int64_t u0 = units * k / nslab, u1 = units * (k + 1) / nslab;
@@ -108,6 +155,14 @@ void warp_slab_pass(const at::Tensor& grad_out, const at::Tensor& moving, const 
         const int64_t d = (ND == 3 ? q : 0);
         for (int64_t h = h_begin; h < h_end; ++h) {
           coarse_row<T, ND>(cp + b * ND * s.numel(), s, I3, d, h, rowf.data());
+#if defined(__AVX512F__)
+          if constexpr (std::is_same_v<T, float> && std::is_same_v<I, int32_t> && ND == 3) {
+            if (S.w >= 2) {
+              fused_row(b, d, h, own, scatter, lo, hi);
+              continue;
+            }
+          }
+#endif
           if (own)
             row_taps<T, I, ND, BORDER, true>(rowf.data(), s, I3.w, S, d, h, R);
           else
