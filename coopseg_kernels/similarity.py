@@ -217,7 +217,10 @@ def _counts_direct_torch(a3: Tensor, b3: Tensor, d_lo, d_n, box_lo, box_len) -> 
     (CUDA tensors, no C++ extension): per (d0, d1), the overlaps of every d2 at once are one
     conv1d of the overlapping rows (a cross-correlation summed over rows as channels; exact:
     float32 while the counts stay below 2^24), in blocks of rows whose float copies take at
-    most one input volume; size1 from the prefix sums of the box's column histogram."""
+    most one input volume; size1 from the prefix sums of the box's column histogram.
+    The conv1d computes only the offsets asked for (the rows of a are cut to the window
+    those offsets read), so its work is rows x n2 x B2 multiply-adds -- what slicing each
+    shift costs -- instead of the full correlation's rows x A2 x B2."""
     n0, n1, n2 = d_n
     dev = a3.device
     overlap = torch.zeros(n0, n1, n2, dtype=torch.int64, device=dev)
@@ -229,12 +232,18 @@ def _counts_direct_torch(a3: Tensor, b3: Tensor, d_lo, d_n, box_lo, box_len) -> 
     j2 = d2 + B[2] - 1                                   # conv1d output index of offset d2
     valid2 = (j2 >= 0) & (j2 < A[2] + B[2] - 1)
     j2 = j2.clamp(0, A[2] + B[2] - 2)
+    # the valid outputs (j_hi < j_lo: no d2 offset overlaps, every overlap is 0)
+    j_lo, j_hi = max(0, d_lo[2] + B[2] - 1), min(A[2] + B[2] - 2, d_lo[2] + n2 + B[2] - 2)
+    # output j of the full correlation reads a's padded row at [j, j + B2): a[j - B2 + 1, j + 1)
+    a_lo, a_hi = max(0, j_lo - B[2] + 1), min(A[2], j_hi + 1)
+    pad = (max(0, B[2] - 1 - j_lo), max(0, j_hi - A[2] + 1))
     dtype = torch.float32 if C * min(A[0], B[0]) * min(A[1], B[1]) * min(A[2], B[2]) < 2 ** 24 else torch.float64
     volume = C * A[0] * A[1] * A[2]
-    # rows of one conv1d call: their bool and float copies of both crops and conv1d's padded
-    # copy of the input (A2 + 2 (B2 - 1) long) take <= 2 volumes (+ one row of each)
+    # rows of one conv1d call: the bool and float copies of a's window and of b's rows and the
+    # padded float window (j_hi - j_lo + B2 long) take <= 2 (crop) volumes (+ one row of each)
     i = dtype.itemsize
-    block = max(1, 2 * volume // ((1 + 2 * i) * A[2] + (1 + 3 * i) * B[2]))
+    row_bytes = (1 + i) * (a_hi - a_lo) + i * (j_hi - j_lo + B[2]) + (1 + i) * B[2]
+    block = max(1, 2 * volume // max(1, row_bytes))
 
     def clamp(k, d):
         lo = min(max(d + box_lo[k], 0), A[k])
@@ -252,7 +261,7 @@ def _counts_direct_torch(a3: Tensor, b3: Tensor, d_lo, d_n, box_lo, box_len) -> 
                 pref = torch.cat([hist.new_zeros(1), hist.cumsum(0)])
                 size1[i0, i1] = pref[h2] - pref[l2]
             y1 = (max(0, -d1), min(B[1], A[1] - d1))
-            if y0[0] >= y0[1] or y1[0] >= y1[1]:
+            if y0[0] >= y0[1] or y1[0] >= y1[1] or j_hi < j_lo:
                 continue
             corr = None
             ny1 = y1[1] - y1[0]
@@ -260,12 +269,12 @@ def _counts_direct_torch(a3: Tensor, b3: Tensor, d_lo, d_n, box_lo, box_len) -> 
             step0, step1 = (block // (C * ny1), ny1) if block >= C * ny1 else (1, max(1, block // C))
             for p0, q0 in itertools.product(range(y0[0], y0[1], step0), range(y1[0], y1[1], step1)):
                 p1, q1 = min(y0[1], p0 + step0), min(y1[1], q0 + step1)
-                ra = a3[:, p0 + d0:p1 + d0, q0 + d1:q1 + d1].reshape(1, -1, A[2]).to(dtype)
+                ra = a3[:, p0 + d0:p1 + d0, q0 + d1:q1 + d1, a_lo:a_hi].reshape(1, -1, a_hi - a_lo).to(dtype)
                 rb = b3[:, p0:p1, q0:q1].reshape(1, -1, B[2]).to(dtype)
-                out = F.conv1d(ra, rb, padding=B[2] - 1)[0, 0]
+                out = F.conv1d(F.pad(ra, pad), rb)[0, 0]     # outputs j_lo .. j_hi
                 del ra, rb
                 corr = out if corr is None else corr.add_(out)
-            overlap[i0, i1] = torch.where(valid2, corr[j2].round().to(torch.int64), 0)
+            overlap[i0, i1] = torch.where(valid2, corr[(j2 - j_lo).clamp(0, j_hi - j_lo)].round().to(torch.int64), 0)
     return overlap, size1
 
 
@@ -367,7 +376,8 @@ def _search_one(a: Tensor, b: Tensor, bound: Sequence[int], method: str) -> tupl
             direct = words * _WORD_COST + n_shift * _SHIFT_COST
         else:
             rows = C * _overlap_sum(A3[0], B3[0], dr3[0]) * _overlap_sum(A3[1], B3[1], dr3[1])
-            direct = len(dr3[0]) * len(dr3[1]) * _SLICE_COST + rows * A3[2] * B3[2] * _DIRECT_COST
+            direct = len(dr3[0]) * len(dr3[1]) * _SLICE_COST + \
+                rows * min(len(dr3[2]), A3[2] + B3[2] - 1) * B3[2] * _DIRECT_COST
         pts = math.prod(_fft_pad(ma, mb, d_ranges))
         fft = (2 * C + 1) * pts * math.log2(max(pts, 2)) * _FFT_COST
         fft_bytes = _FFT_BYTES_PER_POINT * pts + _SHIFT_BYTES * n_shift + 8 * ac[0].numel()
