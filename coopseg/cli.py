@@ -38,6 +38,18 @@ class CliError(Exception):
     """A user error: printed without a traceback, exit status 2."""
 
 
+def out_dir(text: str, name: str = "--out") -> Path:
+    """An output folder argument: it, or its nearest existing ancestor, must be a folder
+    (a file there would fail deep inside mkdir with a traceback)."""
+    path = Path(text)
+    for q in (path, *path.parents):
+        if q.exists():
+            if not q.is_dir():
+                raise CliError(f"{name}: {q} exists and is not a directory")
+            break
+    return path
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse's own errors (unknown option, bad choice) as one line, like every other user error."""
 
@@ -68,7 +80,7 @@ def compare(path_a: str, path_b: str, args) -> tuple[float, float]:
                       stacklevel=2)
     bound = args.max_translation
     if bound is None and args.omega == "translation":
-        bound = 32  # the paper's toy Omega; elastic keeps the library's default (one node spacing)
+        bound = [32]  # the paper's toy Omega; elastic keeps the library's default (one node spacing)
     if bound is not None and len(bound) not in (1, a.dim() - 2):
         raise CliError(f"--max-translation must be one value or {a.dim() - 2} (one per axis), got {bound}")
     bound = bound[0] if bound is not None and len(bound) == 1 else bound

@@ -231,10 +231,10 @@ def add_window_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from .cli import CliError
+    from .cli import CliError, out_dir
 
     try:
-        paths = predict_files(args.t1, args.t2, args.checkpoint, args.out, patch=args.patch, overlap=args.overlap,
+        paths = predict_files(args.t1, args.t2, args.checkpoint, out_dir(args.out), patch=args.patch, overlap=args.overlap,
                               device=args.device, field=args.field)
     except ValueError as exc:
         raise CliError(str(exc)) from None

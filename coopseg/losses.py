@@ -59,6 +59,7 @@ def segmentation_loss(logits1: torch.Tensor, logits2: torch.Tensor, s1: torch.Te
 
 
 PAPER_KERNEL = (1.0, 2.0, 1.0)
+BLUR_SIGMA_MAX = 1000.0  # voxels: 6001 taps, far wider than any crop; larger ones only burn time and memory
 
 
 def blur_kernel(sigma: float) -> tuple[float, ...]:
@@ -67,8 +68,8 @@ def blur_kernel(sigma: float) -> tuple[float, ...]:
     normalised to sum 1. A wide one lets L_g see shifts larger than the masks' edges:
     with [1, 2, 1] the warped and target masks of a pair shifted by tens of pixels barely
     overlap and L_g is nearly flat in the shift."""
-    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (0 <= sigma < float("inf")):
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not (0 <= sigma <= BLUR_SIGMA_MAX):
+        raise ValueError(f"sigma must be a number in [0, {BLUR_SIGMA_MAX:g}] (voxels), got {sigma!r}")
     if sigma == 0:
         return PAPER_KERNEL
     r = max(1, math.ceil(3 * sigma))

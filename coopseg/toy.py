@@ -282,8 +282,8 @@ def settings_from_args(args) -> ToySettings:
             raise CliError(f"--steps: must be >= 0, got {args.steps}")
         changes.update(steps_segmentor=args.steps[0], steps_registor=args.steps[1], steps_joint=args.steps[2])
     if args.width is not None:
-        if not args.width > 0:
-            raise CliError(f"--width: must be > 0, got {args.width}")
+        if not (math.isfinite(args.width) and args.width > 0):
+            raise CliError(f"--width: must be a finite number > 0, got {args.width}")
         changes["width"] = args.width
     if args.crop is not None:
         if args.crop <= 0 or args.crop % 16 or args.crop > 240:
@@ -300,6 +300,13 @@ def settings_from_args(args) -> ToySettings:
 
 
 def run(args) -> int:
+    from .cli import CliError, out_dir
+    from .train import ConfigError
+
     settings = settings_from_args(args)
-    run_toy(Path(args.out), settings, log=lambda m: print(m, file=sys.stdout, flush=True))
+    out = out_dir(args.out)
+    try:
+        run_toy(out, settings, log=lambda m: print(m, file=sys.stdout, flush=True))
+    except ConfigError as exc:  # a setting the training layer rejects: one line
+        raise CliError(str(exc).splitlines()[0]) from None
     return 0

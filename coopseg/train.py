@@ -43,7 +43,7 @@ import torch.distributed as dist
 
 import coopseg_kernels as ck
 
-from .losses import blur_kernel, cooperative_loss, registration_loss, segmentation_loss
+from .losses import BLUR_SIGMA_MAX, blur_kernel, cooperative_loss, registration_loss, segmentation_loss
 from .models import NORMS, OMEGAS, POOLS, CooperativeNet, Registor, Segmentor, load_genesis
 
 STAGES = ("segmentor", "registor", "joint")
@@ -115,7 +115,10 @@ class Config:
             return isinstance(v, int) and not isinstance(v, bool)
 
         def is_num(v):
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            try:  # an int too large for a float is not a usable number either
+                return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            except OverflowError:
+                return False
 
         for key in ("seed", "steps_segmentor", "steps_registor", "steps_joint"):
             if not (is_int(getattr(self, key)) and getattr(self, key) >= 0):
@@ -137,6 +140,10 @@ class Config:
         for key in ("lr", "width", "registor_scale"):
             if not (is_num(getattr(self, key)) and getattr(self, key) > 0):
                 fail(key, "a number > 0")
+        if self.blur_sigma > BLUR_SIGMA_MAX:
+            fail("blur_sigma", f"a number in [0, {BLUR_SIGMA_MAX:g}] (voxels)")
+        if self.width > 64:
+            fail("width", "a number in (0, 64]")
         for key in ("sim_to_s1", "sim_to_registor", "checkpointing", "bf16", "progress"):
             if not isinstance(getattr(self, key), bool):
                 fail(key, "true or false")
@@ -144,6 +151,8 @@ class Config:
                              ("backend", ck.BACKENDS)):
             if getattr(self, key) not in options:
                 fail(key, "one of " + " | ".join(options))
+        if self.registor_pool != "mean" and self.omega != "translation":
+            fail("registor_pool", "mean with omega: elastic (only the translation registor is pooled)")
         if not isinstance(self.genesis, str):
             fail("genesis", "a path or ''")
         if self.genesis and self.spatial_dims != 3:
@@ -561,7 +570,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .cli import CliError
+    from .cli import CliError, out_dir
 
     if args.write_config:
         if args.config or args.out or args.resume:
@@ -573,7 +582,7 @@ def run(args) -> int:
         raise CliError("train needs --config CFG.yaml and --out DIR (or --write-config CFG.yaml)")
     try:
         config = load_config(args.config)
-        out = Path(args.out)
+        out = out_dir(args.out)
         if not args.resume and (out / "last.pt").exists():
             raise CliError(f"{out / 'last.pt'} exists: pass --resume to continue it, or choose another --out")
         path = train(config, out, resume=args.resume)

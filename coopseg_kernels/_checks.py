@@ -124,7 +124,8 @@ def flag(name: str, value) -> bool:
 
 def int_sequence(name: str, value, nd: int, *, minimum: int, what: str) -> tuple[int, ...]:
     """nd whole numbers >= minimum given as a sequence (list, tuple, 1-D tensor)."""
-    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+    if isinstance(value, (str, bytes, set, frozenset, dict)) or not hasattr(value, "__len__") or \
+            getattr(value, "ndim", 1) != 1:  # unordered containers and 0-d / n-d arrays have no axis order
         raise TypeError(f"{name} must be a sequence of {nd} {what}, got {value!r}")
     items = value.tolist() if isinstance(value, torch.Tensor) else list(value)
     if len(items) != nd:
@@ -151,6 +152,8 @@ def translation_bound(name: str, value, size: Sequence[int]) -> tuple[int, ...]:
     nd = len(size)
     if value is None:
         return tuple(n - 1 for n in size)
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d tensor or array: its scalar
+        value = value.item()
     if _is_int(value):
         bound = (integer(name, value, minimum=0),) * nd
     else:

@@ -349,13 +349,19 @@ def _search_one(a: Tensor, b: Tensor, bound: Sequence[int], method: str) -> tupl
     C = a.shape[0]
     volume = C * math.prod(size)            # bytes of one bool mask of this item: "an input volume"
     cpp = a.device.type == "cpu" and _backend.HAS_CPP
-    # 3-D views (C, 1, H, W) for 2-D masks) whose last axis is the packed one: the longest
-    # whose crops fit one 64-bit word (the counter's fastest case), else the longest
-    perm = list(range(nd))
-    if nd == 3:
-        fits = [k for k in range(3) if max(ma[k], mb[k]) <= 64]
-        p = max(fits or range(3), key=lambda k: ma[k] + mb[k])
-        perm = [k for k in range(3) if k != p] + [p]
+    # 3-D views ((C, 1, H, W) for 2-D masks) whose last axis is the packed one: the axis whose
+    # packed copies (a's, b's, and the counter's copy of a's rows shifted onto b's words) take
+    # the fewest 64-bit words, i.e. the least memory and AND + popcount work -- a row of L voxels
+    # takes ceil(L / 64) words, so packing a short axis costs up to 8 bytes a voxel (an axis of
+    # 2 voxels: 4 volumes a copy); among equals, one whose crops fit one word (the counter's
+    # fastest case), then the longest
+    def packed_words(k: int) -> int:
+        rows_a, rows_b = math.prod(ma) // ma[k], math.prod(mb) // mb[k]
+        wa, wb = -(-ma[k] // 64), -(-mb[k] // 64)
+        return rows_a * wa + rows_b * wb + rows_a * wb
+
+    p = min(range(nd), key=lambda k: (packed_words(k), max(ma[k], mb[k]) > 64, -(ma[k] + mb[k]), k))
+    perm = [k for k in range(nd) if k != p] + [p]
     a3 = ac.permute(0, *[k + 1 for k in perm])
     b3 = bc.permute(0, *[k + 1 for k in perm])
     dr3 = [d_ranges[k] for k in perm]
@@ -400,25 +406,25 @@ def _search_one(a: Tensor, b: Tensor, bound: Sequence[int], method: str) -> tupl
             counts = lambda lo, n: ops.overlap_counts(pa, pb, A3[2], B3[2], lo, n, box_lo, box_len)  # noqa: E731
         else:
             counts = lambda lo, n: _counts_direct_torch(a3, b3, lo, n, box_lo, box_len)  # noqa: E731
-        # chunks of shifts along the first two (permuted) axes, every third-axis shift at once,
-        # so that the score arrays never exceed _CHUNK_VOLUMES input volumes at any bound
+        # boxes of shifts (whole rows of the packed axis' shifts where they fit, then whole
+        # planes, ...) whose score arrays never exceed _CHUNK_VOLUMES input volumes at any bound
         n0, n1_, n2_ = (len(r) for r in dr3)
-        per_chunk = max(n2_, _CHUNK_VOLUMES * volume // _SHIFT_BYTES)
-        c1 = min(n1_, max(1, per_chunk // n2_))
-        c0 = max(1, per_chunk // (c1 * n2_)) if c1 == n1_ else 1
+        per_chunk = max(1, _CHUNK_VOLUMES * volume // _SHIFT_BYTES)
+        c2 = min(n2_, per_chunk)
+        c1 = min(n1_, max(1, per_chunk // n2_)) if c2 == n2_ else 1
+        c0 = max(1, per_chunk // (c1 * n2_)) if c1 == n1_ and c2 == n2_ else 1
         to_t = [(lo_b[k] - lo_a[k]) if k is not None else 0 for k in perm3]  # d - t per permuted axis
         found = []
-        for i0 in range(0, n0, c0):
-            for i1 in range(0, n1_, c1):
-                lo = [dr3[0][0] + i0, dr3[1][0] + i1, dr3[2][0]]
-                n = [min(c0, n0 - i0), min(c1, n1_ - i1), n2_]
-                overlap, size1 = counts(lo, n)
-                score = _score(overlap, size1, n2)
-                del overlap, size1
-                if nd == 2:
-                    score = score[0]
-                found.append(_best(score, [v - o for v, o in zip(lo, to_t)][3 - nd:], perm))
-                del score
+        for i0, i1, i2 in itertools.product(range(0, n0, c0), range(0, n1_, c1), range(0, n2_, c2)):
+            lo = [dr3[0][0] + i0, dr3[1][0] + i1, dr3[2][0] + i2]
+            n = [min(c0, n0 - i0), min(c1, n1_ - i1), min(c2, n2_ - i2)]
+            overlap, size1 = counts(lo, n)
+            score = _score(overlap, size1, n2)
+            del overlap, size1
+            if nd == 2:
+                score = score[0]
+            found.append(_best(score, [v - o for v, o in zip(lo, to_t)][3 - nd:], perm))
+            del score
     found = [f for f in found if f is not None]
     if not found:
         return zero, 0.0

@@ -31,6 +31,15 @@ def test_similarity_of_two_files(masks, capsys):
     assert dice < 0.7 and ds == 1.0
 
 
+def test_translation_default_bound(masks, capsys):
+    """--omega translation without --max-translation takes the paper's 32 voxels (it
+    crashed on len() of an int)."""
+    a, b, _ = masks
+    assert main(["similarity", a, b, "--omega", "translation"]) == 0
+    out = capsys.readouterr().out
+    assert float(out.split("D_S")[1].split()[0]) == 1.0
+
+
 def test_elastic_default(masks, capsys):
     a, b, _ = masks
     assert main(["similarity", a, b, "--grid-spacing", "8"]) == 0

@@ -67,6 +67,36 @@ def test_segmentor_size_errors():
         Segmentor(norm="group")
     with pytest.raises(ValueError, match="spatial_dims"):
         Segmentor(spatial_dims=1)
+    with pytest.raises(ValueError, match="too small for cont_bn"):  # one value a channel at 1/8
+        net.eval()(torch.rand(1, 2, 8, 8, 8))
+    with pytest.raises(ValueError, match="too small for instance"):
+        Segmentor(2, width=0.125, norm="instance")(torch.rand(2, 2, 8, 8))
+    Segmentor(2, width=0.125, norm="batch").eval()(torch.rand(1, 2, 8, 8))  # running statistics: fine
+    with pytest.raises(TypeError, match="floating-point"):
+        net(torch.ones(1, 2, 16, 16, 16, dtype=torch.int64))
+    with pytest.raises(TypeError, match="must match the parameters"):
+        net(torch.rand(1, 2, 16, 16, 16, dtype=torch.float64))
+    for kw, match in [(dict(width=True), "width"), (dict(width=float("inf")), "width"), (dict(in_channels=True),
+                      "in_channels"), (dict(spatial_dims=True), "spatial_dims")]:
+        with pytest.raises(ValueError, match=match):
+            Segmentor(**kw)
+    with pytest.raises(TypeError, match="checkpointing"):
+        Segmentor(2, width=0.125, checkpointing="no")
+
+
+def test_registor_argument_and_input_errors():
+    for kw, match in [(dict(in_channels=0), "in_channels"), (dict(in_channels=-1), "in_channels"),
+                      (dict(channels=()), "channels"), (dict(spatial_dims=2.0), "spatial_dims"),
+                      (dict(scale=float("nan")), "scale"), (dict(omega="elastic", pool="mask"), "applies to omega='translation' only")]:
+        with pytest.raises(ValueError, match=match):
+            Registor(**{"spatial_dims": 2, "omega": "translation", **kw})
+    with pytest.raises(TypeError, match="checkpointing"):
+        Registor(2, checkpointing="yes")
+    reg = Registor(2, omega="translation", pool="mask")
+    with pytest.raises(TypeError, match="floating-point"):
+        reg(torch.ones(1, 2, 32, 32, dtype=torch.bool))
+    with pytest.raises(TypeError, match="must match the parameters"):
+        reg(torch.rand(1, 2, 32, 32, dtype=torch.float64))
 
 
 def test_cont_bn_uses_batch_statistics_in_eval_and_batch_does_not():

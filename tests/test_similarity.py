@@ -1,6 +1,7 @@
 """similarity_step (fused vs reference), dice, translation search and the D_S driver."""
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -394,6 +395,9 @@ def test_mask_errors(fn, make, error, match):
     ([1, 1.5, 1], TypeError, "max_translation must be 3 ints >= 0"),
     ("8", TypeError, "max_translation must be a sequence of 3"),
     (float("inf"), TypeError, "max_translation must be an int >= 0 or 3 of them"),
+    (torch.tensor(2.0), TypeError, "max_translation must be an int >= 0 or 3 of them"),
+    ({1, 2, 3}, TypeError, "max_translation must be a sequence of 3"),
+    (torch.ones(1, 3, dtype=torch.int64), TypeError, "max_translation must be a sequence of 3"),
 ])
 def test_translation_search_bound_errors(bound, error, match):
     with pytest.raises(error, match=match):
@@ -407,7 +411,10 @@ def test_max_translation_forms_agree():
     a = ck.translation_search(s1, s2, 3)
     b = ck.translation_search(s1, s2, [3, 3, 3])
     c = ck.translation_search(s1, s2, torch.tensor([3, 3, 3]))
+    d = ck.translation_search(s1, s2, torch.tensor(3))   # 0-d tensors and arrays: their scalar
+    e = ck.translation_search(s1, s2, np.array(3))
     assert torch.equal(a[0], b[0]) and torch.equal(a[0], c[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a[0], d[0]) and torch.equal(a[0], e[0])
 
 
 def test_dice_errors():
@@ -494,6 +501,29 @@ def test_translation_search_peak_memory_within_4_volumes(size, bound, pair):
     assert _peak(lambda: ck.translation_search(s1, s2, bound, method="fft")) > 4 * s1.numel()
 
 
+@pytest.mark.parametrize("counter", ["cpp", "torch"])
+@pytest.mark.parametrize("size,bound", [((600, 16), None), ((600, 16), 2), ((16, 300), None), ((96, 100, 2), None),
+                                        ((3, 40, 50), 2)])
+def test_translation_search_thin_volumes(size, bound, counter, monkeypatch):
+    """A short axis is not packed (a row of 2 voxels would take a 64-bit word: 4 volumes a
+    copy), and the shifts along the packed axis are chunked too: the peak stays <= 4 input
+    volumes and the result is the FFT's (exact) and the brute force's. (At least 16 rows:
+    the counters keep a histogram of one packed row's length.)"""
+    if counter == "torch":
+        monkeypatch.setattr(S._backend, "HAS_CPP", False)
+    elif not S._backend.HAS_CPP:
+        pytest.skip("C++ extension not built")
+    s1, s2 = _noise_pair(size, 5)
+    peak = _peak(lambda: ck.translation_search(s1, s2, bound, method="direct"))
+    assert 0 < peak <= 4 * s1.numel(), peak / s1.numel()
+    t, d = ck.translation_search(s1, s2, bound, method="direct")
+    t_f, d_f = ck.translation_search(s1, s2, bound, method="fft")
+    assert torch.equal(t, t_f) and d.item() == d_f.item()
+    if bound is not None:
+        want_d, want_t = _brute_force_shift(s1, s2, [bound] * len(size))
+        assert tuple(int(v) for v in t[0]) == want_t and abs(d.item() - want_d) < 1e-12
+
+
 def test_translation_search_torch_counter_peak_memory(monkeypatch):
     """The slicing fallback (devices without the C++ counter) keeps the same bound (the
     volume not tiny: a chunk holds at least one row of shifts, 48 bytes each)."""
@@ -539,6 +569,12 @@ def test_auto_takes_fft_only_where_it_fits(monkeypatch):
     (lambda o, m, p: o.overlap_counts(p, p, 5, 5, [0, 0], [1, 1, 1], [0, 0, 0], [5, 5, 5]), "d_lo"),
     (lambda o, m, p: o.overlap_counts(p, p, 5, 5, [0, 0, 0], [1, 0, 1], [0, 0, 0], [5, 5, 5]), "d_n"),
     (lambda o, m, p: o.overlap_counts(p, p, 5, 5, [0, 0, 0], [1, 1, 1], [0, 0, 0], [5, -1, 5]), "box_len"),
+    (lambda o, m, p: o.overlap_counts(p, p, 5, 5, [0, 0, 0], [2 ** 20, 2 ** 20, 1], [0, 0, 0], [5, 5, 5]),
+     "at most 2\\^32"),
+    (lambda o, m, p: o.overlap_counts(p, p, 4, 5, [0, 0, 0], [1, 1, 1], [0, 0, 0], [5, 5, 5]),
+     "packed_a has bits set past a_bits = 4"),
+    (lambda o, m, p: o.overlap_counts(p, p, 5, 3, [0, 0, 0], [1, 1, 1], [0, 0, 0], [5, 5, 5]),
+     "packed_b has bits set past b_bits = 3"),
 ])
 def test_overlap_counter_raw_op_bad_args(call, match):
     m = torch.ones(1, 4, 3, 5, dtype=torch.bool)

@@ -71,13 +71,22 @@ def test_summarise_median_and_quartiles():
     (["--lambda-r", "1.5"], "--lambda-r: values must be in [0, 1], got 1.5"),
     (["--test-pairs", "0"], "--test-pairs: must be >= 1"),
     (["--crop", "20"], "--crop: must be a multiple of 16"),
-    (["--width", "0"], "--width: must be > 0"),
+    (["--width", "0"], "--width: must be a finite number > 0"),
+    (["--width", "inf"], "--width: must be a finite number > 0"),
     (["--device", "tpu"], "--device: expected cpu or cuda"),
 ])
 def test_toy_cli_errors(tmp_path, capsys, argv, message):
     assert cli.main(["toy", "--out", str(tmp_path / "o"), *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("coopseg: error: ") and message in err[0]
+
+
+def test_toy_cli_out_must_be_a_folder(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        assert cli.main(["toy", "--out", str(out), "--steps", "1", "1", "1"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "--out" in err[0] and "is not a directory" in err[0]
 
 
 def test_toy_cli_needs_out(capsys):

@@ -67,6 +67,10 @@ def test_default_config_round_trip(tmp_path):
     ("registor_lr: -1\n", r"registor_lr: expected a number >= 0, got -1"),
     ("blur_sigma: -2\n", r"blur_sigma: expected a number >= 0, got -2"),
     ("registor_pool: max\n", r"registor_pool: expected one of mean \| mask"),
+    ("registor_pool: mask\nomega: elastic\n", r"registor_pool: expected mean with omega: elastic"),
+    ("blur_sigma: 1.0e+308\n", r"blur_sigma: expected a number in \[0, 1000\]"),
+    ("blur_sigma: 1" + "0" * 400 + "\n", r"blur_sigma: expected a number >= 0"),
+    ("width: 1" + "0" * 400 + "\n", r"width: expected a number > 0"),
     ("data: volumes.txt\n", r"data: expected 'toy' or the path of a .csv manifest"),
     ("spatial_dims: 3\n", r"spatial_dims: expected 2 with data: toy"),
     ("device: gpu\n", r"device: expected auto \| cpu \| cuda \| cuda:N"),
@@ -91,6 +95,11 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert "--config" in capsys.readouterr().err
     assert cli.main(["train", "--write-config", str(tmp_path / "w.yaml")]) == 0
     assert load_config(tmp_path / "w.yaml") == Config()
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "ok.yaml").write_text("steps_segmentor: 1\n")
+    assert cli.main(["train", "--config", str(tmp_path / "ok.yaml"), "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--out" in err[0] and "is not a directory" in err[0]
 
 
 # ---------------------------------------------------------------- training

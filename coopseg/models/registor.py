@@ -24,6 +24,8 @@ images after 2500 steps; README "Toy experiment").
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -59,12 +61,24 @@ class Registor(nn.Module):
                  channels=(16, 32, 64, 128), scale: float = 1.0, checkpointing: bool = False,
                  pool: str = "mean"):
         super().__init__()
-        if spatial_dims not in (2, 3):
+        if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int) or spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         if omega not in OMEGAS:
             raise ValueError(f"omega must be one of {', '.join(OMEGAS)}, got {omega!r}")
         if pool not in POOLS:
             raise ValueError(f"pool must be one of {', '.join(POOLS)}, got {pool!r}")
+        if pool != "mean" and omega != "translation":
+            raise ValueError(f"pool={pool!r} applies to omega='translation' only (the elastic grid is not "
+                             f"pooled), got omega={omega!r}")
+        if isinstance(in_channels, bool) or not (isinstance(in_channels, int) and in_channels >= 1):
+            raise ValueError(f"in_channels must be an int >= 1, got {in_channels!r}")
+        channels = tuple(channels)
+        if not channels or any(isinstance(c, bool) or not (isinstance(c, int) and c >= 1) for c in channels):
+            raise ValueError(f"channels must be a non-empty sequence of ints >= 1, got {channels!r}")
+        if isinstance(scale, bool) or not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise ValueError(f"scale must be a finite number > 0, got {scale!r}")
+        if not isinstance(checkpointing, bool):
+            raise TypeError(f"checkpointing must be True or False, got {checkpointing!r}")
         self.pool = pool
         self.spatial_dims, self.omega, self.in_channels, self.scale = spatial_dims, omega, in_channels, float(scale)
         self.checkpointing = checkpointing
@@ -88,6 +102,11 @@ class Registor(nn.Module):
         if any(n % 16 or n == 0 for n in p.shape[2:]):
             raise ValueError(f"Registor input spatial sizes must be multiples of 16 (four 2x max-pools), "
                              f"got {tuple(p.shape[2:])}")
+        if not p.is_floating_point():
+            raise TypeError(f"Registor input must be floating-point mask probabilities, got {p.dtype}")
+        if p.dtype != self.head.weight.dtype and not torch.is_autocast_enabled(p.device.type):
+            raise TypeError(f"Registor input dtype {p.dtype} must match the parameters' {self.head.weight.dtype} "
+                            f"(or run under torch.autocast)")
         x = p
         for block in self.blocks:
             # Checkpointing: each block stores only its input and is recomputed in the
@@ -102,6 +121,7 @@ class Registor(nn.Module):
                 pool = nn.functional.avg_pool3d if self.spatial_dims == 3 else nn.functional.avg_pool2d
                 # mask mass under each coarse cell (detached input: no gradient to the masks), plus a
                 # tiny floor so that an all-empty pair falls back to the plain average
-                w = pool(p.detach().float().sum(1, keepdim=True), 16) + 1e-6
+                # (clamped at 0: the inputs are probabilities; a negative sum must not flip a weight)
+                w = pool(p.detach().float().sum(1, keepdim=True).clamp_(min=0), 16) + 1e-6
                 coarse = (coarse * w).sum(dim=dims, keepdim=True) / w.sum(dim=dims, keepdim=True)
         return coarse

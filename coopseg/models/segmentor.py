@@ -19,6 +19,8 @@ layers for their 2-D versions with the same names.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -144,15 +146,18 @@ class Segmentor(nn.Module):
     def __init__(self, spatial_dims: int = 3, in_channels: int = 2, out_channels: int = 2, width: float = 1.0,
                  norm: str = "cont_bn", checkpointing: bool = False):
         super().__init__()
-        if spatial_dims not in (2, 3):
+        if isinstance(spatial_dims, bool) or spatial_dims not in (2, 3):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
-        if not (isinstance(width, (int, float)) and width > 0):
-            raise ValueError(f"width must be a number > 0, got {width!r}")
+        if isinstance(width, bool) or not (isinstance(width, (int, float)) and 0 < width <= 64):
+            raise ValueError(f"width must be a number in (0, 64], got {width!r}")
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not (isinstance(v, int) and v >= 1):
+            if isinstance(v, bool) or not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if not isinstance(checkpointing, bool):
+            raise TypeError(f"checkpointing must be True or False, got {checkpointing!r}")
+        spatial_dims = int(spatial_dims)
         self.spatial_dims, self.in_channels, self.out_channels = spatial_dims, in_channels, out_channels
         self.width, self.norm = float(width), norm
 
@@ -193,6 +198,20 @@ class Segmentor(nn.Module):
         if bad:
             raise ValueError(f"Segmentor input spatial sizes must be multiples of 8 (three 2x max-pools), "
                              f"got {tuple(x.shape[2:])}")
+        # the innermost level (1/8 of each side) normalises over its values: batch statistics
+        # need more than one value a channel, InstanceNorm more than one voxel
+        inner = math.prod(n // 8 for n in x.shape[2:])
+        batch_stats = self.norm == "cont_bn" or (self.norm == "batch" and self.training)
+        if (self.norm == "instance" and inner < 2) or (batch_stats and inner * x.shape[0] < 2):
+            raise ValueError(f"Segmentor input too small for {self.norm} normalisation at the innermost level "
+                             f"(sizes / 8 = {tuple(n // 8 for n in x.shape[2:])}, batch {x.shape[0]}): it needs "
+                             f"more than one value a channel there, e.g. a side of 16")
+        if not x.is_floating_point():
+            raise TypeError(f"Segmentor input must be a floating-point tensor, got {x.dtype}")
+        weight = self.down_tr64.ops[0].conv1.weight
+        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"Segmentor input dtype {x.dtype} must match the parameters' {weight.dtype} "
+                            f"(or run under torch.autocast)")
 
     def _run(self, block, *args, **kwargs):
         return checkpointed(block, *args, **kwargs) if self.checkpointing else block(*args, **kwargs)

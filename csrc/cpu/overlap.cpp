@@ -88,6 +88,21 @@ std::tuple<at::Tensor, at::Tensor> overlap_counts(const at::Tensor& pa, const at
   const int64_t A[3] = {pa.size(1), pa.size(2), a_bits}, B[3] = {pb.size(1), pb.size(2), b_bits};
   const int64_t Wa = pa.size(3), Wb = pb.size(3);
   const int64_t n0 = d_n[0], n1 = d_n[1], n2 = d_n[2];
+  TORCH_CHECK(double(n0) * double(n1) * double(n2) <= double(int64_t(1) << 32),
+              "coopseg.overlap_counts: d_n asks for ", d_n, " offsets: at most 2^32 in all (chunk the box)");
+  // bits past a_bits / b_bits in a row's last word must be clear (pack_bits leaves them so):
+  // the AND + popcount would count them in overlap while size1 ignores them
+  auto check_padding = [](const at::Tensor& t, int64_t bits, const char* name, const char* bits_name) {
+    if (bits % 64 == 0) return;
+    const auto* w = reinterpret_cast<const uint64_t*>(t.data_ptr<int64_t>());
+    const int64_t W = t.size(3), rows = t.numel() / W;
+    const uint64_t pad = ~((uint64_t(1) << (bits % 64)) - 1);
+    for (int64_t r = 0; r < rows; ++r)
+      TORCH_CHECK((w[r * W + W - 1] & pad) == 0, "coopseg.overlap_counts: ", name, " has bits set past ", bits_name,
+                  " = ", bits, " (pack it with pack_bits from a mask of ", bits_name, " voxels a row)");
+  };
+  check_padding(pa, a_bits, "packed_a", "a_bits");
+  check_padding(pb, b_bits, "packed_b", "b_bits");
   at::Tensor overlap = at::empty({n0, n1, n2}, pa.options());
   at::Tensor size1 = at::empty({n0, n1, n2}, pa.options());
   const auto* wa = reinterpret_cast<const uint64_t*>(pa.data_ptr<int64_t>());
@@ -103,8 +118,13 @@ std::tuple<at::Tensor, at::Tensor> overlap_counts(const at::Tensor& pa, const at
   // (bits outside either crop are zero in one of the two words)
   const int64_t rowsA = A[0] * A[1];
   const int64_t d2_work = C * rowsA * Wb + n0 * n1 * C * std::min(A[0], B[0]) * std::min(A[1], B[1]) * Wb;
-  at::parallel_for(0, n2, std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, d2_work)),
-                   [&](int64_t begin, int64_t end) {
+  // each task holds its own shifted copy (8 C rowsA Wb bytes): at most as many tasks at once as
+  // keep these copies within one bool crop of a (C rowsA a_bits bytes), so the scratch stays
+  // inside the caller's memory budget whatever the thread count
+  const int64_t max_tasks = std::max<int64_t>(1, a_bits / (8 * Wb));
+  const int64_t grain = std::max({int64_t(1), (int64_t(1) << 16) / std::max<int64_t>(1, d2_work),
+                                  (n2 + max_tasks - 1) / max_tasks});
+  at::parallel_for(0, n2, grain, [&](int64_t begin, int64_t end) {
     std::vector<uint64_t> sh(C * rowsA * Wb);
     for (int64_t i2 = begin; i2 < end; ++i2) {
       const int64_t d2 = d_lo[2] + i2;
