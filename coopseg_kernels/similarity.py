@@ -237,7 +237,11 @@ def _counts_direct_torch(a3: Tensor, b3: Tensor, d_lo, d_n, box_lo, box_len) -> 
     # output j of the full correlation reads a's padded row at [j, j + B2): a[j - B2 + 1, j + 1)
     a_lo, a_hi = max(0, j_lo - B[2] + 1), min(A[2], j_hi + 1)
     pad = (max(0, B[2] - 1 - j_lo), max(0, j_hi - A[2] + 1))
-    dtype = torch.float32 if C * min(A[0], B[0]) * min(A[1], B[1]) * min(A[2], B[2]) < 2 ** 24 else torch.float64
+    # float32 is exact while the counts stay below 2^24 -- with a direct summation; on CUDA
+    # cuDNN may pick an FFT or Winograd convolution (rounding errors), so float64 there, where
+    # it has none of those
+    exact32 = C * min(A[0], B[0]) * min(A[1], B[1]) * min(A[2], B[2]) < 2 ** 24 and dev.type == "cpu"
+    dtype = torch.float32 if exact32 else torch.float64
     volume = C * A[0] * A[1] * A[2]
     # rows of one conv1d call: the bool and float copies of a's window and of b's rows and the
     # padded float window (j_hi - j_lo + B2 long) take <= 2 (crop) volumes (+ one row of each)
