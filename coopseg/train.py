@@ -44,7 +44,7 @@ import torch.distributed as dist
 import coopseg_kernels as ck
 
 from .losses import BLUR_SIGMA_MAX, blur_kernel, cooperative_loss, registration_loss, segmentation_loss
-from .models import NORMS, OMEGAS, POOLS, CooperativeNet, Registor, Segmentor, load_genesis
+from .models import NORMS, OMEGAS, POOLS, WIDTH_MAX, CooperativeNet, Registor, Segmentor, load_genesis
 
 STAGES = ("segmentor", "registor", "joint")
 LOG_HEADER = ["step", "stage", "total", "seg", "reg", "sim", "seconds"]
@@ -142,8 +142,8 @@ class Config:
                 fail(key, "a number > 0")
         if self.blur_sigma > BLUR_SIGMA_MAX:
             fail("blur_sigma", f"a number in [0, {BLUR_SIGMA_MAX:g}] (voxels)")
-        if self.width > 64:
-            fail("width", "a number in (0, 64]")
+        if self.width > WIDTH_MAX:
+            fail("width", f"a number in (0, {WIDTH_MAX}]")
         for key in ("sim_to_s1", "sim_to_registor", "checkpointing", "bf16", "progress"):
             if not isinstance(getattr(self, key), bool):
                 fail(key, "true or false")

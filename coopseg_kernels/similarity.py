@@ -229,11 +229,11 @@ def _counts_direct_torch(a3: Tensor, b3: Tensor, d_lo, d_n, box_lo, box_len) -> 
     d2 = torch.arange(d_lo[2], d_lo[2] + n2, device=dev)
     l2 = (d2 + box_lo[2]).clamp(0, A[2])
     h2 = torch.maximum((d2 + box_lo[2] + box_len[2]).clamp(0, A[2]), l2)
-    j2 = d2 + B[2] - 1                                   # conv1d output index of offset d2
+    j2 = d2 + B[2] - 1                                   # full-correlation output index of offset d2
     valid2 = (j2 >= 0) & (j2 < A[2] + B[2] - 1)
-    j2 = j2.clamp(0, A[2] + B[2] - 2)
-    # the valid outputs (j_hi < j_lo: no d2 offset overlaps, every overlap is 0)
+    # the valid outputs, the only ones computed (j_hi < j_lo: no d2 offset overlaps, every overlap is 0)
     j_lo, j_hi = max(0, d_lo[2] + B[2] - 1), min(A[2] + B[2] - 2, d_lo[2] + n2 + B[2] - 2)
+    j2.sub_(j_lo).clamp_(0, max(0, j_hi - j_lo))        # now the index into the computed outputs
     # output j of the full correlation reads a's padded row at [j, j + B2): a[j - B2 + 1, j + 1)
     a_lo, a_hi = max(0, j_lo - B[2] + 1), min(A[2], j_hi + 1)
     pad = (max(0, B[2] - 1 - j_lo), max(0, j_hi - A[2] + 1))
@@ -278,7 +278,7 @@ def _counts_direct_torch(a3: Tensor, b3: Tensor, d_lo, d_n, box_lo, box_len) -> 
                 out = F.conv1d(F.pad(ra, pad), rb)[0, 0]     # outputs j_lo .. j_hi
                 del ra, rb
                 corr = out if corr is None else corr.add_(out)
-            overlap[i0, i1] = torch.where(valid2, corr[(j2 - j_lo).clamp(0, j_hi - j_lo)].round().to(torch.int64), 0)
+            overlap[i0, i1] = torch.where(valid2, corr[j2].round().to(torch.int64), 0)
     return overlap, size1
 
 
@@ -305,9 +305,14 @@ _SHIFT_BYTES = 48
 _FFT_BYTES_PER_POINT = 40
 
 
+def _overlap_len(A: int, B: int, d: int) -> int:
+    """The overlap length of [0, A) shifted by -d with [0, B) (b's indices y with y + d in a)."""
+    return max(0, min(B, A - d) - max(0, -d))
+
+
 def _overlap_sum(A: int, B: int, r: range) -> int:
-    """sum over offsets d in r of the overlap length of [0, A) shifted by -d with [0, B)."""
-    return sum(max(0, min(B, A - d) - max(0, -d)) for d in r)
+    """sum over offsets d in r of _overlap_len(A, B, d)."""
+    return sum(_overlap_len(A, B, d) for d in r)
 
 
 def _best(score: Tensor, shift0: Sequence[int], perm: Sequence[int]):
@@ -382,7 +387,7 @@ def _search_one(a: Tensor, b: Tensor, bound: Sequence[int], method: str) -> tupl
     if method == "auto":
         if cpp:
             words = C * _overlap_sum(A3[0], B3[0], dr3[0]) * _overlap_sum(A3[1], B3[1], dr3[1]) * \
-                sum((max(0, min(B3[2], A3[2] - d) - max(0, -d)) + 63) // 64 + 1 for d in dr3[2])
+                sum((_overlap_len(A3[2], B3[2], d) + 63) // 64 + 1 for d in dr3[2])
             direct = words * _WORD_COST + n_shift * _SHIFT_COST
         else:
             rows = C * _overlap_sum(A3[0], B3[0], dr3[0]) * _overlap_sum(A3[1], B3[1], dr3[1])

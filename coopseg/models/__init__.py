@@ -4,6 +4,7 @@ from .cooperative import CooperativeNet
 from .genesis import load_genesis
 from .norm import NORMS, BatchNormNd
 from .registor import OMEGAS, POOLS, Registor
-from .segmentor import Segmentor
+from .segmentor import WIDTH_MAX, Segmentor
 
-__all__ = ["Segmentor", "Registor", "CooperativeNet", "load_genesis", "BatchNormNd", "NORMS", "OMEGAS", "POOLS"]
+__all__ = ["Segmentor", "Registor", "CooperativeNet", "load_genesis", "BatchNormNd", "NORMS", "OMEGAS", "POOLS",
+           "WIDTH_MAX"]

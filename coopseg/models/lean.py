@@ -69,8 +69,7 @@ class _LeanConvNormReLU(torch.autograd.Function):
     def forward(ctx, layer, up, head, n_inputs, *args):
         inputs = args[:n_inputs]
         ctx.layer, ctx.up, ctx.head, ctx.n_inputs = layer, up, head, n_inputs
-        dev = inputs[0].device.type
-        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.autocast = _autocast_state(inputs[0])
         ctx.save_for_backward(*inputs)
         return layer.dense_forward(*inputs, up=up, head=head)  # autograd.Function.forward runs without grad
 
@@ -82,6 +81,13 @@ class _LeanConvNormReLU(torch.autograd.Function):
         else:
             grads = _backward_autograd(ctx, dy)
         return (None, None, None, None, *grads)
+
+
+def _autocast_state(x: torch.Tensor) -> tuple:
+    """(device type, enabled, dtype) of autocast for x's device: the backward recomputes
+    under the same state as the forward."""
+    dev = x.device.type
+    return dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
 
 
 def _params(layer, up=None, head=None) -> list[torch.Tensor]:
@@ -230,8 +236,7 @@ class _LeanConvReLUPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, block, x, *params):
         ctx.block = block
-        dev = x.device.type
-        ctx.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        ctx.autocast = _autocast_state(x)
         ctx.save_for_backward(x)
         return block(x)
 

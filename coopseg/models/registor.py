@@ -29,6 +29,7 @@ import math
 import torch
 from torch import nn
 
+from .inputs import check_float_input
 from .lean import lean_conv_relu_pool
 from .pooling import pool_like_input
 
@@ -102,11 +103,7 @@ class Registor(nn.Module):
         if any(n % 16 or n == 0 for n in p.shape[2:]):
             raise ValueError(f"Registor input spatial sizes must be multiples of 16 (four 2x max-pools), "
                              f"got {tuple(p.shape[2:])}")
-        if not p.is_floating_point():
-            raise TypeError(f"Registor input must be floating-point mask probabilities, got {p.dtype}")
-        if p.dtype != self.head.weight.dtype and not torch.is_autocast_enabled(p.device.type):
-            raise TypeError(f"Registor input dtype {p.dtype} must match the parameters' {self.head.weight.dtype} "
-                            f"(or run under torch.autocast)")
+        check_float_input("Registor", p, self.head.weight)
         x = p
         for block in self.blocks:
             # Checkpointing: each block stores only its input and is recomputed in the

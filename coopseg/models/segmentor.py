@@ -27,9 +27,13 @@ from torch import nn
 import torch.nn.functional as F
 
 from .checkpointing import checkpointed
+from .inputs import check_float_input
 from .lean import lean_conv_norm_relu
 from .norm import NORMS, make_norm
 from .pooling import pool_like_input
+
+
+WIDTH_MAX = 64  # channel multiplier: 64x Models Genesis is already far beyond any GPU
 
 
 def _layers(spatial_dims: int):
@@ -150,8 +154,8 @@ class Segmentor(nn.Module):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
         if norm not in NORMS:
             raise ValueError(f"norm must be one of {', '.join(NORMS)}, got {norm!r}")
-        if isinstance(width, bool) or not (isinstance(width, (int, float)) and 0 < width <= 64):
-            raise ValueError(f"width must be a number in (0, 64], got {width!r}")
+        if isinstance(width, bool) or not (isinstance(width, (int, float)) and 0 < width <= WIDTH_MAX):
+            raise ValueError(f"width must be a number in (0, {WIDTH_MAX}], got {width!r}")
         for name, v in (("in_channels", in_channels), ("out_channels", out_channels)):
             if isinstance(v, bool) or not (isinstance(v, int) and v >= 1):
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
@@ -200,18 +204,14 @@ class Segmentor(nn.Module):
                              f"got {tuple(x.shape[2:])}")
         # the innermost level (1/8 of each side) normalises over its values: batch statistics
         # need more than one value a channel, InstanceNorm more than one voxel
-        inner = math.prod(n // 8 for n in x.shape[2:])
+        inner_sizes = tuple(n // 8 for n in x.shape[2:])
+        inner = math.prod(inner_sizes)
         batch_stats = self.norm == "cont_bn" or (self.norm == "batch" and self.training)
         if (self.norm == "instance" and inner < 2) or (batch_stats and inner * x.shape[0] < 2):
             raise ValueError(f"Segmentor input too small for {self.norm} normalisation at the innermost level "
-                             f"(sizes / 8 = {tuple(n // 8 for n in x.shape[2:])}, batch {x.shape[0]}): it needs "
+                             f"(sizes / 8 = {inner_sizes}, batch {x.shape[0]}): it needs "
                              f"more than one value a channel there, e.g. a side of 16")
-        if not x.is_floating_point():
-            raise TypeError(f"Segmentor input must be a floating-point tensor, got {x.dtype}")
-        weight = self.down_tr64.ops[0].conv1.weight
-        if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            raise TypeError(f"Segmentor input dtype {x.dtype} must match the parameters' {weight.dtype} "
-                            f"(or run under torch.autocast)")
+        check_float_input("Segmentor", x, self.down_tr64.ops[0].conv1.weight)
 
     def _run(self, block, *args, **kwargs):
         return checkpointed(block, *args, **kwargs) if self.checkpointing else block(*args, **kwargs)
