@@ -38,7 +38,7 @@ void warp_forward_impl(const at::Tensor& moving, const at::Tensor& coarse, bool 
 #if defined(__AVX512F__)
       // the hot instantiation in registers (warp_avx512.h); a row whose output
       // is not finite is recomputed below on the generic path
-      if constexpr (std::is_same_v<T, float> && std::is_same_v<I, int32_t> && ND == 3) {
+      if constexpr (avx512::kRows<T, I, ND>) {
         if (S.w >= 2 && avx512::row_forward<BORDER>(mp + b * C * N, rowf.data(), I3.w, S, C, N, d, h,
                                                     op + b * C * N + row))
           continue;
@@ -102,9 +102,9 @@ void warp_slab_pass(const at::Tensor& grad_out, const at::Tensor& moving, const 
 #if defined(__AVX512F__)
     // the hot instantiation in registers (warp_avx512.h); rows whose data is
     // not finite fall back to the generic exact paths
-    avx512::BackwardScratch Y(std::is_same_v<T, float> && std::is_same_v<I, int32_t> && ND == 3 ? S.w : 0);
+    avx512::BackwardScratch Y(avx512::kRows<T, I, ND> ? S.w : 0);
     auto fused_row = [&](int64_t b, int64_t d, int64_t h, bool own, bool scatter, int64_t lo, int64_t hi) {
-      if constexpr (std::is_same_v<T, float> && std::is_same_v<I, int32_t> && ND == 3) {
+      if constexpr (avx512::kRows<T, I, ND>) {
         const int64_t row = (d * S.h + h) * S.w;
         const T* img = mp + b * C * N;
         const T* g = gp + b * C * N + row;
@@ -156,7 +156,7 @@ void warp_slab_pass(const at::Tensor& grad_out, const at::Tensor& moving, const 
         for (int64_t h = h_begin; h < h_end; ++h) {
           coarse_row<T, ND>(cp + b * ND * s.numel(), s, I3, d, h, rowf.data());
 #if defined(__AVX512F__)
-          if constexpr (std::is_same_v<T, float> && std::is_same_v<I, int32_t> && ND == 3) {
+          if constexpr (avx512::kRows<T, I, ND>) {
             if (S.w >= 2) {
               fused_row(b, d, h, own, scatter, lo, hi);
               continue;

@@ -21,10 +21,17 @@
 
 #include "grid.h"
 
+#include <type_traits>
+
 #if defined(__AVX512F__)
 
 namespace coopseg {
 namespace avx512 {
+
+// The instantiation these rows implement (float images, 32-bit offsets, 3-D); every
+// other one runs the generic rows of grid.h.
+template <typename T, typename I, int ND>
+inline constexpr bool kRows = std::is_same_v<T, float> && std::is_same_v<I, int32_t> && ND == 3;
 
 // The row's coarse field along w (coarse_row's rowf, ND = 3 channels): in
 // registers when the coarse w axis has at most 16 nodes, else gathered.
