@@ -48,6 +48,7 @@ class ToySettings:
     crop_min: int
     crop_max: int
     test_pairs: int
+    max_shift: int = 32           # the toy pairs' largest translation (px per axis, train and test); paper: 32
     lr: float = 1e-3
     blur_sigma: float = 8.0       # L_g's Gaussian blur (px): the blurred masks of a pair overlap
                                   # even at the toy's 32-px shifts, so L_g is not flat in the shift
@@ -77,7 +78,7 @@ def base_config(s: ToySettings):
                   steps_segmentor=s.steps_segmentor, steps_registor=s.steps_registor,
                   steps_joint=s.steps_joint, crop_min=s.crop_min, crop_max=s.crop_max, lr=s.lr,
                   blur_sigma=s.blur_sigma, registor_lr=s.registor_lr, registor_pool=s.registor_pool,
-                  lambda_g=1.0, lambda_r=1.0, lambda_p=0.0, checkpointing=False, device=s.device)
+                  toy_max_shift=s.max_shift, lambda_g=1.0, lambda_r=1.0, lambda_p=0.0, checkpointing=False, device=s.device)
 
 
 def lambda_dir(out: Path, lr: float) -> Path:
@@ -93,12 +94,12 @@ def _finished(ckpt: Path, stage: str, steps: int) -> bool:
     return state.get("stage") == stage and int(state.get("step", -1)) >= steps
 
 
-def test_set(n: int, seed: int = 0, size: int = 240) -> dict:
+def test_set(n: int, seed: int = 0, size: int = 240, max_shift: int = 32) -> dict:
     """The held-out pairs stacked: x1, x2, s1, s2 of shape (n, 1, size, size), from
     the toy data's test split (seeds disjoint from the training split's)."""
     from .data import build_dataset
 
-    ds = build_dataset("toy", spatial_dims=2, seed=seed, split="test", n=n, size=size)
+    ds = build_dataset("toy", spatial_dims=2, seed=seed, split="test", n=n, size=size, max_shift=max_shift)
     pairs = [ds[i] for i in range(n)]
     return {k: torch.stack([p[k] for p in pairs]).float() for k in ("x1", "x2", "s1", "s2")}
 
@@ -204,6 +205,9 @@ def run_toy(out: Path, settings: ToySettings, *, log=print) -> list[dict]:
             raise ValueError(f"lambda_r values must be in [0, 1], got {v!r}")
     if settings.test_pairs < 1:
         raise ValueError(f"test_pairs must be >= 1, got {settings.test_pairs!r}")
+    if isinstance(settings.max_shift, bool) or not isinstance(settings.max_shift, int) \
+            or not 0 <= settings.max_shift <= 32:  # D_S is taken over translations of <= 32 px (the paper's Omega)
+        raise ValueError(f"max_shift must be an int in [0, 32] (pixels), got {settings.max_shift!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(settings.device)
@@ -218,7 +222,7 @@ def run_toy(out: Path, settings: ToySettings, *, log=print) -> list[dict]:
         log(f"stages 1-2 (shared by the sweep) -> {pre_dir}")
         pre_ckpt = train(base, pre_dir, resume=pre_ckpt.exists(), stages=("segmentor", "registor"))
 
-    data = test_set(settings.test_pairs, seed=settings.seed)
+    data = test_set(settings.test_pairs, seed=settings.seed, max_shift=settings.max_shift)
     ds_truth = ds_translation(data["s1"] > 0.5, data["s2"] > 0.5)
     rows: list[dict] = []
     for i, lr in enumerate(settings.lambda_r, 1):
@@ -238,12 +242,73 @@ def run_toy(out: Path, settings: ToySettings, *, log=print) -> list[dict]:
     md = table(summary)
     minutes = (time.perf_counter() - t0) / 60
     title = (f"toy: {len(settings.lambda_r)} models, width {settings.width:g}, "
-             f"{settings.steps_joint} joint steps, {settings.test_pairs} test pairs")
+             f"{settings.steps_joint} joint steps, shifts ≤ {settings.max_shift} px, {settings.test_pairs} test pairs")
     plot(rows, out / "toy.png", title)
     (out / "toy.md").write_text(md + f"\n\n{title}; {minutes:.1f} min on {settings.device}\n")
     log(md)
     log(f"wrote {out / 'toy.csv'}, {out / 'toy.png'}, {out / 'toy.md'} ({minutes:.1f} min)")
     return summary
+
+
+def shift_dir(out: Path, max_shift: int) -> Path:
+    return out / f"shift_{max_shift:02d}"
+
+
+def shift_table(rows: list[dict]) -> str:
+    lines = ["| max shift (px) | λ_r | median gain | gain IQR | gain > 0 | Dice 1 | Dice 2 |", "|" + "---|" * 7]
+    for s in rows:
+        lines.append(f"| {s['max_shift']} | {s['lambda_r']:.2f} | {s['gain_median']:+.4f} | "
+                     f"[{s['gain_q1']:+.4f}, {s['gain_q3']:+.4f}] | {100 * s['gain_positive']:.0f} % | "
+                     f"{s['dice1']:.3f} | {s['dice2']:.3f} |")
+    return "\n".join(lines)
+
+
+def plot_shifts(rows: list[dict], path: Path, title: str) -> None:
+    """Median gain (bars: quartiles) against the largest shift, one line per lambda_r."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
+    for lr in sorted({r["lambda_r"] for r in rows}):
+        rs = sorted((r for r in rows if r["lambda_r"] == lr), key=lambda r: r["max_shift"])
+        x = [r["max_shift"] for r in rs]
+        y = [r["gain_median"] for r in rs]
+        err = [[m - r["gain_q1"] for m, r in zip(y, rs)], [r["gain_q3"] - m for m, r in zip(y, rs)]]
+        ax.errorbar(x, y, yerr=err, marker="o", ms=4, capsize=3, label=f"λ_r = {lr:.2f}")
+    ax.axhline(0.0, color="grey", lw=0.8, ls="--")
+    ax.set_xlabel("largest translation between s1 and s2 (px per axis)")
+    ax.set_ylabel("median D_S(pred) − D_S(truth)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_shift_sweep(out: Path, settings: ToySettings, shifts, *, log=print) -> list[dict]:
+    """run_toy once per largest shift (each its own pretraining: the data differ), in
+    DIR/shift_<s>; DIR/shifts.md and DIR/shifts.png put the gains side by side."""
+    shifts = list(shifts)
+    if not shifts or len(set(shifts)) != len(shifts):
+        raise ValueError(f"shifts must be distinct ints in [0, 32], got {shifts!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, ms in enumerate(shifts, 1):
+        log(f"=== [{i}/{len(shifts)}] largest shift {ms} px -> {shift_dir(out, ms)}")
+        summary = run_toy(shift_dir(out, ms), dataclasses.replace(settings, max_shift=ms), log=log)
+        rows += [dict(max_shift=ms, **s) for s in summary]
+    rows.sort(key=lambda r: (r["max_shift"], r["lambda_r"]))
+    md = shift_table(rows)
+    title = (f"toy: width {settings.width:g}, {settings.steps_joint} joint steps, "
+             f"{settings.test_pairs} test pairs per point")
+    plot_shifts(rows, out / "shifts.png", title)
+    (out / "shifts.md").write_text(md + f"\n\n{title}\n")
+    log(md)
+    log(f"wrote {out / 'shifts.md'}, {out / 'shifts.png'}")
+    return rows
 
 
 # ---- command line (wired by coopseg/cli.py) ---------------------------------------------------
@@ -258,6 +323,10 @@ def add_parser(subparsers) -> None:
     p.add_argument("--steps", type=int, nargs=3, default=None, metavar=("SEG", "REG", "JOINT"),
                    help="training steps of the three stages")
     p.add_argument("--width", type=float, default=None, help="segmentor width multiplier")
+    p.add_argument("--max-shift", type=int, nargs="+", default=None, metavar="PX",
+                   help="largest translation between s1 and s2, px per axis, train and test (paper: 32; "
+                        "default: 32 full, REDUCED.max_shift reduced); several values: one sweep per value "
+                        "in DIR/shift_<PX> and a table/plot of the gain against the shift (DIR/shifts.*)")
     p.add_argument("--crop", type=int, default=None, help="training crop size (a multiple of 16, <= 240)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu reduced, cuda full)")
     p.set_defaults(fn=run)
@@ -285,6 +354,13 @@ def settings_from_args(args) -> ToySettings:
         if not (math.isfinite(args.width) and args.width > 0):
             raise CliError(f"--width: must be a finite number > 0, got {args.width}")
         changes["width"] = args.width
+    if args.max_shift is not None:
+        bad = [v for v in args.max_shift if not 0 <= v <= 32]
+        if bad:
+            raise CliError(f"--max-shift: must be ints in [0, 32] (pixels), got {bad[0]}")
+        if len(set(args.max_shift)) != len(args.max_shift):
+            raise CliError(f"--max-shift: values must be distinct, got {args.max_shift}")
+        changes["max_shift"] = args.max_shift[0]
     if args.crop is not None:
         if args.crop <= 0 or args.crop % 16 or args.crop > 240:
             raise CliError(f"--crop: must be a multiple of 16 in [16, 240], got {args.crop}")
@@ -305,8 +381,12 @@ def run(args) -> int:
 
     settings = settings_from_args(args)
     out = out_dir(args.out)
+    log = lambda m: print(m, file=sys.stdout, flush=True)  # noqa: E731
     try:
-        run_toy(out, settings, log=lambda m: print(m, file=sys.stdout, flush=True))
+        if args.max_shift is not None and len(args.max_shift) > 1:
+            run_shift_sweep(out, settings, args.max_shift, log=log)
+        else:
+            run_toy(out, settings, log=log)
     except ConfigError as exc:  # a setting the training layer rejects: one line
         raise CliError(str(exc).splitlines()[0]) from None
     return 0

@@ -66,6 +66,8 @@ class Config:
     spatial_dims: int = _doc("2 or 3", 2)
     toy_pairs: int = _doc("data='toy': number of training pairs", 200)
     toy_size: int = _doc("data='toy': image size in pixels (the paper: 240)", 240)
+    toy_max_shift: Any = _doc("data='toy': largest translation of s2 vs s1, pixels per axis; null = "
+                              "32 * toy_size / 240 (the paper's 32 px)", None)
     steps_segmentor: int = _doc("stage 1: steps of the segmentor alone with L_r", 300)
     steps_registor: int = _doc("stage 2: steps of the registor alone with L_g on the annotation masks", 300)
     steps_joint: int = _doc("stage 3: steps of both with lambda_r L_r + lambda_g L_g + lambda_p L_p", 300)
@@ -134,6 +136,9 @@ class Config:
             fail("spatial_dims", "2 with data: toy (the toy pairs are 2-D)")
         if not (is_int(self.toy_size) and self.toy_size >= 32 and self.toy_size % CROP_MULTIPLE == 0):
             fail("toy_size", "an int >= 32, a multiple of 16")
+        if self.toy_max_shift is not None and not (
+                is_int(self.toy_max_shift) and 0 <= self.toy_max_shift < self.toy_size // 4):
+            fail("toy_max_shift", f"null or an int in [0, toy_size / 4) = [0, {self.toy_size // 4})")
         for key in ("lambda_r", "lambda_g", "lambda_p", "intensity_shift", "blur_sigma", "registor_lr"):
             if not (is_num(getattr(self, key)) and getattr(self, key) >= 0):
                 fail(key, "a number >= 0")
@@ -283,7 +288,7 @@ def build_training_data(config: Config):
 
     if config.data == "toy":
         return build_dataset("toy", spatial_dims=2, seed=config.seed, split="train", n=config.toy_pairs,
-                             size=config.toy_size)
+                             size=config.toy_size, max_shift=config.toy_max_shift)
     return build_dataset(config.data, spatial_dims=config.spatial_dims, seed=config.seed, split="train")
 
 

@@ -74,6 +74,9 @@ def test_summarise_median_and_quartiles():
     (["--width", "0"], "--width: must be a finite number > 0"),
     (["--width", "inf"], "--width: must be a finite number > 0"),
     (["--device", "tpu"], "--device: expected cpu or cuda"),
+    (["--max-shift", "33"], "--max-shift: must be ints in [0, 32] (pixels), got 33"),
+    (["--max-shift", "4", "-1"], "--max-shift: must be ints in [0, 32] (pixels), got -1"),
+    (["--max-shift", "4", "4"], "--max-shift: values must be distinct"),
 ])
 def test_toy_cli_errors(tmp_path, capsys, argv, message):
     assert cli.main(["toy", "--out", str(tmp_path / "o"), *argv]) == 2
@@ -100,3 +103,39 @@ def test_run_toy_rejects_bad_settings(tmp_path):
         toy.run_toy(tmp_path, toy.ToySettings(**{**TINY.__dict__, "lambda_r": (-0.1,)}))
     with pytest.raises(ValueError, match="test_pairs"):
         toy.run_toy(tmp_path, toy.ToySettings(**{**TINY.__dict__, "test_pairs": 0}))
+    for bad in (33, -1, True, 4.0):
+        with pytest.raises(ValueError, match=r"max_shift must be an int in \[0, 32\]"):
+            toy.run_toy(tmp_path, toy.ToySettings(**{**TINY.__dict__, "max_shift": bad}))
+    with pytest.raises(ValueError, match="shifts must be distinct"):
+        toy.run_shift_sweep(tmp_path, TINY, [4, 4])
+
+
+def test_shift_sweep_trains_and_tests_on_each_shift(tmp_path):
+    """--max-shift 0 3: one sweep per shift, on data with that shift (training config and
+    test pairs), side by side in shifts.md / shifts.png."""
+    import yaml
+
+    settings = toy.ToySettings(**{**TINY.__dict__, "lambda_r": (1.0,)})
+    rows = toy.run_shift_sweep(tmp_path, settings, [3, 0], log=lambda m: None)
+    assert [(r["max_shift"], r["lambda_r"]) for r in rows] == [(0, 1.0), (3, 1.0)]
+    for ms in (0, 3):
+        d = toy.shift_dir(tmp_path, ms)
+        assert yaml.safe_load((d / "pretrain" / "config.yaml").read_text())["toy_max_shift"] == ms
+        with open(d / "toy.csv", newline="") as f:
+            got = [float(r["ds_truth"]) for r in csv.DictReader(f)]
+        data = toy.test_set(TINY.test_pairs, max_shift=ms)
+        truth = ck.relative_similarity(data["s1"] > 0.5, data["s2"] > 0.5, omega="translation",
+                                       max_translation=32).score.flatten()
+        assert got == pytest.approx(truth.tolist(), abs=1e-5)
+    # the test pairs really differ in shift: at 0 px the masks' centroids nearly coincide
+    # (only the blobs' own jitter of <= 3 px), at 32 px they are far apart for most pairs
+    def centroid_gap(d):
+        yy, xx = torch.meshgrid(torch.arange(240.0), torch.arange(240.0), indexing="ij")
+        c = [torch.stack([(s[:, 0] * g).sum((1, 2)) / s[:, 0].sum((1, 2)) for g in (yy, xx)], 1)
+             for s in (d["s1"], d["s2"])]
+        return (c[0] - c[1]).abs().amax(1)
+    assert centroid_gap(toy.test_set(8, max_shift=0)).max() < 6
+    assert centroid_gap(toy.test_set(8, max_shift=32)).median() > 8
+    table = (tmp_path / "shifts.md").read_text()
+    assert "| 0 | 1.00 |" in table and "| 3 | 1.00 |" in table
+    assert (tmp_path / "shifts.png").stat().st_size > 1000

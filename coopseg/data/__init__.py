@@ -12,11 +12,12 @@ _TOY_SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
 
 
 def build_dataset(spec, *, spatial_dims: int, seed: int, split: str = "train", n: int | None = None,
-                  size: int = 240):
+                  size: int = 240, max_shift: int | None = None):
     """The dataset named by `spec`:
 
     "toy"            coopseg.data.toy.ToyPairs (2-D only): `n` pairs (default 200 train,
-                     20 val, 50 test) of `size`×`size`, disjoint seeds per split.
+                     20 val, 50 test) of `size`×`size`, disjoint seeds per split, s2
+                     translated by at most `max_shift` px per axis (None: 32 at 240 px).
     "*.csv"          coopseg.data.volumes.PairDataset(manifest, spatial_dims=..., split=...) (real volumes).
     """
     if not isinstance(spec, str) or not spec:
@@ -33,7 +34,8 @@ def build_dataset(spec, *, spatial_dims: int, seed: int, split: str = "train", n
         count = TOY_SIZES[split] if n is None else n
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 10**5:
             raise ValueError(f"n must be an int in [1, 100000], got {count!r}")
-        return ToyPairs(count, seed=seed * 10**6 + _TOY_SPLIT_OFFSET[split] * 10**5, size=size)
+        return ToyPairs(count, seed=seed * 10**6 + _TOY_SPLIT_OFFSET[split] * 10**5, size=size,
+                        max_shift=max_shift)
     if spec.endswith(".csv"):
         try:
             from .volumes import PairDataset
