@@ -2,7 +2,8 @@
 #   make test   create .venv, install torch (CPU) + triton + the package, run the tests
 #   make bench  same setup, print the fused-vs-naive table (benchmarks/results/*.json)
 # Other targets: bench-pytest (pytest-benchmark), bench-train (memory/time of one training step),
-# toy (the toy lambda sweep, TOY_OUT=toy-out, TOY_ARGS=--full on a GPU),
+# toy (the toy lambda sweep, TOY_OUT=toy-out, TOY_ARGS=--full on a GPU), toy-shifts (its gain
+# against the pairs' largest translation, 0-32 px, about 35 min here),
 # demo (offline real-anatomy demo: demo-data -> train -> evaluate, CPU minutes),
 # gpu-compile (every Triton specialisation compiled for sm_80/sm_90 without a GPU),
 # gpu-resources (their registers/spills/smem table), gpu-check (on a CUDA machine),
@@ -15,7 +16,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test bench bench-pytest bench-train toy demo gpu-compile gpu-resources gpu-check sanitize warp-phases clean
+.PHONY: test bench bench-pytest bench-train toy toy-shifts demo gpu-compile gpu-resources gpu-check sanitize warp-phases clean
 
 $(VPY):
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +53,11 @@ TOY_OUT ?= toy-out
 TOY_ARGS ?=
 toy: $(STAMP)
 	$(VPY) -m coopseg toy --out $(TOY_OUT) $(TOY_ARGS)
+
+# The reduced sweep at several largest translations (0 = the reduced default, 32 = the
+# paper's): DIR/shift_<px>/ per shift, DIR/shifts.md and DIR/shifts.png side by side.
+toy-shifts: $(STAMP)
+	$(VPY) -m coopseg toy --out $(TOY_OUT)-shifts --max-shift 0 4 8 16 32 --lambda-r 0.1 0.3 1.0 $(TOY_ARGS)
 
 # Every flag x dtype x arch specialisation of the Triton kernels (and the covering
 # set of integer specialisations), compiled for sm_80 and sm_90 on this CPU-only

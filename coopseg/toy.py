@@ -162,22 +162,36 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+                     + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _gain_cells(s: dict) -> list[str]:
+    """median gain, its quartiles, share of pairs that gain (one summary row)."""
+    return [f"{s['gain_median']:+.4f}", f"[{s['gain_q1']:+.4f}, {s['gain_q3']:+.4f}]",
+            f"{100 * s['gain_positive']:.0f} %"]
+
+
 def table(summary: list[dict]) -> str:
-    lines = ["| λ_r | λ_p | pairs | median gain | gain IQR | gain > 0 | median D_S pred | median D_S truth "
-             "| Dice 1 | Dice 2 |", "|" + "---|" * 10]
-    for s in summary:
-        lines.append(f"| {s['lambda_r']:.2f} | {1 - s['lambda_r']:.2f} | {s['n']} | {s['gain_median']:+.4f} | "
-                     f"[{s['gain_q1']:+.4f}, {s['gain_q3']:+.4f}] | {100 * s['gain_positive']:.0f} % | "
-                     f"{s['ds_pred']:.4f} | {s['ds_truth']:.4f} | {s['dice1']:.3f} | {s['dice2']:.3f} |")
-    return "\n".join(lines)
+    return _markdown(["λ_r", "λ_p", "pairs", "median gain", "gain IQR", "gain > 0", "median D_S pred",
+                      "median D_S truth", "Dice 1", "Dice 2"],
+                     [[f"{s['lambda_r']:.2f}", f"{1 - s['lambda_r']:.2f}", str(s["n"]), *_gain_cells(s),
+                       f"{s['ds_pred']:.4f}", f"{s['ds_truth']:.4f}", f"{s['dice1']:.3f}", f"{s['dice2']:.3f}"]
+                      for s in summary])
 
 
-def plot(rows: list[dict], path: Path, title: str) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    plt = _pyplot()
     lrs = sorted({r["lambda_r"] for r in rows})
     data = [[r["gain"] for r in rows if r["lambda_r"] == lr] for lr in lrs]
     fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * len(lrs) + 2), 3.2), dpi=100)
@@ -263,21 +277,14 @@ def shift_dir(out: Path, max_shift: int) -> Path:
 
 
 def shift_table(rows: list[dict]) -> str:
-    lines = ["| max shift (px) | λ_r | median gain | gain IQR | gain > 0 | Dice 1 | Dice 2 |", "|" + "---|" * 7]
-    for s in rows:
-        lines.append(f"| {s['max_shift']} | {s['lambda_r']:.2f} | {s['gain_median']:+.4f} | "
-                     f"[{s['gain_q1']:+.4f}, {s['gain_q3']:+.4f}] | {100 * s['gain_positive']:.0f} % | "
-                     f"{s['dice1']:.3f} | {s['dice2']:.3f} |")
-    return "\n".join(lines)
+    return _markdown(["max shift (px)", "λ_r", "median gain", "gain IQR", "gain > 0", "Dice 1", "Dice 2"],
+                     [[str(s["max_shift"]), f"{s['lambda_r']:.2f}", *_gain_cells(s), f"{s['dice1']:.3f}",
+                       f"{s['dice2']:.3f}"] for s in rows])
 
 
 def plot_shifts(rows: list[dict], path: Path, title: str) -> None:
     """Median gain (bars: quartiles) against the largest shift, one line per lambda_r."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.4), dpi=100)
     for lr in sorted({r["lambda_r"] for r in rows}):
         rs = sorted((r for r in rows if r["lambda_r"] == lr), key=lambda r: r["max_shift"])
