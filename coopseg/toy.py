@@ -4,8 +4,8 @@
                 [--device cpu|cuda]
 
 Models are trained on the 2-D toy pairs (coopseg.data.toy: sine textures whose
-angle / frequency encode the foreground, blobs translated by at most max_shift px, the paper's 32) with a
-translation registor, for several lambda_p in [0, 1], lambda_r = 1 - lambda_p and
+angle / frequency encode the foreground, blobs translated by at most max_shift px,
+the paper's 32) with a translation registor, for several lambda_p in [0, 1], lambda_r = 1 - lambda_p and
 lambda_g = 1. Stages 1-2 (segmentor with L_r, registor with L_g on the annotations)
 do not depend on lambda: they are trained once (DIR/pretrain) and every sweep
 point starts its joint stage from that checkpoint (DIR/lambda_r_<v>).
@@ -24,8 +24,9 @@ The default is a reduced setting that runs on a 2-core CPU in under 30 minutes
 (REDUCED, on pairs that are not translated: --max-shift 32 gives the paper's
 shifts); --full is the paper's sweep (30 models, the full-width segmentor, 32-px
 shifts), for a GPU. --max-shift with several values runs the sweep once per value
-and tabulates the gain against the shift (DIR/shift_<px>, DIR/shifts.md/png). Each run resumes: a sweep point whose DIR/lambda_r_<v>/last.pt holds a
-finished joint stage is not trained again.
+and tabulates the gain against the shift (DIR/shift_<px>, DIR/shifts.md/png). Each
+run resumes: a sweep point whose DIR/lambda_r_<v>/last.pt holds a finished joint
+stage is not trained again.
 """
 from __future__ import annotations
 
@@ -39,6 +40,10 @@ from pathlib import Path
 
 import torch
 
+# The paper's toy: s2 translated by at most 32 px, and Omega = those translations (D_S is
+# taken over them, so a pair's shift may not exceed it).
+PAPER_SHIFT = 32
+
 
 @dataclasses.dataclass(frozen=True)
 class ToySettings:
@@ -51,7 +56,7 @@ class ToySettings:
     crop_min: int
     crop_max: int
     test_pairs: int
-    max_shift: int = 32           # the toy pairs' largest translation (px per axis, train and test); paper: 32
+    max_shift: int = PAPER_SHIFT  # the toy pairs' largest translation (px per axis, train and test)
     lr: float = 1e-3
     blur_sigma: float = 8.0       # L_g's Gaussian blur (px): the blurred masks of a pair overlap
                                   # even at the toy's 32-px shifts, so L_g is not flat in the shift
@@ -86,7 +91,8 @@ def base_config(s: ToySettings):
                   steps_segmentor=s.steps_segmentor, steps_registor=s.steps_registor,
                   steps_joint=s.steps_joint, crop_min=s.crop_min, crop_max=s.crop_max, lr=s.lr,
                   blur_sigma=s.blur_sigma, registor_lr=s.registor_lr, registor_pool=s.registor_pool,
-                  toy_max_shift=s.max_shift, lambda_g=1.0, lambda_r=1.0, lambda_p=0.0, checkpointing=False, device=s.device)
+                  toy_max_shift=s.max_shift, lambda_g=1.0, lambda_r=1.0, lambda_p=0.0, checkpointing=False,
+                  device=s.device)
 
 
 def lambda_dir(out: Path, lr: float) -> Path:
@@ -102,7 +108,7 @@ def _finished(ckpt: Path, stage: str, steps: int) -> bool:
     return state.get("stage") == stage and int(state.get("step", -1)) >= steps
 
 
-def test_set(n: int, seed: int = 0, size: int = 240, max_shift: int = 32) -> dict:
+def test_set(n: int, seed: int = 0, size: int = 240, max_shift: int = PAPER_SHIFT) -> dict:
     """The held-out pairs stacked: x1, x2, s1, s2 of shape (n, 1, size, size), from
     the toy data's test split (seeds disjoint from the training split's)."""
     from .data import build_dataset
@@ -131,7 +137,7 @@ def predict(model, data: dict, device: torch.device) -> tuple[torch.Tensor, torc
 def ds_translation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     import coopseg_kernels as ck
 
-    return ck.relative_similarity(a, b, omega="translation", max_translation=32).score.flatten().cpu()
+    return ck.relative_similarity(a, b, omega="translation", max_translation=PAPER_SHIFT).score.flatten().cpu()
 
 
 def evaluate(model, data: dict, ds_truth: torch.Tensor, device: torch.device) -> list[dict]:
@@ -228,8 +234,8 @@ def run_toy(out: Path, settings: ToySettings, *, log=print) -> list[dict]:
     if settings.test_pairs < 1:
         raise ValueError(f"test_pairs must be >= 1, got {settings.test_pairs!r}")
     if isinstance(settings.max_shift, bool) or not isinstance(settings.max_shift, int) \
-            or not 0 <= settings.max_shift <= 32:  # D_S is taken over translations of <= 32 px (the paper's Omega)
-        raise ValueError(f"max_shift must be an int in [0, 32] (pixels), got {settings.max_shift!r}")
+            or not 0 <= settings.max_shift <= PAPER_SHIFT:
+        raise ValueError(f"max_shift must be an int in [0, {PAPER_SHIFT}] (pixels), got {settings.max_shift!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(settings.device)
@@ -264,7 +270,8 @@ def run_toy(out: Path, settings: ToySettings, *, log=print) -> list[dict]:
     md = table(summary)
     minutes = (time.perf_counter() - t0) / 60
     title = (f"toy: {len(settings.lambda_r)} models, width {settings.width:g}, "
-             f"{settings.steps_joint} joint steps, shifts ≤ {settings.max_shift} px, {settings.test_pairs} test pairs")
+             f"{settings.steps_joint} joint steps, shifts ≤ {settings.max_shift} px, "
+             f"{settings.test_pairs} test pairs")
     plot(rows, out / "toy.png", title)
     (out / "toy.md").write_text(md + f"\n\n{title}; {minutes:.1f} min on {settings.device}\n")
     log(md)
@@ -307,7 +314,7 @@ def run_shift_sweep(out: Path, settings: ToySettings, shifts, *, log=print) -> l
     DIR/shift_<s>; DIR/shifts.md and DIR/shifts.png put the gains side by side."""
     shifts = list(shifts)
     if not shifts or len(set(shifts)) != len(shifts):
-        raise ValueError(f"shifts must be distinct ints in [0, 32], got {shifts!r}")
+        raise ValueError(f"shifts must be distinct ints in [0, {PAPER_SHIFT}], got {shifts!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -370,9 +377,9 @@ def settings_from_args(args) -> ToySettings:
             raise CliError(f"--width: must be a finite number > 0, got {args.width}")
         changes["width"] = args.width
     if args.max_shift is not None:
-        bad = [v for v in args.max_shift if not 0 <= v <= 32]
+        bad = [v for v in args.max_shift if not 0 <= v <= PAPER_SHIFT]
         if bad:
-            raise CliError(f"--max-shift: must be ints in [0, 32] (pixels), got {bad[0]}")
+            raise CliError(f"--max-shift: must be ints in [0, {PAPER_SHIFT}] (pixels), got {bad[0]}")
         if len(set(args.max_shift)) != len(args.max_shift):
             raise CliError(f"--max-shift: values must be distinct, got {args.max_shift}")
         changes["max_shift"] = args.max_shift[0]

@@ -286,8 +286,8 @@ def _counts_direct_torch(a3: Tensor, b3: Tensor, d_lo, d_n, box_lo, box_len) -> 
 # fitted to benchmarks/table.py's translation-search rows, 64x64x32 and 128x128x64, bounds
 # 3, 16 and any): the C++ direct counter costs _WORD_COST per 64-voxel word AND+popcount and
 # _SHIFT_COST per shift (scoring included); the torch fallback _SLICE_COST per (d0, d1) pair
-# plus _DIRECT_COST per voxel pair of its row correlations; the FFT _FFT_COST per point and log2(points) of each of its
-# 2C + 1 transforms
+# plus _DIRECT_COST per voxel pair of its row correlations; the FFT _FFT_COST per point and
+# log2(points) of each of its 2C + 1 transforms
 _WORD_COST = 2.0e-10
 _SHIFT_COST = 1.5e-7
 _SLICE_COST = 1.0e-3
@@ -474,7 +474,8 @@ def translation_search(s1: Tensor, s2: Tensor, max_translation: int | Sequence[i
     item's bool masks), i.e. the FFT only where it fits. |s1 shifted| inside the volume
     comes with the counts (direct) or from the crop's summed table (fft). A shift that
     moves all of s1 out is no candidate; empty masks follow D_S's rules (module
-    docstring). Ties go to the smallest |t|_1, then the lexicographically smallest t. Returns (t (B, nd) float64 voxels, Dice (B,) float64).
+    docstring). Ties go to the smallest |t|_1, then the lexicographically smallest t.
+    Returns (t (B, nd) float64 voxels, Dice (B,) float64).
     """
     _checks.mask_pair("s1", s1, "s2", s2)
     bound = _checks.translation_bound("max_translation", max_translation, tuple(s1.shape[2:]))

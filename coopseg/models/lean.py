@@ -60,6 +60,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .norm import BatchNormNd, frozen_running_stats
+from .pooling import pool_like_input
 
 aten = torch.ops.aten
 
@@ -261,7 +262,7 @@ class _LeanConvReLUPool(torch.autograd.Function):
             del h1
             with torch.enable_grad():  # the pool's own backward (it keeps h2 and the indices)
                 h2g = h2.detach().requires_grad_()
-                (g,) = torch.autograd.grad(block.pool_like_input(h2g), h2g, dpooled)
+                (g,) = torch.autograd.grad(pool_like_input(block.pool, h2g), h2g, dpooled)
                 del h2g
             g = aten.threshold_backward.grad_input(g, h2, 0, grad_input=g)  # second ReLU, over g
             del h2

@@ -48,10 +48,7 @@ class RegistorBlock(nn.Module):
         self.pool = pool(2)
 
     def forward(self, x):
-        return self.pool_like_input(self.relu(self.conv2(self.relu(self.conv1(x)))))
-
-    def pool_like_input(self, h):
-        return pool_like_input(self.pool, h)
+        return pool_like_input(self.pool, self.relu(self.conv2(self.relu(self.conv1(x)))))
 
 
 class Registor(nn.Module):
