@@ -41,6 +41,14 @@ def _seed():
     torch.manual_seed(1234)
 
 
+@pytest.fixture
+def set_threads():
+    """torch.set_num_threads for the test; the count in force before is restored after it."""
+    saved = torch.get_num_threads()
+    yield torch.set_num_threads
+    torch.set_num_threads(saved)
+
+
 def pytest_addoption(parser):
     parser.addoption("--runslow", action="store_true", default=False, help="also run tests marked slow")
 

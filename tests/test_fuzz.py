@@ -142,11 +142,7 @@ def _fuzz_warp_finite_grad_rule(moving, coarse, grad_out, ac, pad, dtype, what):
 
 
 @pytest.mark.parametrize("threads", THREADS)
-def test_fuzz_cpp_against_reference(threads):
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for case in range(CASES):
-            _fuzz_one(1000 * threads + case)
-    finally:
-        torch.set_num_threads(saved)
+def test_fuzz_cpp_against_reference(threads, set_threads):
+    set_threads(threads)
+    for case in range(CASES):
+        _fuzz_one(1000 * threads + case)

@@ -100,19 +100,15 @@ def test_coarse_gradient_is_bitwise_deterministic(backend):
     assert torch.equal(first, second)
 
 
-def test_cpp_gradients_do_not_depend_on_thread_count():
+def test_cpp_gradients_do_not_depend_on_thread_count(set_threads):
     if not ck.HAS_CPP:
         pytest.skip("C++ extension not built")
     moving, coarse = _inputs((16, 9, 10), (3, 2, 2), torch.float32, B=1, C=2)
     grad_out = torch.randn(moving.shape)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
-            results.append(_warp_and_grads(lambda m, c: ck.warp(m, c, backend="cpp"), moving, coarse, grad_out))
-    finally:
-        torch.set_num_threads(threads)
+    results = []
+    for n in (1, 2, 3):
+        set_threads(n)
+        results.append(_warp_and_grads(lambda m, c: ck.warp(m, c, backend="cpp"), moving, coarse, grad_out))
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
@@ -124,31 +120,27 @@ def test_cpp_gradients_do_not_depend_on_thread_count():
     ((3, 9, 8), (5, 2, 3), False),
     ((3, 17), (7, 2), True),          # 2-D: the slab axis is h
 ])
-def test_cpp_empty_slabs_at_many_thread_counts(size, coarse_size, align_corners, need):
+def test_cpp_empty_slabs_at_many_thread_counts(size, coarse_size, align_corners, need, set_threads):
     # A coarse grid longer than the image along the slab axis makes slabs (of
     # cells, or of planes when there are more tasks than planes) that own no
     # plane. Such a slab must not scatter: it used to write into another task's
     # slab or past the buffer (lost updates from 3 threads on).
     if not ck.HAS_CPP:
         pytest.skip("C++ extension not built")
-    threads = torch.get_num_threads()
-    try:
-        for n in (1, 2, 3, 4, 6, 16):
-            torch.set_num_threads(n)
-            for trial in range(4):
-                moving, coarse = _inputs(size, coarse_size, torch.float64, B=1 + trial % 2, C=2, scale=2.0)
-                grad_out = torch.randn(moving.shape, dtype=torch.float64)
-                inputs = (moving, coarse) if need == "both" else (moving,)
-                out = ck.warp(moving, coarse if need == "both" else coarse.detach(), align_corners=align_corners,
-                              backend="cpp")
-                got = torch.autograd.grad(out, inputs, grad_out)
-                ref = reference.warp(moving, coarse if need == "both" else coarse.detach(),
-                                     align_corners=align_corners)
-                want = torch.autograd.grad(ref, inputs, grad_out)
-                for g, w in zip(got, want):
-                    torch.testing.assert_close(g, w, **TOL[torch.float64], msg=lambda m: f"{n} threads: {m}")
-    finally:
-        torch.set_num_threads(threads)
+    for n in (1, 2, 3, 4, 6, 16):
+        set_threads(n)
+        for trial in range(4):
+            moving, coarse = _inputs(size, coarse_size, torch.float64, B=1 + trial % 2, C=2, scale=2.0)
+            grad_out = torch.randn(moving.shape, dtype=torch.float64)
+            inputs = (moving, coarse) if need == "both" else (moving,)
+            out = ck.warp(moving, coarse if need == "both" else coarse.detach(), align_corners=align_corners,
+                          backend="cpp")
+            got = torch.autograd.grad(out, inputs, grad_out)
+            ref = reference.warp(moving, coarse if need == "both" else coarse.detach(),
+                                 align_corners=align_corners)
+            want = torch.autograd.grad(ref, inputs, grad_out)
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, **TOL[torch.float64], msg=lambda m: f"{n} threads: {m}")
 
 
 def test_non_contiguous_inputs(backend):

@@ -68,16 +68,12 @@ def test_rows_match_reference(size, coarse_size, align_corners, padding_mode, C,
 
 
 @pytest.mark.parametrize("size,coarse_size", [((9, 5, 37), (3, 2, 3)), ((6, 4, 50), (4, 2, 20))])
-def test_rows_do_not_depend_on_thread_count(size, coarse_size):
+def test_rows_do_not_depend_on_thread_count(size, coarse_size, set_threads):
     moving, coarse, grad_out = _inputs(3, size, coarse_size, C=1, B=1)
-    threads = torch.get_num_threads()
-    try:
-        results = []
-        for n in (1, 2, 3, 5):
-            torch.set_num_threads(n)
-            results.append(_run(lambda m, c: ck.warp(m, c, backend="cpp"), moving, coarse, grad_out))
-    finally:
-        torch.set_num_threads(threads)
+    results = []
+    for n in (1, 2, 3, 5):
+        set_threads(n)
+        results.append(_run(lambda m, c: ck.warp(m, c, backend="cpp"), moving, coarse, grad_out))
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
