@@ -44,8 +44,8 @@ def test_upsample_and_gradcheck_int64(backend, size, coarse_size):
     test_warp.test_gradcheck(backend, (3, 4, 5), (2, 1, 3), False, "border")
 
 
-def test_empty_slabs_int64():
-    test_warp.test_cpp_empty_slabs_at_many_thread_counts((2, 64, 64), (6, 2, 2), True, "both")
+def test_empty_slabs_int64(set_threads):
+    test_warp.test_cpp_empty_slabs_at_many_thread_counts((2, 64, 64), (6, 2, 2), True, "both", set_threads)
 
 
 @pytest.mark.parametrize("size,coarse_size", [((5, 7, 6), (2, 3, 1)), ((9, 8), (3, 2))])
