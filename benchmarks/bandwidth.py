@@ -1,7 +1,7 @@
 """Achieved memory bandwidth of each fused kernel against the device's copy
 bandwidth (the practical ceiling of a memory-bound kernel).
 
-    python benchmarks/bandwidth.py [--device cuda|cpu] [--size 256 256 128] [--out DIR]
+    python benchmarks/bandwidth.py [--device cuda|cpu] [--size 256 256 128] [--out FILE|DIR]
 
 Copy bandwidth: `dst.copy_(src)` of a large fp32 tensor (1 GiB on CUDA, 256 MiB
 on CPU), counted as read + write, timed with CUDA events (CPU: perf_counter),
@@ -15,12 +15,12 @@ pass per axis through a temporary: 2*nd volumes instead of 2; the image
 gradient's atomic read-modify-write) show it as a lower %.
 
 Device-generic so the code path can be dry-run on CPU; the figures that matter
-come from `make gpu-check`. Writes <out>/bandwidth-<device>-<date>.json.
+come from `make gpu-check`. Appends the run as one line to benchmarks/results.jsonl
+(--out: another file, or a folder's results.jsonl).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -30,7 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import machine  # noqa: E402
+from benchmarks.harness import append_result, machine  # noqa: E402
 
 
 def time_ms(fn, device: torch.device, repeats: int = 10, warmup: int = 2) -> float:
@@ -124,7 +124,9 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--size", type=int, nargs="+", default=[256, 256, 128])
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--out", default=None,
+                    help="JSON-lines file to append the run to, or a folder (its results.jsonl); "
+                         "default benchmarks/results.jsonl")
     args = ap.parse_args(argv)
     if len(args.size) not in (2, 3):
         ap.error("--size takes 2 or 3 ints")
@@ -132,11 +134,8 @@ def main(argv=None) -> int:
     res = measure(device, args.size, args.repeats)
     text = markdown(res)
     print(text)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"bandwidth-{device.type}-{res['machine']['date']}.json"
-    path.write_text(json.dumps({**res, "table": text}, indent=2))
-    print(f"\nwritten {path}", file=sys.stderr)
+    path = append_result(args.out, __file__, argv, res["machine"], {**res, "table": text})
+    print(f"\nappended to {path}", file=sys.stderr)
     return 0
 
 

@@ -3,12 +3,14 @@ other baselines) on one input shape. Used by table.py and the pytest-benchmark
 files, so both measure the same thing."""
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 import coopseg_kernels as ck
+from benchmarks.harness import module_from_commit
 from coopseg_kernels import reference
 
 
@@ -126,7 +128,7 @@ def similarity_cases(device: torch.device) -> list[Case]:
 
 
 def tsearch_bound_cases(device: torch.device) -> list[tuple[str, torch.Tensor, torch.Tensor, int | None]]:
-    """The translation search at growing bounds (issue 11 point 2): (shape label, s1, s2,
+    """The translation search at growing bounds: (shape label, s1, s2,
     max_translation). The blob masks of the fast table (a third of the volume's bounding box)
     at shifts <= 3, <= 16 and any shift, and a worst case for memory: masks whose bounding
     boxes are the whole volume (every crop is the volume), at any shift."""
@@ -141,7 +143,7 @@ def tsearch_bound_cases(device: torch.device) -> list[tuple[str, torch.Tensor, t
 
 
 def ds_pair(device: torch.device, size=(256, 256, 128)) -> tuple[torch.Tensor, torch.Tensor]:
-    """The D_S-per-pair case of issue 8: blob masks (a union of 4 balls), s2 = s1 under a
+    """The D_S-per-pair case: blob masks (a union of 4 balls), s2 = s1 under a
     smooth deformation of a few voxels (a 5x5x3 grid, N(0, 2^2)) plus a shift of (5, -4, 3)."""
     g = torch.Generator().manual_seed(0)
     grid = torch.stack(torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in size], indexing="ij"))
@@ -159,9 +161,14 @@ def ds_pair(device: torch.device, size=(256, 256, 128)) -> tuple[torch.Tensor, t
     return s1.to(device), s2.to(device)
 
 
+# The single-level D_S optimizer that coarse-to-fine replaced: benchmarks/legacy_similarity.py, last in the tree here.
+LEGACY_SIMILARITY = ("benchmarks/legacy_similarity.py", "caff10b")
+
+
 def ds_optimizers() -> dict:
-    """name -> fn(s1, s2) -> (score[B], iterations[B]) for the D_S-per-pair table."""
-    from benchmarks import legacy_similarity
+    """name -> fn(s1, s2) -> (score[B], iterations[B]) for the D_S-per-pair table. The old
+    optimizer is loaded from git history (LEGACY_SIMILARITY); without it its fn is None (row skipped)."""
+    legacy_similarity, why = module_from_commit(*LEGACY_SIMILARITY, name="coopseg_legacy_similarity")
 
     def new(s1, s2):
         r = ck.relative_similarity(s1, s2, grid_spacing=16)
@@ -171,6 +178,9 @@ def ds_optimizers() -> dict:
         r = legacy_similarity.relative_similarity(s1, s2, grid_spacing=16)
         return r.score, torch.full_like(r.score, r.losses.shape[0] - 1, dtype=torch.int64)
 
+    if legacy_similarity is None:
+        print(f"skipped the D_S-per-pair row 'single-level (before issue 8)': {why}", file=sys.stderr, flush=True)
+        old = None
     return {"coarse-to-fine (this version)": new, "single-level (before issue 8)": old}
 
 

@@ -8,7 +8,7 @@ marks as aliasing an input (a view, an in-place or out= result) is never a new
 storage: a view of a tensor that existed before the call (a slice of an input)
 costs nothing. Allocations made inside a
 fused kernel and freed before it returns are invisible to this mode: the kernels
-in this package keep such scratch small (coarse-grid sized) -- see README.
+in this package keep such scratch small (coarse-grid sized).
 CUDA: torch.cuda.max_memory_allocated, which sees everything.
 """
 from __future__ import annotations

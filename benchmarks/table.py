@@ -5,20 +5,20 @@ forward+backward, for every case in benchmarks/cases.py.
 
 A second table ("D_S per pair", skipped by --quick; select it alone with
 --ops "D_S per pair") times D_S(elastic) of one 256x256x128 pair with a /16 grid
-by this version's optimizer and by the frozen pre-issue-8 one
-(benchmarks/legacy_similarity.py), alternately in one process. A third
+by this version's optimizer and by the single-level one it replaced
+(benchmarks/legacy_similarity.py of commit caff10b, loaded with `git show`; its row is
+skipped, with the reason, without git or that commit), alternately in one process. A third
 ("translation search bounds", skipped by --quick; select it alone with --ops
 "translation search bounds") times translation_search's methods at growing bounds
 with their peak memory in input volumes.
 
-Prints a Markdown table and writes benchmarks/results/<device>-<date>.json with
-the machine, torch version and date. Ratios are naive / fused, from one run.
+Prints a Markdown table and appends the run (machine, torch version, commit, date, rows)
+as one line to benchmarks/results.jsonl (--out: another file, or a folder's results.jsonl).
+Ratios are naive / fused, from one run.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.cases import Case, all_cases, ds_optimizers, ds_pair  # noqa: E402
-from benchmarks.harness import copy_bandwidth, machine, median_seconds, peak_bytes  # noqa: E402
+from benchmarks.harness import append_result, copy_bandwidth, machine, median_seconds, peak_bytes  # noqa: E402
 
 MiB = 1 << 20
 
@@ -114,7 +114,7 @@ def ds_pair_rows(device: torch.device, repeats: int) -> list[dict]:
     from coopseg_kernels import reference
 
     s1, s2 = ds_pair(device)
-    opts = ds_optimizers()
+    opts = {name: fn for name, fn in ds_optimizers().items() if fn is not None}  # None: not in this checkout
     times: dict[str, list[float]] = {k: [] for k in opts}
     facts: dict[str, tuple] = {}
     for _ in range(repeats):
@@ -229,7 +229,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ds-repeats", type=int, default=3, help="runs of each optimizer in the D_S-per-pair table")
     ap.add_argument("--ts-repeats", type=int, default=3, help="runs of each method in the translation-search table")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    ap.add_argument("--out", default=None,
+                    help="JSON-lines file to append the run to, or a folder (its results.jsonl); "
+                         "default benchmarks/results.jsonl")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     info = machine(device)
@@ -258,12 +260,10 @@ def main(argv=None) -> int:
             table += (f"\n\n{info.get('gpu', info['cpu'])}, {info['cpu_threads']} CPU threads, "
                       f"torch {info['torch']}, {info['date']}")
     print(table)
-    os.makedirs(args.out, exist_ok=True)
-    path = Path(args.out) / f"{device.type}-{info['date']}.json"
-    path.write_text(json.dumps({"machine": info, "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows,
-                                "ds_pair_rows": ds_rows, "tsearch_rows": ts_rows,
-                                "table": table}, indent=2))
-    print(f"\nwritten {path}", file=sys.stderr)
+    path = append_result(args.out, __file__, argv, info, {
+        "machine": info, "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows, "ds_pair_rows": ds_rows,
+        "tsearch_rows": ts_rows, "table": table})
+    print(f"\nappended to {path}", file=sys.stderr)
     return 0
 
 

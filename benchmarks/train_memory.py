@@ -40,13 +40,13 @@ after each top-level module's forward, which tensors (op that made them,
 dtype, shape) are alive at the peak, and the peak of each phase of the step
 (each part's forward, recomputation and backward): where the memory goes.
 
-Writes benchmarks/results/train-memory-<device>-<date>.json and prints a Markdown table.
+Prints a Markdown table and appends the run as one line to benchmarks/results.jsonl
+(--out: another file, or a folder's results.jsonl).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -56,7 +56,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import machine, median_seconds  # noqa: E402
+from benchmarks.harness import append_result, machine, median_seconds  # noqa: E402
 from benchmarks.memory import LiveStorageBytes, peak_bytes  # noqa: E402
 from coopseg.models.checkpointing import checkpointed  # noqa: E402
 
@@ -319,7 +319,8 @@ def measure(args, device: torch.device) -> dict:
 def markdown(results: dict, args, info: dict) -> str:
     crops = args.crops
     head = "| config | " + " | ".join(f"{c}³ peak MiB | {c}³ s" for c in crops)
-    head += f" | bytes/voxel | largest crop in {args.budget_gib:g} GiB | largest crop in 80 GiB (projected) | voxels vs naive |"
+    head += (f" | bytes/voxel | largest crop in {args.budget_gib:g} GiB | largest crop in 80 GiB (projected) "
+             "| voxels vs naive |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     base = results.get("naive", {}).get("voxels_at_budget")
     for name, e in results.items():
@@ -328,7 +329,8 @@ def markdown(results: dict, args, info: dict) -> str:
             cells += [f"{r['peak_bytes'] / MiB:.1f}", f"{r['seconds']:.2f}"]
         if "bytes_per_voxel" in e:
             ratio = f"{e['voxels_at_budget'] / base:.2f}×" if base else "—"
-            tail = [f"{e['bytes_per_voxel']:.0f}", f"{e['largest_crop_budget']}³", f"{e['largest_crop_80gib']}³", ratio]
+            tail = [f"{e['bytes_per_voxel']:.0f}", f"{e['largest_crop_budget']}³", f"{e['largest_crop_80gib']}³",
+                    ratio]
         else:
             tail = ["—"] * 4
         lines.append(f"| {name} | " + " | ".join(cells + tail) + " |")
@@ -349,7 +351,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--budget-gib", type=float, default=4.0)
     ap.add_argument("--breakdown", type=int, default=0, metavar="N", help="also list where the memory goes at crop N")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/train-memory-<device>-<date>.json)")
+    ap.add_argument("--out", default=None,
+                    help="JSON-lines file to append the run to, or a folder (its results.jsonl); "
+                         "default benchmarks/results.jsonl")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -380,7 +384,7 @@ def main(argv=None) -> int:
             for part, live in rows:
                 print(f"  {part:40s} {live / MiB:9.1f}  (+{(live - prev) / MiB:.1f})")
                 prev = live if part != "PEAK" else prev
-            print(f"  alive at the peak, largest groups (op that made it -> dtype[shape], count, MiB):")
+            print("  alive at the peak, largest groups (op that made it -> dtype[shape], count, MiB):")
             for what, count, nb in top:
                 print(f"    {what:60s} x{count:<3d} {nb / MiB:9.1f}")
             v = args.breakdown ** 3
@@ -397,11 +401,8 @@ def main(argv=None) -> int:
     if "all_vs_naive_voxels_at_budget" in out:
         print(f"\nall vs naive: {out['all_vs_naive_voxels_at_budget']:.2f}× the voxels in {args.budget_gib:g} GiB, "
               f"{out['all_vs_naive_bytes_per_voxel']:.2f}× fewer bytes/voxel (target ≥ 4×)")
-    path = Path(args.out) if args.out else (Path(__file__).resolve().parent / "results"
-                                            / f"train-memory-{device.type}-{info['date']}.json")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(out, indent=1))
-    print(f"wrote {path}", file=sys.stderr)
+    path = append_result(args.out, __file__, argv, info, out)
+    print(f"appended to {path}", file=sys.stderr)
     return 0
 
 

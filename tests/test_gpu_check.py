@@ -1,6 +1,7 @@
 """Dry run on CPU of what `make gpu-check` runs on a lent GPU machine, whose python3
 has no nibabel and no network: the CUDA test files collect and the benchmark
 scripts import without nibabel, and the bandwidth code path runs (device cpu)."""
+import json
 import os
 import subprocess
 import sys
@@ -15,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _cuda_test_files():
-    # the Makefile's CUDA_TESTS: files holding cuda-marked tests
+    # tools/gpu_check.sh's cuda_tests: files holding cuda-marked tests
     marker = "pytest.mark." + "cuda"  # spelled so that this file does not match itself
     return [str(p) for p in sorted((ROOT / "tests").glob("test_*.py")) if marker in p.read_text()]
 
@@ -60,4 +61,6 @@ def test_bandwidth_report_runs_on_cpu(tmp_path, capsys):
                            "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "Copy bandwidth (read + write)" in out and "| warp_fwd |" in out and "| blur_apply [1,2,1] |" in out
-    assert len(list(tmp_path.glob("bandwidth-cpu-*.json"))) == 1
+    lines = (tmp_path / "results.jsonl").read_text().splitlines()  # the run, appended as one JSON line
+    assert len(lines) == 1
+    assert json.loads(lines[0])["benchmark"] == "bandwidth" and json.loads(lines[0])["device"] == "cpu"

@@ -1,6 +1,6 @@
 """GPU readiness without a GPU: the Triton kernels compile for sm_80 and sm_90.
 
-benchmarks/gpu_resources.py records every launch the Triton launchers make
+tools/gpu_compile.py records every launch the Triton launchers make
 over the public ops' option space and compiles each specialisation with
 triton.compile(ASTSource(...), target=GPUTarget("cuda", arch, 32)). It needs a
 process without TRITON_INTERPRET (conftest sets it for the other tests), hence
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SCRIPT = ROOT / "benchmarks" / "gpu_resources.py"
+SCRIPT = ROOT / "tools" / "gpu_compile.py"
 
 triton = pytest.importorskip("triton")
 try:
@@ -64,7 +64,7 @@ def test_a_compile_error_is_reported(tmp_path):
     code = textwrap.dedent(f"""
         import sys
         sys.path[:0] = [{str(tmp_path)!r}, {str(SCRIPT.parent)!r}]
-        import gpu_resources as g
+        import gpu_compile as g
         spec = dict(module="broken_kernel", kernel="broken_kernel", arch=90,
                     signature={{"x_ptr": "*fp32", "BLOCK": "constexpr"}}, constexprs={{(1,): 64}},
                     attrs={{}}, options={{"num_warps": 4, "num_stages": 3}})

@@ -2,9 +2,9 @@
 sm_80 and sm_90, on a machine without a GPU; report registers, spills and
 shared memory per specialisation.
 
-    python benchmarks/gpu_resources.py                  # full sweep, Markdown table (ptxas -v per kernel)
-    python benchmarks/gpu_resources.py --check          # compile only; exit 1 on any error (make gpu-compile)
-    python benchmarks/gpu_resources.py --check --subset # a covering subset (tests/test_gpu_compile.py)
+    python tools/gpu_compile.py                  # full sweep, Markdown table (ptxas -v per kernel)
+    python tools/gpu_compile.py --check          # compile only; exit 1 on any error (make gpu-compile)
+    python tools/gpu_compile.py --check --subset # a covering subset (tests/test_gpu_compile.py)
 
 How the list is made (so that a new specialisation cannot be missed): the
 public ops are called with backend="triton" on tiny CPU tensors over their whole

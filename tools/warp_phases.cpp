@@ -3,7 +3,7 @@
 // on one thread, timed with the TSC around each phase of each output row.
 // Each row keeps its minimum over the runs (a row takes a few microseconds, so
 // the minimum drops the preemptions of a shared machine), and the table sums
-// the minima. Built and run by benchmarks/warp_phases.py (`make warp-phases`)
+// the minima. Built and run by tools/warp_phases.py (`make warp-phases`)
 // with the extension's compiler flags, so it times the code of csrc/cpu/grid.h
 // (the generic rows, every build) and, with AVX-512, of csrc/cpu/warp_avx512.h
 // (the rows the extension runs for float / 32-bit offsets / 3-D). Each of the
