@@ -17,7 +17,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: test bench bench-pytest bench-train toy toy-shifts demo gpu-compile gpu-resources gpu-check sanitize \
+.PHONY: lint test bench bench-pytest bench-train toy toy-shifts demo gpu-compile gpu-resources gpu-check sanitize \
         warp-phases clean
 
 $(VPY):
@@ -29,10 +29,14 @@ $(VPY):
 $(STAMP): $(VPY) $(SOURCES)
 	$(VPY) -m pip install -q --upgrade pip
 	$(VPY) -c "import torch" 2>/dev/null || $(VPY) -m pip install -q $(TORCH)
-	$(VPY) -m pip install -q setuptools wheel ninja numpy pybind11 triton
+	$(VPY) -m pip install -q setuptools wheel ninja numpy pybind11 triton ruff
 	$(VPY) -m pip install -q --no-build-isolation -e ".[test]"
 	$(VPY) -c "import coopseg_kernels as ck; assert ck.HAS_CPP, 'C++ extension failed to build'"
 	touch $(STAMP)
+
+# pyflakes, pycodestyle and isort rules (pyproject.toml); .ci/run runs it before the tests.
+lint: $(STAMP)
+	$(VPY) -m ruff check .
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest tests
