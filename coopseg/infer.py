@@ -1,4 +1,4 @@
-"""Whole-volume prediction: ``coopseg predict --t1 A --t2 B --checkpoint C --out DIR``.
+"""Whole-volume prediction (``coopseg predict --t1 A --t2 B --checkpoint C --out DIR``).
 
 The pair is loaded as for training (:mod:`coopseg.data.volumes`: T2 resampled into the
 T1 grid, per-volume normalisation) and the network runs over the whole T1 grid with a
@@ -24,12 +24,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
+
+import coopseg_kernels as ck
 
 from .data.volumes import Case, Pair, load_pair, resample
+from .errors import CheckpointError, ConfigError
+from .train import load_model
 
 MULTIPLE = 16  # the registor pools four times
 
@@ -73,13 +78,13 @@ def parse_patch(text, spatial_dims: int) -> tuple[int, ...]:
         try:
             vals = [int(v) for v in text.split(",")]
         except ValueError:
-            raise ValueError(f"patch must be an int or {spatial_dims} comma-separated ints, got {text!r}") from None
+            raise ConfigError(f"patch must be an int or {spatial_dims} comma-separated ints, got {text!r}") from None
     else:
         vals = list(text)
     if len(vals) == 1:
         vals = vals * spatial_dims
     if len(vals) != spatial_dims or any(not isinstance(v, int) or v <= 0 or v % MULTIPLE for v in vals):
-        raise ValueError(f"patch must be {spatial_dims} positive multiples of {MULTIPLE}, got {text!r}")
+        raise ConfigError(f"patch must be {spatial_dims} positive multiples of {MULTIPLE}, got {text!r}")
     return tuple(vals)
 
 
@@ -92,11 +97,8 @@ def sliding_window(net, x1: torch.Tensor, x2: torch.Tensor, patch: Sequence[int]
                    device="cpu", progress: bool = True, desc: str = "predict"):
     """Run ``net`` over (B, 1, *S) images in overlapping windows; returns the blended
     (prob1, prob2, field): (B, 1, *S), (B, 1, *S), (B, nd, *S)."""
-    import coopseg_kernels as ck
-    from tqdm import tqdm
-
     if not 0 <= overlap < 1:
-        raise ValueError(f"overlap must be in [0, 1), got {overlap!r}")
+        raise ConfigError(f"overlap must be in [0, 1), got {overlap!r}")
     nd = x1.dim() - 2
     size = tuple(x1.shape[2:])
     # windows no larger than the (16-rounded) volume; pad the volume up to the window
@@ -157,7 +159,7 @@ def _like(img, data: np.ndarray, dtype):
 
 def write_prediction(pred: Prediction, pair: Pair, out_dir, *, field: bool = False) -> dict:
     """Write the masks (each on its own modality's grid) and optionally the field."""
-    import nibabel as nib
+    import nibabel as nib  # lazy on purpose: nibabel is an optional dependency (the "io" extra)
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,15 +182,13 @@ def load_checkpoint_model(checkpoint, device="cpu"):
     """(net, config) from a training checkpoint (coopseg.train.load_model), net in eval mode."""
     path = Path(checkpoint)
     if not path.is_file():
-        raise ValueError(f"{path}: no such checkpoint file")
-    from .train import load_model
-
+        raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         net, config = load_model(str(path), map_location=device)
     except ValueError:
         raise
     except Exception as exc:  # torch.load / load_state_dict raise several types
-        raise ValueError(f"{path}: cannot load as a coopseg checkpoint ({type(exc).__name__}: "
+        raise CheckpointError(f"{path}: cannot load as a coopseg checkpoint ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     return net.to(device).eval(), config
 
@@ -210,34 +210,3 @@ def predict_files(t1, t2, checkpoint, out, *, patch=None, overlap=0.5, device="c
     patch = patch if patch is not None else default_patch(config, net.spatial_dims)
     pred = predict_pair(net, pair, patch=patch, overlap=overlap, device=device, progress=progress)
     return write_prediction(pred, pair, out, field=field)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("predict", help="masks of a T1/T2 pair with a trained checkpoint (sliding window)")
-    p.add_argument("--t1", required=True, help="T1 image (NIfTI); its grid is the network's")
-    p.add_argument("--t2", required=True, help="T2 image (NIfTI)")
-    p.add_argument("--checkpoint", required=True, help="training checkpoint (OUT/last.pt)")
-    p.add_argument("--out", required=True, help="output folder: t1_mask.nii.gz, t2_mask.nii.gz[, field.nii.gz]")
-    add_window_arguments(p)
-    p.add_argument("--field", action="store_true", help="also write the registor's displacement field")
-    p.set_defaults(fn=run)
-
-
-def add_window_arguments(p) -> None:
-    p.add_argument("--patch", default=None,
-                   help="window size: N or I,J,K, multiples of 16 (default: the config's crop_max, else 64)")
-    p.add_argument("--overlap", type=float, default=0.5, help="window overlap fraction in [0, 1) (default 0.5)")
-    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-
-
-def run(args) -> int:
-    from .cli import CliError, out_dir
-
-    try:
-        paths = predict_files(args.t1, args.t2, args.checkpoint, out_dir(args.out), patch=args.patch, overlap=args.overlap,
-                              device=args.device, field=args.field)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    for name, path in paths.items():
-        print(f"{name}: {path}")
-    return 0

@@ -32,13 +32,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import math
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+
+import coopseg_kernels as ck
+
+from .data import build_dataset
+from .errors import ConfigError
+from .train import Config, load_model, train
 
 # The paper's toy: s2 translated by at most 32 px, and Omega = those translations (D_S is
 # taken over them, so a pair's shift may not exceed it).
@@ -85,8 +89,6 @@ FULL = ToySettings(lambda_r=tuple(round(1 - i / 29, 4) for i in range(30)), widt
 
 def base_config(s: ToySettings):
     """The training Config shared by every sweep point (lambdas set per point)."""
-    from .train import Config
-
     return Config(seed=s.seed, spatial_dims=2, data="toy", omega="translation", width=s.width,
                   steps_segmentor=s.steps_segmentor, steps_registor=s.steps_registor,
                   steps_joint=s.steps_joint, crop_min=s.crop_min, crop_max=s.crop_max, lr=s.lr,
@@ -111,8 +113,6 @@ def _finished(ckpt: Path, stage: str, steps: int) -> bool:
 def test_set(n: int, seed: int = 0, size: int = 240, max_shift: int = PAPER_SHIFT) -> dict:
     """The held-out pairs stacked: x1, x2, s1, s2 of shape (n, 1, size, size), from
     the toy data's test split (seeds disjoint from the training split's)."""
-    from .data import build_dataset
-
     ds = build_dataset("toy", spatial_dims=2, seed=seed, split="test", n=n, size=size, max_shift=max_shift)
     pairs = [ds[i] for i in range(n)]
     return {k: torch.stack([p[k] for p in pairs]).float() for k in ("x1", "x2", "s1", "s2")}
@@ -135,14 +135,10 @@ def predict(model, data: dict, device: torch.device) -> tuple[torch.Tensor, torc
 
 
 def ds_translation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    import coopseg_kernels as ck
-
     return ck.relative_similarity(a, b, omega="translation", max_translation=PAPER_SHIFT).score.flatten().cpu()
 
 
 def evaluate(model, data: dict, ds_truth: torch.Tensor, device: torch.device) -> list[dict]:
-    import coopseg_kernels as ck
-
     m1, m2 = predict(model, data, device)
     ds_pred = ds_translation(m1, m2)
     d1 = ck.dice(m1, data["s1"] > 0.5).flatten()
@@ -188,7 +184,7 @@ def table(summary: list[dict]) -> str:
 
 
 def _pyplot():
-    import matplotlib
+    import matplotlib  # lazy on purpose: matplotlib is only needed for the figures
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -226,16 +222,14 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 def run_toy(out: Path, settings: ToySettings, *, log=print) -> list[dict]:
     """Pretrain once, train the joint stage per lambda_r, evaluate; returns the summary rows."""
-    from .train import load_model, train
-
     for v in settings.lambda_r:
         if not 0.0 <= v <= 1.0:
-            raise ValueError(f"lambda_r values must be in [0, 1], got {v!r}")
+            raise ConfigError(f"lambda_r values must be in [0, 1], got {v!r}")
     if settings.test_pairs < 1:
-        raise ValueError(f"test_pairs must be >= 1, got {settings.test_pairs!r}")
+        raise ConfigError(f"test_pairs must be >= 1, got {settings.test_pairs!r}")
     if isinstance(settings.max_shift, bool) or not isinstance(settings.max_shift, int) \
             or not 0 <= settings.max_shift <= PAPER_SHIFT:
-        raise ValueError(f"max_shift must be an int in [0, {PAPER_SHIFT}] (pixels), got {settings.max_shift!r}")
+        raise ConfigError(f"max_shift must be an int in [0, {PAPER_SHIFT}] (pixels), got {settings.max_shift!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(settings.device)
@@ -314,7 +308,7 @@ def run_shift_sweep(out: Path, settings: ToySettings, shifts, *, log=print) -> l
     DIR/shift_<s>; DIR/shifts.md and DIR/shifts.png put the gains side by side."""
     shifts = list(shifts)
     if not shifts or len(set(shifts)) != len(shifts):
-        raise ValueError(f"shifts must be distinct ints in [0, {PAPER_SHIFT}], got {shifts!r}")
+        raise ConfigError(f"shifts must be distinct ints in [0, {PAPER_SHIFT}], got {shifts!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -332,83 +326,3 @@ def run_shift_sweep(out: Path, settings: ToySettings, shifts, *, log=print) -> l
     log(f"wrote {out / 'shifts.md'}, {out / 'shifts.png'}")
     return rows
 
-
-# ---- command line (wired by coopseg/cli.py) ---------------------------------------------------
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("toy", help="the toy lambda sweep of §3.1 (D_S gain of predictions vs annotations)")
-    p.add_argument("--out", required=True, help="output directory (checkpoints, toy.csv, toy.png, toy.md)")
-    p.add_argument("--full", action="store_true", help="the paper's 30 models at full width (GPU)")
-    p.add_argument("--lambda-r", type=float, nargs="+", default=None, metavar="V",
-                   help="lambda_r values in [0, 1] (default: 5 reduced / 30 full)")
-    p.add_argument("--test-pairs", type=int, default=None, help="held-out toy pairs (default 30 reduced / 200 full)")
-    p.add_argument("--steps", type=int, nargs=3, default=None, metavar=("SEG", "REG", "JOINT"),
-                   help="training steps of the three stages")
-    p.add_argument("--width", type=float, default=None, help="segmentor width multiplier")
-    p.add_argument("--max-shift", type=int, nargs="+", default=None, metavar="PX",
-                   help="largest translation between s1 and s2, px per axis, train and test (paper: 32; "
-                        "default: 0 reduced, 32 full); several values: one sweep per value "
-                        "in DIR/shift_<PX> and a table/plot of the gain against the shift (DIR/shifts.*)")
-    p.add_argument("--crop", type=int, default=None, help="training crop size (a multiple of 16, <= 240)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cpu reduced, cuda full)")
-    p.set_defaults(fn=run)
-
-
-def settings_from_args(args) -> ToySettings:
-    from .cli import CliError
-
-    s = FULL if args.full else REDUCED
-    changes = {}
-    if args.lambda_r is not None:
-        bad = [v for v in args.lambda_r if not (0.0 <= v <= 1.0) or math.isnan(v)]
-        if bad:
-            raise CliError(f"--lambda-r: values must be in [0, 1], got {bad[0]}")
-        changes["lambda_r"] = tuple(args.lambda_r)
-    if args.test_pairs is not None:
-        if args.test_pairs < 1:
-            raise CliError(f"--test-pairs: must be >= 1, got {args.test_pairs}")
-        changes["test_pairs"] = args.test_pairs
-    if args.steps is not None:
-        if min(args.steps) < 0:
-            raise CliError(f"--steps: must be >= 0, got {args.steps}")
-        changes.update(steps_segmentor=args.steps[0], steps_registor=args.steps[1], steps_joint=args.steps[2])
-    if args.width is not None:
-        if not (math.isfinite(args.width) and args.width > 0):
-            raise CliError(f"--width: must be a finite number > 0, got {args.width}")
-        changes["width"] = args.width
-    if args.max_shift is not None:
-        bad = [v for v in args.max_shift if not 0 <= v <= PAPER_SHIFT]
-        if bad:
-            raise CliError(f"--max-shift: must be ints in [0, {PAPER_SHIFT}] (pixels), got {bad[0]}")
-        if len(set(args.max_shift)) != len(args.max_shift):
-            raise CliError(f"--max-shift: values must be distinct, got {args.max_shift}")
-        changes["max_shift"] = args.max_shift[0]
-    if args.crop is not None:
-        if args.crop <= 0 or args.crop % 16 or args.crop > 240:
-            raise CliError(f"--crop: must be a multiple of 16 in [16, 240], got {args.crop}")
-        changes.update(crop_min=args.crop, crop_max=args.crop)
-    if args.device is not None:
-        if args.device not in ("cpu", "cuda"):
-            raise CliError(f"--device: expected cpu or cuda, got {args.device!r}")
-        changes["device"] = args.device
-    s = dataclasses.replace(s, **changes)
-    if s.device == "cuda" and not torch.cuda.is_available():
-        raise CliError("--device cuda (the --full default): no CUDA device; pass --device cpu to run it here")
-    return s
-
-
-def run(args) -> int:
-    from .cli import CliError, out_dir
-    from .train import ConfigError
-
-    settings = settings_from_args(args)
-    out = out_dir(args.out)
-    log = lambda m: print(m, file=sys.stdout, flush=True)  # noqa: E731
-    try:
-        if args.max_shift is not None and len(args.max_shift) > 1:
-            run_shift_sweep(out, settings, args.max_shift, log=log)
-        else:
-            run_toy(out, settings, log=log)
-    except ConfigError as exc:  # a setting the training layer rejects: one line
-        raise CliError(str(exc).splitlines()[0]) from None
-    return 0

@@ -24,7 +24,6 @@ current step, write the checkpoint and stop (exit status 128 + signal number).
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import math
@@ -40,9 +39,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 import coopseg_kernels as ck
 
+from .data import build_dataset
+from .errors import CheckpointError, ConfigError
 from .losses import BLUR_SIGMA_MAX, blur_kernel, cooperative_loss, registration_loss, segmentation_loss
 from .models import NORMS, OMEGAS, POOLS, WIDTH_MAX, CooperativeNet, Registor, Segmentor, load_genesis
 
@@ -191,10 +193,6 @@ class Config:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
 
-class ConfigError(ValueError):
-    """A config key with a bad value; the message names the key and the expected value."""
-
-
 class Interrupted(Exception):
     """Training stopped by SIGTERM/SIGINT after writing its checkpoint."""
 
@@ -206,7 +204,7 @@ class Interrupted(Exception):
 
 def load_config(path) -> Config:
     """Read a YAML config; unknown keys and bad values raise ConfigError naming the key."""
-    import yaml
+    import yaml  # lazy on purpose (as everywhere here): only config files need it
 
     path = Path(path)
     try:
@@ -222,7 +220,7 @@ def load_config(path) -> Config:
 
 def write_default_config(path) -> None:
     """Write the defaults as YAML, one comment per key."""
-    import yaml
+    import yaml  # lazy on purpose
 
     lines = ["# coopseg training config (coopseg train --config THIS --out DIR). Defaults: the toy task.",
              "# The paper's 3-D liver setting: data: manifest.csv, spatial_dims: 3, width: 1.0, omega: elastic,",
@@ -284,8 +282,6 @@ def random_crop(sample: dict, crop_min, crop_max, gen: torch.Generator, shift: f
 
 
 def build_training_data(config: Config):
-    from .data import build_dataset
-
     if config.data == "toy":
         return build_dataset("toy", spatial_dims=2, seed=config.seed, split="train", n=config.toy_pairs,
                              size=config.toy_size, max_shift=config.toy_max_shift)
@@ -489,8 +485,6 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
 
     bar = None
     if config.progress and main:
-        from tqdm import tqdm
-
         bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr,
                    mininterval=0.5)
     model.train()
@@ -551,54 +545,13 @@ def _check_resumable(ckpt: dict, config: Config, stages, world: int, path: Path)
         raise ConfigError(f"{path} was written with another config: {', '.join(diff)} differ "
                           f"(e.g. {diff[0]}: {old.get(diff[0])!r} there, {getattr(config, diff[0])!r} now)")
     if list(stages) != ckpt["stages"]:
-        raise ValueError(f"{path} was written with stages={ckpt['stages']}, resuming with stages={list(stages)}")
+        raise CheckpointError(f"{path} was written with stages={ckpt['stages']}, resuming with stages={list(stages)}")
     if ckpt["world_size"] != world:
-        raise ValueError(f"{path} was written by {ckpt['world_size']} processes; resume with as many, not {world}")
+        raise CheckpointError(f"{path} was written by {ckpt['world_size']} processes; resume with as many, not {world}")
 
 
 def _config_yaml(config: Config) -> str:
-    import yaml
+    import yaml  # lazy on purpose
 
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
 
-
-# ----------------------------------------------------------------------------- command line
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("train", help="train the segmentor and the registor (three stages)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML config (see --write-config)")
-    p.add_argument("--out", help="output folder: log.csv, last.pt, config.yaml")
-    p.add_argument("--resume", action="store_true", help="continue OUT/last.pt")
-    p.add_argument("--write-config", metavar="CFG.yaml", help="write the documented default config and exit")
-    p.set_defaults(fn=run)
-
-
-def run(args) -> int:
-    from .cli import CliError, out_dir
-
-    if args.write_config:
-        if args.config or args.out or args.resume:
-            raise CliError("--write-config takes no other option")
-        write_default_config(args.write_config)
-        print(f"wrote {args.write_config}")
-        return 0
-    if not args.config or not args.out:
-        raise CliError("train needs --config CFG.yaml and --out DIR (or --write-config CFG.yaml)")
-    try:
-        config = load_config(args.config)
-        out = out_dir(args.out)
-        if not args.resume and (out / "last.pt").exists():
-            raise CliError(f"{out / 'last.pt'} exists: pass --resume to continue it, or choose another --out")
-        path = train(config, out, resume=args.resume)
-    except Interrupted as exc:
-        print(f"coopseg train: {exc}", file=sys.stderr)
-        return 128 + exc.signum
-    except ValueError as exc:  # ConfigError and data errors: one line, exit 2
-        raise CliError(str(exc)) from None
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"coopseg train: done; {path}")
-    return 0

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import coopseg_kernels as ck
-from coopseg import evaluate_cases, infer
+from coopseg import evaluation as evaluate_cases  # the §3.2.3 evaluation (was coopseg/evaluate_cases.py)
+from coopseg import infer
 from coopseg.cli import main
 from coopseg.data.volumes import load_pair, read_manifest, resample, write_manifest
 from coopseg.evaluation import paired_wilcoxon

@@ -49,11 +49,10 @@ def test_toy_pipeline_writes_csv_plot_and_table(tiny_run):
 
 def test_toy_rerun_resumes_without_training(tiny_run, monkeypatch):
     out, summary = tiny_run
-    import coopseg.train as train_mod
 
     def no_training(*a, **k):
         raise AssertionError("finished sweep points must not be trained again")
-    monkeypatch.setattr(train_mod, "train", no_training)
+    monkeypatch.setattr(toy, "train", no_training)
     again = toy.run_toy(out, TINY, log=lambda m: None)
     assert again == summary
 

@@ -6,6 +6,10 @@ loop's business.
 """
 from __future__ import annotations
 
+from ..errors import ConfigError
+from .toy import ToyPairs
+from .volumes import PairDataset
+
 TOY_SIZES = {"train": 200, "val": 20, "test": 50}
 # Seeds of the toy splits are disjoint blocks: split k of seed s uses s * 10**6 + k * 10**5 + i.
 _TOY_SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
@@ -21,25 +25,19 @@ def build_dataset(spec, *, spatial_dims: int, seed: int, split: str = "train", n
     "*.csv"          coopseg.data.volumes.PairDataset(manifest, spatial_dims=..., split=...) (real volumes).
     """
     if not isinstance(spec, str) or not spec:
-        raise ValueError(f"data must be 'toy' or the path of a .csv manifest, got {spec!r}")
+        raise ConfigError(f"data must be 'toy' or the path of a .csv manifest, got {spec!r}")
     if split not in _TOY_SPLIT_OFFSET:
-        raise ValueError(f"split must be one of {', '.join(_TOY_SPLIT_OFFSET)}, got {split!r}")
+        raise ConfigError(f"split must be one of {', '.join(_TOY_SPLIT_OFFSET)}, got {split!r}")
     if spec == "toy":
-        from .toy import ToyPairs
-
         if spatial_dims != 2:
-            raise ValueError(f"the toy data is 2-D: spatial_dims must be 2 for data='toy', got {spatial_dims!r}")
+            raise ConfigError(f"the toy data is 2-D: spatial_dims must be 2 for data='toy', got {spatial_dims!r}")
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**40:
-            raise ValueError(f"seed must be an int in [0, 2**40), got {seed!r}")
+            raise ConfigError(f"seed must be an int in [0, 2**40), got {seed!r}")
         count = TOY_SIZES[split] if n is None else n
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 10**5:
-            raise ValueError(f"n must be an int in [1, 100000], got {count!r}")
+            raise ConfigError(f"n must be an int in [1, 100000], got {count!r}")
         return ToyPairs(count, seed=seed * 10**6 + _TOY_SPLIT_OFFSET[split] * 10**5, size=size,
                         max_shift=max_shift)
     if spec.endswith(".csv"):
-        try:
-            from .volumes import PairDataset
-        except ImportError as exc:
-            raise ValueError(f"data={spec!r}: real-volume manifests need coopseg.data.volumes ({exc})") from None
         return PairDataset(spec, spatial_dims=spatial_dims, split=split)
-    raise ValueError(f"data must be 'toy' or the path of a .csv manifest, got {spec!r}")
+    raise ConfigError(f"data must be 'toy' or the path of a .csv manifest, got {spec!r}")

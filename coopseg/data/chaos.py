@@ -1,5 +1,5 @@
-"""``coopseg import-chaos DIR OUT``: the CHAOS MR data (DICOM series + PNG masks) as
-NIfTI pairs and a manifest.
+"""The CHAOS MR data (DICOM series + PNG masks) as NIfTI pairs and a manifest
+(``coopseg import-chaos DIR OUT``).
 
 Layout read (DIR, or DIR/MR)::
 
@@ -35,6 +35,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .volumes import VolumeError, write_manifest
 
@@ -48,7 +49,7 @@ class ChaosError(VolumeError):
 
 
 def _pydicom():
-    try:
+    try:  # lazy on purpose: pydicom is an optional dependency (the "io" extra)
         import pydicom
     except ImportError:  # pragma: no cover - in the "io" extra
         raise ImportError("import-chaos needs pydicom and pillow: pip install 'coopseg[io]'") from None
@@ -122,7 +123,7 @@ def _png_number(path: Path) -> int:
 def read_png_masks(folder, shape) -> np.ndarray:
     """Liver mask (uint8, ``shape`` = (columns, rows, slices)) from the PNGs of a folder,
     ordered by the number after the last '-' and stacked as the sorted DICOM slices."""
-    from PIL import Image
+    from PIL import Image  # lazy on purpose: pillow is an optional dependency (the "io" extra)
 
     folder = Path(folder)
     pngs = sorted(folder.glob("*.png"), key=_png_number)
@@ -145,7 +146,7 @@ def read_png_masks(folder, shape) -> np.ndarray:
 
 
 def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
-    import nibabel as nib
+    import nibabel as nib  # lazy on purpose: nibabel is an optional dependency (the "io" extra)
 
     if data.dtype != np.uint8 and np.all(data == np.round(data)) and data.min() >= -32768 and data.max() <= 32767:
         data = data.astype(np.int16)
@@ -189,8 +190,6 @@ def import_patient(patient: Path, out: Path) -> dict:
 
 def import_chaos(root, out) -> Path:
     """Convert every patient of a CHAOS MR folder; returns the manifest path."""
-    from tqdm import tqdm
-
     out = Path(out)
     patients = find_patients(root)
     rows = []
@@ -198,21 +197,3 @@ def import_chaos(root, out) -> Path:
         for p in bar:
             rows.append(import_patient(p, out))
     return write_manifest(out / "manifest.csv", rows)
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("import-chaos", help="CHAOS MR DICOM + PNG masks -> NIfTI pairs and manifest.csv")
-    p.add_argument("dir", help="CHAOS folder (containing MR/<id>/... or <id>/...)")
-    p.add_argument("out", help="output folder (OUT/<id>/*.nii.gz, OUT/manifest.csv)")
-    p.set_defaults(fn=run)
-
-
-def run(args) -> int:
-    from ..cli import CliError
-
-    try:
-        manifest = import_chaos(args.dir, args.out)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    print(f"wrote {manifest}")
-    return 0

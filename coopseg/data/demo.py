@@ -1,4 +1,4 @@
-"""``coopseg demo-data OUT``: paired two-modality head volumes with brain annotations,
+"""Paired two-modality head volumes with brain annotations (``coopseg demo-data OUT``),
 built offline from the MNI152 2009a templates that the ``nilearn`` wheel ships
 (``nilearn/datasets/data/mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz``;
 ``pip install 'coopseg[demo]'``; nothing is downloaded).
@@ -27,7 +27,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
+from ..errors import ConfigError, CoopsegError
 from .volumes import write_manifest
 
 TEMPLATES = {k: f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "gm", "wm")}
@@ -38,21 +40,21 @@ T2_SPACING, T2_SHAPE, T2_ORIGIN, T2_TILT_DEG = (3.0, 3.0, 6.0), (64, 76, 32), (-
 
 
 def template_dir() -> Path:
-    try:
+    try:  # lazy on purpose: nilearn is an optional dependency (the "demo" extra), read for its data files
         import nilearn
     except ImportError:
-        raise ValueError("demo-data needs the MNI152 templates shipped in the nilearn wheel: "
+        raise CoopsegError("demo-data needs the MNI152 templates shipped in the nilearn wheel: "
                          "pip install 'coopseg[demo]' (or pip install nilearn)") from None
     d = Path(nilearn.__file__).parent / "datasets" / "data"
     missing = [n for n in TEMPLATES.values() if not (d / n).is_file()]
     if missing:
-        raise ValueError(f"{d}: the nilearn install lacks {', '.join(missing)}")
+        raise CoopsegError(f"{d}: the nilearn install lacks {', '.join(missing)}")
     return d
 
 
 def load_templates() -> tuple[dict, np.ndarray]:
     """(arrays t1 in [0, 1], gm, wm probabilities in [0, 1]; their affine)."""
-    import nibabel as nib
+    import nibabel as nib  # lazy on purpose: nibabel is an optional dependency (the "io"/"demo" extras)
 
     d = template_dir()
     out, affine = {}, None
@@ -93,7 +95,7 @@ def world_grid(shape, affine) -> np.ndarray:
 
 def sample(volume: np.ndarray, affine: np.ndarray, points: np.ndarray) -> np.ndarray:
     """Trilinear samples of ``volume`` at world ``points`` (..., 3); 0 outside."""
-    from scipy import ndimage
+    from scipy import ndimage  # lazy on purpose: scipy is an optional dependency (the "io"/"demo" extras)
 
     idx = (points - affine[:3, 3]) @ np.linalg.inv(affine[:3, :3]).T
     out = ndimage.map_coordinates(volume, np.moveaxis(idx, -1, 0), order=1, mode="constant", cval=0.0)
@@ -101,14 +103,14 @@ def sample(volume: np.ndarray, affine: np.ndarray, points: np.ndarray) -> np.nda
 
 
 def _blurred(templates, sigma):
-    from scipy import ndimage
+    from scipy import ndimage  # lazy on purpose (optional dependency)
 
     return {k: ndimage.gaussian_filter(v, sigma) for k, v in templates.items()}
 
 
 def _intracranial(gm, wm):
     """Brain plus the CSF around it: the closed, slightly dilated grey+white matter."""
-    from scipy import ndimage
+    from scipy import ndimage  # lazy on purpose (optional dependency)
 
     brain = (gm + wm) > 0.3
     brain = ndimage.binary_closing(brain, iterations=4)
@@ -116,7 +118,7 @@ def _intracranial(gm, wm):
 
 
 def make_pair(k: int, rng, prepared, template_affine, out: Path) -> dict:
-    import nibabel as nib
+    import nibabel as nib  # lazy on purpose (optional dependency)
 
     t1_tpl, t2_tpl, mask1_tpl, mask2_tpl = prepared
     subject = SmoothField(rng, amplitude=4.0)
@@ -156,11 +158,10 @@ def make_pair(k: int, rng, prepared, template_affine, out: Path) -> dict:
 
 def make_demo_data(out, *, pairs: int = 10, test: int = 4, seed: int = 0, progress: bool = True) -> tuple[Path, Path]:
     """Write ``pairs`` demo pairs; returns (train.csv, test.csv)."""
-    from scipy import ndimage
-    from tqdm import tqdm
+    from scipy import ndimage  # lazy on purpose (optional dependency)
 
     if not (isinstance(pairs, int) and isinstance(test, int) and 1 <= test < pairs):
-        raise ValueError(f"need 1 <= test < pairs, got pairs={pairs!r}, test={test!r}")
+        raise ConfigError(f"need 1 <= test < pairs, got pairs={pairs!r}, test={test!r}")
     tpl, affine = load_templates()
     gm, wm, t1 = tpl["gm"], tpl["wm"], tpl["t1"]
     icv = _intracranial(gm, wm)
@@ -177,23 +178,3 @@ def make_demo_data(out, *, pairs: int = 10, test: int = 4, seed: int = 0, progre
     rows = [make_pair(k, rng, prepared, affine, out)
             for k in tqdm(range(pairs), desc="demo-data", unit="pair", disable=not progress)]
     return write_manifest(out / "train.csv", rows[:-test]), write_manifest(out / "test.csv", rows[-test:])
-
-
-def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("demo-data", help="demo pairs from the MNI152 templates in the nilearn wheel (offline)")
-    p.add_argument("out", help="output folder (pair_XX/*.nii.gz, train.csv, test.csv)")
-    p.add_argument("--pairs", type=int, default=10, help="number of pairs (default 10)")
-    p.add_argument("--test", type=int, default=4, help="of which for testing (default 4)")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(fn=run)
-
-
-def run(args) -> int:
-    from ..cli import CliError
-
-    try:
-        train, test = make_demo_data(args.out, pairs=args.pairs, test=args.test, seed=args.seed)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    print(f"wrote {train} and {test}")
-    return 0

@@ -23,6 +23,8 @@ import math
 import numpy as np
 import torch
 
+from ..errors import ConfigError
+
 ANGLE_FG, ANGLE_BG, PERIOD_1 = math.radians(45.0), math.radians(-45.0), 8.0
 PERIOD_FG_2, PERIOD_BG_2 = 4.0, 10.0
 NOISE = (0.1, 0.2)
@@ -53,11 +55,11 @@ def make_toy_pair(seed: int, size: int = 240, max_shift: int = 32) -> dict:
 
 def _check_args(seed, size, max_shift) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+        raise ConfigError(f"seed must be an int >= 0, got {seed!r}")
     if isinstance(size, bool) or not isinstance(size, int) or size < 32:
-        raise ValueError(f"size must be an int >= 32, got {size!r}")
+        raise ConfigError(f"size must be an int >= 32, got {size!r}")
     if isinstance(max_shift, bool) or not isinstance(max_shift, int) or not 0 <= max_shift < size // 4:
-        raise ValueError(f"max_shift must be an int in [0, size/4) = [0, {size // 4}), got {max_shift!r}")
+        raise ConfigError(f"max_shift must be an int in [0, size/4) = [0, {size // 4}), got {max_shift!r}")
 
 
 def _draw(rng, yy, xx, size: int, max_shift: int) -> dict:
@@ -96,7 +98,7 @@ class ToyPairs(torch.utils.data.Dataset):
 
     def __init__(self, n: int, seed: int, size: int = 240, max_shift: int | None = None):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"n must be an int >= 1, got {n!r}")
+            raise ConfigError(f"n must be an int >= 1, got {n!r}")
         if max_shift is None and isinstance(size, int):
             max_shift = 32 * size // 240
         _check_args(seed, size, max_shift)
@@ -113,7 +115,7 @@ class ToyPairs(torch.utils.data.Dataset):
 
 def save_toy_figure(path, seed: int = 0, n: int = 3, size: int = 240) -> None:
     """A figure of n pairs (rows): x1 with s1's outline, x2 with s2's, and s1 vs s2."""
-    import matplotlib
+    import matplotlib  # lazy on purpose: matplotlib is only needed for figures
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

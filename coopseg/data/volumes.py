@@ -33,13 +33,11 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..errors import VolumeError
+
 COLUMNS = ("t1", "t2", "t1_mask", "t2_mask")
 PERCENTILES = (0.5, 99.5)
 AFFINE_ATOL = 1e-3  # mm: a mask's affine must equal its image's to this tolerance
-
-
-class VolumeError(ValueError):
-    """A problem with a file of a manifest; the message names the file."""
 
 
 @dataclass
@@ -71,7 +69,7 @@ class Pair:
 
 
 def _nib():
-    try:
+    try:  # lazy on purpose: nibabel is an optional dependency (the "io" extra)
         import nibabel as nib
     except ImportError:  # pragma: no cover - nibabel is in the "io" extra
         raise ImportError("reading volumes needs nibabel: pip install 'coopseg[io]'") from None
@@ -179,7 +177,7 @@ def resample(data: np.ndarray, src_affine, dst_shape, dst_affine, *, mask: bool 
     ``dst_affine`` through world coordinates: target voxel j reads the source at
     ``inv(src_affine) @ dst_affine @ j``, trilinear, 0 outside. ``mask=True``
     thresholds the interpolated values at 0.5 (returns float32 {0, 1})."""
-    from scipy import ndimage
+    from scipy import ndimage  # lazy on purpose: scipy is an optional dependency (the "io" extra)
 
     m = np.linalg.inv(np.asarray(src_affine, np.float64)) @ np.asarray(dst_affine, np.float64)
     out = ndimage.affine_transform(np.asarray(data, np.float32), m[:3, :3], offset=m[:3, 3],

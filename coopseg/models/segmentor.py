@@ -22,16 +22,14 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from .checkpointing import checkpointed
 from .inputs import check_float_input
 from .lean import lean_conv_norm_relu
 from .norm import NORMS, make_norm
 from .pooling import pool_like_input
-
 
 WIDTH_MAX = 64  # channel multiplier: 64x Models Genesis is already far beyond any GPU
 

@@ -1,67 +1,29 @@
-"""The `coopseg` command.
-
-  coopseg similarity A.nii.gz B.nii.gz [--omega elastic|translation] [--grid-spacing 16]
-                     [--max-translation 32 | 32,32,8] [--iters N] [--step A] [--backend auto]
-  coopseg similarity --pairs list.csv [--out results.csv] [...]
-  coopseg wilcoxon scores.csv --a COLUMN --b COLUMN
-  coopseg train --config CFG.yaml --out DIR [--resume] | --write-config CFG.yaml
-  coopseg toy --out DIR [--full] [--lambda-r V ...]   (the §3.1 lambda sweep, coopseg/toy.py)
-  coopseg import-chaos DIR OUT | predict --t1 A --t2 B --checkpoint C --out DIR
-  coopseg evaluate --manifest test.csv --checkpoint C --out results.csv | demo-data OUT
-
-`similarity` reads two masks (NIfTI, through nibabel; voxels > 0.5 are inside),
-prints Dice and the relative similarity D_S. With --pairs, each CSV row names
-two mask files (columns a, b, or the first two); the results go to --out (or
-stdout) as CSV with a tqdm progress bar on stderr. `wilcoxon` compares two
-columns of per-case scores with the Wilcoxon signed-rank test.
-
-User errors (bad option values, unreadable files, a backend this machine cannot
-run) print one line `coopseg: error: ...` and exit with status 2. Other modules
-add subcommands with an `add_parser(subparsers)` function registered in
-`build_parser`.
-"""
+"""`coopseg similarity` (Dice and D_S of two masks, or of the pairs of a list) and
+`coopseg wilcoxon` (paired test of two score columns)."""
 from __future__ import annotations
 
-import argparse
 import csv
+import math
 import sys
 import warnings
 from pathlib import Path
 
-import math
-
 import numpy as np
 import torch
+from tqdm import tqdm
 
+import coopseg_kernels as ck
+from coopseg_kernels import _backend
 
-class CliError(Exception):
-    """A user error: printed without a traceback, exit status 2."""
-
-
-def out_dir(text: str, name: str = "--out") -> Path:
-    """An output folder argument: it, or its nearest existing ancestor, must be a folder
-    (a file there would fail deep inside mkdir with a traceback)."""
-    path = Path(text)
-    for q in (path, *path.parents):
-        if q.exists():
-            if not q.is_dir():
-                raise CliError(f"{name}: {q} exists and is not a directory")
-            break
-    return path
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse's own errors (unknown option, bad choice) as one line, like every other user error."""
-
-    def error(self, message):
-        raise CliError(message)
+from ..data.volumes import VolumeError, load_nifti
+from ..evaluation import paired_wilcoxon
+from .common import CliError
 
 
 def load_mask(path: str):
     """(mask tensor (1, 1, *S) bool, affine) of a 2-D or 3-D NIfTI file (read by
     `coopseg.data.volumes.load_nifti`; its errors become one-line CLI errors)."""
     try:
-        from coopseg.data.volumes import VolumeError, load_nifti
         data, img = load_nifti(path, "mask", ndims=(2, 3))
     except (ImportError, VolumeError) as exc:
         raise CliError(str(exc)) from None
@@ -69,8 +31,6 @@ def load_mask(path: str):
 
 
 def compare(path_a: str, path_b: str, args) -> tuple[float, float]:
-    import coopseg_kernels as ck
-
     a, aff_a = load_mask(path_a)
     b, aff_b = load_mask(path_b)
     if a.shape != b.shape:
@@ -124,8 +84,6 @@ def _bound(text: str) -> list[int]:
 
 def check_backend(backend: str) -> None:
     """Fail fast (before reading any mask) when this machine cannot run the backend."""
-    from coopseg_kernels import _backend
-
     try:
         _backend.resolve(backend, torch.device("cpu"))
     except (ValueError, RuntimeError) as exc:
@@ -159,8 +117,6 @@ def read_pairs(path: str) -> list[tuple[str, str]]:
 def cmd_similarity(args) -> int:
     check_backend(args.backend)
     if args.pairs:
-        from tqdm import tqdm
-
         if args.a or args.b:
             raise CliError("give either two masks or --pairs, not both")
         pairs = read_pairs(args.pairs)
@@ -184,8 +140,6 @@ def cmd_similarity(args) -> int:
 
 
 def cmd_wilcoxon(args) -> int:
-    from .evaluation import paired_wilcoxon
-
     try:
         with open(args.csv, newline="") as f:
             rows = list(csv.DictReader(f))
@@ -233,30 +187,6 @@ def add_wilcoxon_parser(sub) -> None:
     w.set_defaults(fn=cmd_wilcoxon)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    ap = _Parser(prog="coopseg", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = ap.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    add_similarity_parser(sub)
-    add_wilcoxon_parser(sub)
-    from . import evaluate_cases, infer, toy, train
-    from .data import chaos, demo
-
-    # every other feature keeps its code in its own module and registers its subcommand here
-    for module in (train, toy, chaos, infer, evaluate_cases, demo):
-        module.add_parser(sub)
-    return ap
-
-
-def main(argv=None) -> int:
-    try:
-        args = build_parser().parse_args(argv)
-        return args.fn(args)
-    except CliError as exc:
-        print(f"coopseg: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":  # run through the package module, so that there is one CliError class
-    from coopseg.cli import main as _main
-
-    sys.exit(_main())
+def add_parser(subparsers) -> None:
+    add_similarity_parser(subparsers)
+    add_wilcoxon_parser(subparsers)
