@@ -29,7 +29,7 @@ EXTENSIONS = {"coopseg_kernels._C"}  # compiled by setup.py (there only once bui
 # The package root itself is the facade that may re-export the public API: nothing imports it.
 LAYERS = {
     "coopseg.errors": 0,
-    "coopseg.models": 1, "coopseg.losses": 1, "coopseg.data": 1,
+    "coopseg.models": 1, "coopseg.losses": 1, "coopseg.data": 1, "coopseg.config": 1, "coopseg.checkpoint": 1,
     "coopseg.train": 2, "coopseg.infer": 2, "coopseg.evaluation": 2, "coopseg.toy": 2, "coopseg.transforms": 2,
     "coopseg.cli": 3, "coopseg.__main__": 3, "coopseg": 3,
 }
