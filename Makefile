@@ -34,9 +34,10 @@ $(STAMP): $(VPY) $(SOURCES)
 	$(VPY) -c "import coopseg_kernels as ck; assert ck.HAS_CPP, 'C++ extension failed to build'"
 	touch $(STAMP)
 
-# pyflakes, pycodestyle and isort rules (pyproject.toml); .ci/run runs it before the tests.
+# ruff (pyflakes, pycodestyle and isort rules; pyproject.toml) and the docs' links and anchors;
+# .ci/run runs it before the tests.
 lint: $(STAMP)
-	$(VPY) -m ruff check .
+	$(VPY) -m ruff check . && $(VPY) tools/check_docs.py
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(VPY) -m pytest tests

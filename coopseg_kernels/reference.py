@@ -30,7 +30,7 @@ def warp(moving: torch.Tensor, coarse: torch.Tensor, *, align_corners: bool = Tr
 
     Math in float32 (float64 for float64 images); the result has the image's dtype.
 
-    Non-finite displacements (README, Conventions): a voxel whose displacement is
+    Non-finite displacements (docs/conventions.md#non-finite-values): a voxel whose displacement is
     NaN or infinite comes out NaN, adds nothing to the image gradient and gives a
     NaN gradient to its displacement (so to the coarse nodes it interpolates from).
     grid_sample itself is only ever given finite coordinates: such voxels sample
@@ -56,7 +56,7 @@ def _cells_with_nonfinite_node(coarse: torch.Tensor, size: Sequence[int], align_
     a voxel's displacement is not finite even where the node's weight is 0 --
     except that F.interpolate copies an axis whose coarse and fine sizes are equal
     (align_corners=True) and so sometimes skips that product; the rule is the
-    arithmetic's, stated per cell (README, Conventions)."""
+    arithmetic's, stated per cell (docs/conventions.md#non-finite-values)."""
     node_bad = ~coarse.isfinite().all(1)  # (B, *s)
     if not node_bad.any():
         return torch.zeros((coarse.shape[0], 1, *size), dtype=torch.bool, device=coarse.device)

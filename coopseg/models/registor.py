@@ -9,8 +9,8 @@ i.e. one translation. The last conv starts at zero, so the registor starts as th
 identity; the other convs start from He (Kaiming-normal, ReLU gain) weights and zero
 biases: with torch's default init each conv shrinks the signal, and after eight of
 them the features (so the output) hardly depend on the input masks -- the toy's
-translation registor then only learnt a constant shift (README "Toy experiment"). `scale` multiplies the output (a fixed gain so that a few steps of Adam can
-reach displacements of tens of voxels); 1 = the paper.
+translation registor then only learnt a constant shift (docs/notes.md#2026-11-24-the-toys-translation-registor).
+`scale` multiplies the output (a fixed gain so that a few steps of Adam can reach displacements of tens of voxels); 1 = the paper.
 
 pool (omega="translation" only) says how the per-location shifts become one:
 "mean" is the global average of the spec; "mask" (a documented departure, the toy
@@ -20,7 +20,7 @@ background -- whose features are zero, hence whose output is the head's bias --
 do not dilute the estimate. With "mean" the estimate shrinks by the fraction of
 informative locations, which varies per crop and with the image size (measured:
 slope of predicted vs true shift 0.7-0.8 on 128-px crops but 0.35 on the 240-px
-images after 2500 steps; README "Toy experiment").
+images after 2500 steps; docs/toy.md#departure-mask-weighted-registor).
 """
 from __future__ import annotations
 

@@ -104,7 +104,7 @@ def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_
     and each output voxel x samples `moving` at x + u(x) (voxel units, spatial-axis
     order) multilinearly, like F.grid_sample(align_corners=True, padding_mode).
     The full-resolution field is never stored. Differentiable w.r.t. both inputs.
-    A NaN displacement yields NaN at the voxels that use it (see README).
+    A NaN displacement yields NaN at the voxels that use it (docs/conventions.md#non-finite-values).
     """
     _checks.warp_inputs(moving, coarse, padding_mode, align_corners)
     be = _backend.resolve(backend, moving.device)

@@ -147,7 +147,7 @@ struct RowTaps {
 // may not if-convert the float compares and conversions and leaves the loop
 // scalar ("control flow in loop"), everywhere with AVX2 or SSE2 and, once
 // inlined into row_taps in some translation units, with AVX-512 too (then 24
-// instead of 6 TSC ticks per voxel on AMD EPYC, see README). Kept out of line
+// instead of 6 TSC ticks per voxel on AMD EPYC, docs/kernels.md#build-flags). Kept out of line
 // as well, which alone was enough with AVX-512.
 template <typename T, typename I, bool BORDER, bool GRAD>
 COOPSEG_NOINLINE void axis_taps(const T* __restrict p_, int64_t W, I n, I stride, I bit0, I bit1, I* __restrict o0,
@@ -302,7 +302,7 @@ inline void for_each_corners_generic(const T* img, const RowTaps<T, I>& R, Dims3
 // load of the pair [pb, pb + 1], pb = the lower w tap clamped to [0, W - 2]:
 // per 16 voxels two 8-lane gathers of pairs per corner row instead of two
 // 16-lane gathers, half the gathered elements (measured 10-13 % faster sampling
-// on AMD EPYC Zen 4, see README). Rows outside the image are masked out of the
+// on AMD EPYC Zen 4; docs/notes.md#2026-11-24-the-cpu-warp-where-the-time-went). Rows outside the image are masked out of the
 // gather (not read); w taps outside are selected to 0.
 template <int ND>
 inline void row_corners_pairs(const float* img, const RowTaps<float, int32_t>& R, int64_t W, float* v) {

@@ -15,8 +15,8 @@
 // row's data only, and warp_slab_pass visits rows in a fixed order, so the
 // coarse gradient stays bitwise reproducible and independent of the thread
 // count. The rows are bound by the gathers' cache misses, which software
-// prefetches of the rows and planes ahead partly hide (prefetch_ahead; README
-// "How the kernels work").
+// prefetches of the rows and planes ahead partly hide (prefetch_ahead;
+// docs/kernels.md#avx-512-rows).
 #pragma once
 
 #include "grid.h"
@@ -167,7 +167,7 @@ inline void pairs16(const float* img, const Taps16& t, __m512 x0[4], __m512 x1[4
 // for the hardware prefetchers. Per corner row, the lines of its first and last
 // lane (16 voxels span about one or two lines per image row): kAheadRows rows
 // ahead into L1 and kAheadPlanes planes ahead into L2. Measured on AMD EPYC
-// (Zen 4): forward rows ~15 -> ~10 TSC ticks per voxel (README). Prefetches
+// (Zen 4): forward rows ~15 -> ~10 TSC ticks per voxel (benchmarks/README.md#warp-phases). Prefetches
 // never fault; the addresses are formed as integers so that one past the
 // volume is no pointer arithmetic out of bounds.
 constexpr int64_t kAheadRows = 2, kAheadPlanes = 2;
