@@ -10,7 +10,8 @@ identity; the other convs start from He (Kaiming-normal, ReLU gain) weights and 
 biases: with torch's default init each conv shrinks the signal, and after eight of
 them the features (so the output) hardly depend on the input masks -- the toy's
 translation registor then only learnt a constant shift (docs/notes.md#2026-11-24-the-toys-translation-registor).
-`scale` multiplies the output (a fixed gain so that a few steps of Adam can reach displacements of tens of voxels); 1 = the paper.
+`scale` multiplies the output (a fixed gain so that a few steps of Adam can reach
+displacements of tens of voxels); 1 = the paper.
 
 pool (omega="translation" only) says how the per-location shifts become one:
 "mean" is the global average of the spec; "mask" (a documented departure, the toy
