@@ -1,6 +1,9 @@
 """Test setup: the Triton kernels run on CPU under the interpreter (unless the
 caller set TRITON_INTERPRET, as `make gpu-check` does with 0 for the CUDA tests),
-and every kernel output starts as NaN (COOPSEG_POISON) so unwritten elements fail."""
+and every kernel output starts as NaN (COOPSEG_POISON) so unwritten elements fail.
+
+Fixtures and markers live here; plain helpers (the tolerance table, the comparison
+with the reference, the peak-memory counter) in helpers.py."""
 import os
 
 # Both must be set before triton / the extension read them.

@@ -8,12 +8,12 @@ import torch.nn.functional as F
 
 import coopseg_kernels as ck
 from coopseg_kernels import _backend, reference
+from helpers import assert_matches_reference
 
 # (full-resolution size, coarse size): odd sizes, coarse axes of 1, a coarse axis
 # longer than the fine one, and a pure translation.
 CASES_3D = [((5, 6, 7), (2, 1, 3)), ((4, 7, 5), (3, 4, 6)), ((3, 5, 4), (1, 1, 1))]
 CASES_2D = [((7, 9), (3, 1)), ((6, 5), (4, 7)), ((5, 8), (1, 1))]
-TOL = {torch.float64: dict(rtol=1e-9, atol=1e-9), torch.float32: dict(rtol=1e-4, atol=1e-4)}
 
 
 def _inputs(size, coarse_size, dtype, B=2, C=3, scale=None):
@@ -41,9 +41,9 @@ def test_warp_matches_reference(backend, size, coarse_size, align_corners, paddi
     kw = dict(align_corners=align_corners, padding_mode=padding_mode)
     got = _warp_and_grads(lambda m, c: ck.warp(m, c, backend=backend, **kw), moving, coarse, grad_out)
     want = _warp_and_grads(lambda m, c: reference.warp(m, c, **kw), moving, coarse, grad_out)
-    for name, g, w in zip(("out", "grad_moving", "grad_coarse"), got, want):
+    for name, g in zip(("out", "grad_moving", "grad_coarse"), got):
         assert g.dtype == dtype, name
-        torch.testing.assert_close(g, w, **TOL[dtype], msg=lambda m: f"{name}: {m}")
+    assert_matches_reference(got, want, names=("out", "grad_moving", "grad_coarse"))
     # some samples really are outside the volume
     assert (got[0] == 0).any() or padding_mode == "border"
 
@@ -54,10 +54,7 @@ def test_upsample_field_matches_reference(backend, size, coarse_size, align_corn
     coarse = torch.randn(2, len(size), *coarse_size, dtype=torch.float64, requires_grad=True)
     got = ck.upsample_field(coarse, size, align_corners=align_corners, backend=backend)
     want = reference.upsample_field(coarse, size, align_corners=align_corners)
-    torch.testing.assert_close(got, want, **TOL[torch.float64])
-    g = torch.randn_like(want)
-    torch.testing.assert_close(torch.autograd.grad(got, coarse, g)[0], torch.autograd.grad(want, coarse, g)[0],
-                               **TOL[torch.float64])
+    assert_matches_reference(got, want, wrt=(coarse, coarse), grad_out=torch.randn_like(want))
 
 
 def test_warp_equals_grid_sample_of_upsampled_field(backend):
@@ -67,7 +64,7 @@ def test_warp_equals_grid_sample_of_upsampled_field(backend):
     from coopseg_kernels.convert import field_to_grid
 
     want = F.grid_sample(moving, field_to_grid(field), align_corners=True)
-    torch.testing.assert_close(ck.warp(moving, coarse, backend=backend), want, **TOL[torch.float64])
+    assert_matches_reference(ck.warp(moving, coarse, backend=backend), want)
 
 
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
@@ -139,8 +136,7 @@ def test_cpp_empty_slabs_at_many_thread_counts(size, coarse_size, align_corners,
             ref = reference.warp(moving, coarse if need == "both" else coarse.detach(),
                                  align_corners=align_corners)
             want = torch.autograd.grad(ref, inputs, grad_out)
-            for g, w in zip(got, want):
-                torch.testing.assert_close(g, w, **TOL[torch.float64], msg=lambda m: f"{n} threads: {m}")
+            assert_matches_reference(got, want, what=f"{n} threads")
 
 
 def test_non_contiguous_inputs(backend):
@@ -150,8 +146,7 @@ def test_non_contiguous_inputs(backend):
     assert not (moving.is_contiguous() or coarse.is_contiguous() or grad_out.is_contiguous())
     got = _warp_and_grads(lambda m, c: ck.warp(m, c, backend=backend), moving, coarse, grad_out)
     want = _warp_and_grads(lambda m, c: reference.warp(m, c), moving, coarse, grad_out)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, **TOL[torch.float64])
+    assert_matches_reference(got, want)
 
 
 def test_nan_displacement(backend):
@@ -172,7 +167,7 @@ def test_nan_displacement(backend):
     # the image gradient equals the reference with the NaN voxels' gradient removed
     ref_gm = torch.autograd.grad(reference.warp(moving, torch.nan_to_num(c.detach(), nan=0.0)), moving,
                                  (~bad).to(out.dtype))[0]
-    torch.testing.assert_close(gm, ref_gm, **TOL[torch.float64])
+    assert_matches_reference(gm, ref_gm)
 
 
 def test_huge_displacements(backend):
@@ -288,13 +283,16 @@ def test_fallback_without_extension_warns_once(monkeypatch):
 
 
 # ----------------------------------------------------------------------------- GPU (make gpu-check)
+# The compiled Triton kernels on a CUDA device (skipped without one, tests/conftest.py): random
+# odd shapes, fp32 / fp16 / bf16 inputs against the reference run in fp32 (fp64 for gradcheck)
+# on the same rounded inputs; upsample_field, the D_S step and bitwise determinism of the
+# coarse gradient when a coarse cell spans several programs (T > 1 tiles).
 
-GPU_TOL = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=1e-2, atol=1e-2),
-           torch.bfloat16: dict(rtol=5e-2, atol=5e-2)}
+CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
 @pytest.mark.parametrize("size,coarse_size", [((33, 40, 37), (3, 3, 3)), ((65, 47), (5, 1)), ((17, 19, 23), (1, 1, 1))])
 def test_cuda_warp_matches_reference(size, coarse_size, padding_mode, dtype):
@@ -309,10 +307,8 @@ def test_cuda_warp_matches_reference(size, coarse_size, padding_mode, dtype):
     c32 = c.detach().clone().requires_grad_()
     want = _warp_and_grads(lambda a, b: reference.warp(a, b, padding_mode=padding_mode), m32, c32, grad_out.float())
     assert got[0].dtype == dtype and got[1].dtype == dtype and got[2].dtype == torch.float32
-    torch.testing.assert_close(got[0].float(), want[0], **GPU_TOL[dtype])
-    torch.testing.assert_close(got[1].float(), want[1], **GPU_TOL[dtype])
-    scale = want[2].abs().max()
-    torch.testing.assert_close(got[2] / scale, want[2] / scale, **GPU_TOL[dtype])
+    assert_matches_reference(got[:2], want[:2], dtype=dtype, upcast=True, names=("out", "grad_moving"))
+    assert_matches_reference(got[2], want[2], dtype=dtype, scale="max", names="grad_coarse")
 
 
 @pytest.mark.cuda
@@ -326,3 +322,55 @@ def test_cuda_coarse_gradient_deterministic_and_gradcheck():
     m64, c64 = _inputs((3, 4, 5), (2, 1, 3), torch.float64, B=1, C=2, scale=1.5)
     assert torch.autograd.gradcheck(lambda x, y: ck.warp(x, y), (m64.detach().cuda().requires_grad_(),
                                                                 c64.detach().cuda().requires_grad_()))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("size,coarse_size", [((35, 29, 31), (4, 3, 5)), ((67, 45), (5, 1)), ((13, 17, 19), (1, 2, 1))])
+def test_cuda_upsample_field(size, coarse_size, dtype):
+    nd = len(size)
+    c = (torch.randn(2, nd, *coarse_size, device="cuda") * 3).to(dtype).requires_grad_()
+    got = ck.upsample_field(c, size)
+    c32 = c.detach().float().requires_grad_()
+    want = reference.upsample_field(c32, size)
+    assert got.dtype == dtype and got.shape == want.shape
+    assert_matches_reference(got, want, upcast=True)
+    g = torch.randn(want.shape, device="cuda")
+    assert_matches_reference(torch.autograd.grad(got, c, g.to(dtype))[0],
+                             torch.autograd.grad(want, c32, g.to(dtype).float())[0],
+                             dtype=dtype, scale="max", upcast=True, names="grad_coarse")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("size,coarse_size", [((33, 27, 21), (3, 2, 3)), ((71, 53), (4, 3))])
+def test_cuda_similarity_step(size, coarse_size, dtype):
+    nd = len(size)
+    s1 = ck.blur(torch.rand(2, 1, *size, device="cuda").round()).to(dtype)
+    s2 = ck.blur(torch.rand(2, 1, *size, device="cuda").round()).to(dtype)
+    c = torch.randn(2, nd, *coarse_size, device="cuda") * 2
+    loss, grad = ck.similarity_step(s1, s2, c)
+    want_loss, want_grad = reference.similarity_step(s1.float(), s2.float(), c)
+    torch.testing.assert_close(loss.float(), want_loss.float(), rtol=1e-4, atol=1e-6)
+    assert_matches_reference(grad, want_grad, dtype=torch.float32, scale="max", upcast=True, names="grad")
+    again = ck.similarity_step(s1, s2, c)
+    assert torch.equal(loss, again[0]) and torch.equal(grad, again[1])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("size,coarse_size", [((41, 37, 35), (2, 3, 2)), ((257, 129), (3, 2))])
+def test_cuda_coarse_gradient_deterministic_with_multi_tile_cells(size, coarse_size, dtype):
+    # cells of ~4000 voxels: each is reduced by many programs whose partials the host folds
+    nd = len(size)
+    moving = torch.randn(1, 2, *size, device="cuda").to(dtype).requires_grad_()
+    coarse = (torch.randn(1, nd, *coarse_size, device="cuda") * 4).requires_grad_()
+    g = torch.randn(moving.shape, device="cuda").to(dtype)
+    runs = [torch.autograd.grad(ck.warp(moving, coarse), (moving, coarse), g) for _ in range(3)]
+    for gm, gc in runs[1:]:
+        assert torch.equal(gc, runs[0][1])  # bitwise: fixed-order partial sums, no atomics
+    m32 = moving.detach().float().requires_grad_()
+    c32 = coarse.detach().clone().requires_grad_()
+    want = torch.autograd.grad(reference.warp(m32, c32), (m32, c32), g.float())
+    assert_matches_reference(runs[0][0], want[0], dtype=dtype, scale="max", upcast=True, names="grad_moving")
+    assert_matches_reference(runs[0][1], want[1], dtype=dtype, scale="max", upcast=True, names="grad_coarse")

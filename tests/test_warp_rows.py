@@ -12,10 +12,10 @@ import torch
 
 import coopseg_kernels as ck
 from coopseg_kernels import reference
+from helpers import assert_matches_reference
 
 pytestmark = pytest.mark.skipif(not ck.HAS_CPP, reason="C++ extension not built")
 
-TOL = dict(rtol=2e-4, atol=2e-4)
 INF, NAN = float("inf"), float("nan")
 
 # (full-resolution size, coarse size)
@@ -49,7 +49,7 @@ def _assert_same(got, want, names):
     for name, g, w in zip(names, got, want):
         fin = w.isfinite()
         assert torch.equal(g.isfinite(), fin), f"{name}: non-finite at {(g.isfinite() != fin).nonzero()[:5].tolist()}"
-        torch.testing.assert_close(g[fin], w[fin], **TOL, msg=lambda m: f"{name}: {m}")
+        assert_matches_reference(g[fin], w[fin], names=name)
 
 
 @pytest.mark.parametrize("need", [("moving", "coarse"), ("moving",), ("coarse",)])
