@@ -121,7 +121,8 @@ def test_import_writes_nifti_masks_and_manifest(chaos, capsys):
     assert "manifest.csv" in capsys.readouterr().out
     (case,) = read_manifest(chaos / "out" / "manifest.csv")
     assert case.id == "3" and case.t1 == chaos / "out" / "3" / "t1.nii.gz"
-    for img, mask, series in ((case.t1, case.t1_mask, "T1DUAL/DICOM_anon/InPhase"), (case.t2, case.t2_mask, "T2SPIR/DICOM_anon")):
+    for img, mask, series in ((case.t1, case.t1_mask, "T1DUAL/DICOM_anon/InPhase"),
+                              (case.t2, case.t2_mask, "T2SPIR/DICOM_anon")):
         i, m = nib.load(str(img)), nib.load(str(mask))
         np.testing.assert_allclose(i.affine, m.affine)
         np.testing.assert_allclose(i.affine, read_dicom_series(chaos / "CHAOS" / "MR" / "3" / series)[1], atol=1e-5)
@@ -153,7 +154,7 @@ def test_errors(chaos, capsys):
         import_chaos(chaos / "CHAOS", chaos / "out")
     with pytest.raises(ChaosError, match="nowhere: no such folder"):
         import_chaos(chaos / "nowhere", chaos / "out")
-    with pytest.raises(ChaosError, match="no patient folders"):
+    with pytest.raises(ChaosError, match="MR/3: one patient's folder; give the folder that holds the patient"):
         import_chaos(chaos / "CHAOS" / "MR" / "3", chaos / "out")
     # uneven slice spacing
     t1 = chaos / "CHAOS" / "MR" / "3" / "T1DUAL" / "DICOM_anon" / "InPhase"
