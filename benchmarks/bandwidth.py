@@ -87,7 +87,7 @@ def kernel_cases(device: torch.device, size, dtype=torch.float32):
         ("warp_bwd (coarse grad)", lambda: k("warp_bwd")(y, x, coarse, True, "zeros", False, True), 2 * vol),
         ("upsample_field_fwd", lambda: k("upsample_field_fwd")(coarse, list(size), True), nd * vol),
         ("upsample_field_bwd", lambda: k("upsample_field_bwd")(field_grad, cs, True), nd * vol),
-        ("similarity_pass (D_S step)", lambda: k("similarity_pass")(x, y, coarse, True), 2 * vol),
+        ("similarity_step_fwd (D_S step)", lambda: k("similarity_step_fwd")(x, y, coarse, True), 2 * vol),
         ("blur_apply [1,2,1]", lambda: k("blur_apply")(x, idx, wt), 2 * vol),
     ]
 

@@ -12,6 +12,7 @@ import torch
 import coopseg_kernels as ck
 from benchmarks.harness import module_from_commit
 from coopseg_kernels import reference
+from coopseg_kernels.similarity.naive import brute_force_translation
 
 
 @dataclass
@@ -120,7 +121,7 @@ def similarity_cases(device: torch.device) -> list[Case]:
         cases.append(Case(
             op="translation search", shape="x".join(map(str, size_t)) + f" shifts<={bound}", make=make_t,
             fused=lambda x, b=bound: ck.translation_search(x["s1"], x["s2"], b)[1],
-            naive=lambda x, b=bound: brute_force_translation(x["s1"], x["s2"], b),
+            naive=lambda x, b=bound: brute_force_translation(x["s1"], x["s2"], b)[1],
             others={m: (lambda x, b=bound, m=m: ck.translation_search(x["s1"], x["s2"], b, method=m)[1])
                     for m in ("direct", "fft")},
             grad_inputs=(), bytes_moved=lambda x: 2 * x["s1"].numel(), backward=False))
@@ -182,21 +183,6 @@ def ds_optimizers() -> dict:
         print(f"skipped the D_S-per-pair row 'single-level (before issue 8)': {why}", file=sys.stderr, flush=True)
         old = None
     return {"coarse-to-fine (this version)": new, "single-level (before issue 8)": old}
-
-
-def brute_force_translation(s1: torch.Tensor, s2: torch.Tensor, bound: int) -> torch.Tensor:
-    """Dice of s1 shifted by every integer t (|t_k| <= bound), by explicit slicing: the
-    baseline of the FFT search."""
-    best = torch.zeros(s1.shape[0], dtype=torch.float64, device=s1.device)
-    size = s1.shape[2:]
-    r = range(-bound, bound + 1)
-    for t in [(a, b, c) for a in r for b in r for c in r]:
-        shifted = torch.zeros_like(s1)
-        src = tuple(slice(max(v, 0), n + min(v, 0)) for v, n in zip(t, size))
-        dst = tuple(slice(max(-v, 0), n + min(-v, 0)) for v, n in zip(t, size))
-        shifted[(..., *dst)] = s1[(..., *src)]
-        best = torch.maximum(best, ck.dice(shifted, s2))
-    return best
 
 
 def all_cases(device: torch.device, ops: list[str] | None = None) -> list[Case]:

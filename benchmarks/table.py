@@ -162,9 +162,10 @@ def tsearch_rows(device: torch.device, repeats: int) -> list[dict]:
     import time
 
     import coopseg_kernels as ck
-    import coopseg_kernels.similarity as S
-    from benchmarks.cases import brute_force_translation, tsearch_bound_cases
+    import coopseg_kernels.similarity.translation as S
+    from benchmarks.cases import tsearch_bound_cases
     from benchmarks.harness import sync
+    from coopseg_kernels.similarity.naive import brute_force_translation
 
     rows = []
     for label, s1, s2, bound in tsearch_bound_cases(device):

@@ -1,14 +1,14 @@
 """coopseg_kernels: fused CPU (C++/OpenMP) and GPU (Triton) kernels for cooperating
 segmentation/registration networks, with naive torch references.
 
-Conventions (see README): channel-first tensors (B, C, *S); displacements in
+Conventions (docs/conventions.md): channel-first tensors (B, C, *S); displacements in
 voxels, spatial-axis order (d, h, w); coarse grids upsampled like
 F.interpolate(align_corners=...); sampling like grid_sample(align_corners=True).
 """
 from . import convert, reference
 from ._backend import BACKENDS, HAS_CPP
 from .ops.blur import blur, blur_adjoint
-from .ops.similarity import similarity_step
+from .ops.similarity_step import similarity_step
 from .ops.warp import upsample_field, warp
 from .similarity import SimilarityResult, dice, relative_similarity, translation_search
 

@@ -22,11 +22,13 @@ TORCH_LIBRARY(coopseg, m) {
   // separable banded operator: the blur and its adjoint (tables from coopseg_kernels/ops/blur.py)
   m.def("blur_apply(Tensor x, Tensor[] idx, Tensor[] wt) -> Tensor");
   // the exact translation search's direct counter: masks packed 64 voxels a word, and the
-  // overlap / in-volume size of s1 for a box of crop offsets (coopseg_kernels/similarity.py)
+  // overlap / in-volume size of s1 for a box of crop offsets (coopseg_kernels/similarity/translation.py)
   m.def("pack_bits(Tensor mask) -> Tensor");
   m.def(
       "overlap_counts(Tensor packed_a, Tensor packed_b, int a_bits, int b_bits, int[] d_lo, int[] d_n, "
       "int[] box_lo, int[] box_len) -> (Tensor, Tensor)");
   // one D_S optimizer step: per-item loss mean((tau(s1b) - s2b)^2) and its gradient w.r.t. tau
-  m.def("similarity_pass(Tensor s1_blurred, Tensor s2_blurred, Tensor coarse, bool align_corners) -> (Tensor, Tensor)");
+  m.def(
+      "similarity_step_fwd(Tensor s1_blurred, Tensor s2_blurred, Tensor coarse, bool align_corners) "
+      "-> (Tensor, Tensor)");
 }

@@ -1,5 +1,5 @@
 """The raw C++ ops torch.ops.coopseg.{warp_fwd, warp_bwd, upsample_field_fwd,
-upsample_field_bwd, blur_apply, similarity_pass} are public schemas: called
+upsample_field_bwd, blur_apply, similarity_step_fwd} are public schemas: called
 directly with bad arguments they raise a RuntimeError naming the op and the
 argument, and never read or write out of bounds (make sanitize runs this file
 under AddressSanitizer)."""
@@ -151,10 +151,10 @@ def test_blur_apply_bad_args(case):
     (lambda s1, s2, c: (s1, s2, c[:, :, :0]), "coarse sizes must be >= 1"),
     (lambda s1, s2, c: (s1.to(torch.int32), s2, c), "s1_blurred must be float32 or float64"),
 ])
-def test_similarity_pass_bad_args(make, match):
+def test_similarity_step_fwd_bad_args(make, match):
     s1, s2, c = make(_img(2, 1, 4, 5, 6), _img(2, 1, 4, 5, 6), _img(2, 3, 2, 2, 2))
-    with pytest.raises(RuntimeError, match=rf"coopseg\.similarity_pass: {match}"):
-        ops.similarity_pass(s1, s2, c, True)
+    with pytest.raises(RuntimeError, match=rf"coopseg\.similarity_step_fwd: {match}"):
+        ops.similarity_step_fwd(s1, s2, c, True)
 
 
 def test_raw_ops_accept_non_contiguous_inputs():

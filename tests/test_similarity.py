@@ -1,13 +1,12 @@
 """similarity_step (fused vs reference), dice, translation search and the D_S driver."""
-import itertools
 
 import numpy as np
 import pytest
 import torch
 
 import coopseg_kernels as ck
-import coopseg_kernels.similarity as S
-from coopseg_kernels import reference
+from coopseg_kernels import _backend, reference
+from coopseg_kernels.similarity import descent, naive, translation
 
 
 def blob(size, n=3, seed=0):
@@ -67,29 +66,10 @@ def test_dice():
         ck.dice(a.long(), b)
 
 
-def _shift(s1, t):
-    """s1(x + t) with zero padding, by explicit slicing."""
-    shifted = torch.zeros_like(s1)
-    src = tuple(slice(max(v, 0), n + min(v, 0)) for v, n in zip(t, s1.shape[2:]))
-    dst = tuple(slice(max(-v, 0), n + min(-v, 0)) for v, n in zip(t, s1.shape[2:]))
-    shifted[(..., *dst)] = s1[(..., *src)]
-    return shifted
-
-
 def _brute_force_shift(s1, s2, bound):
-    """The oracle: max over integer t (|t_k| <= bound_k) of the pooled Dice(s1(x + t), s2),
-    a shift that leaves nothing of a non-empty s1 excluded; ties: smallest |t|_1, then
-    the lexicographically smallest t."""
-    best, best_t = -1.0, None
-    for t in itertools.product(*[range(-b, b + 1) for b in bound]):
-        shifted = _shift(s1, t)
-        if s1.any() and not shifted.any():
-            continue
-        d = ck.dice(shifted, s2).item()
-        key = (-d, sum(map(abs, t)), t)
-        if best_t is None or key < (-best, sum(map(abs, best_t)), best_t):
-            best, best_t = d, t
-    return best, best_t
+    """The oracle (naive.brute_force_translation) for one pair: (Dice, shift tuple)."""
+    t, d = naive.brute_force_translation(s1, s2, bound)
+    return d.item(), tuple(int(v) for v in t[0])
 
 
 def related_pair(size, seed, shift=4):
@@ -134,10 +114,10 @@ def test_translation_search_chunks_and_counters_match_brute_force(size, seed, co
     bound = [n - 1 for n in size] if len(size) == 2 else [5, 9, 4]
     want_d, want_t = _brute_force_shift(s1, s2, bound)
     if counter == "torch":
-        monkeypatch.setattr(S._backend, "HAS_CPP", False)
-    elif not S._backend.HAS_CPP:
+        monkeypatch.setattr(_backend, "HAS_CPP", False)
+    elif not _backend.HAS_CPP:
         pytest.skip("C++ extension not built")
-    monkeypatch.setattr(S, "_SHIFT_BYTES", 1 << 40)
+    monkeypatch.setattr(translation, "_SHIFT_BYTES", 1 << 40)
     t, d = ck.translation_search(s1, s2, bound, method="direct")
     assert abs(d.item() - want_d) < 1e-12
     assert tuple(int(v) for v in t[0]) == want_t
@@ -201,33 +181,18 @@ def test_known_translation_found_exactly():
     torch.testing.assert_close(res.field.flatten(), torch.tensor([-3.0, 5.0, -2.0]), atol=0.05, rtol=0)
 
 
-def _per_channel_brute_force(s1, s2, bound):
-    """Pooled Dice by summing per-channel overlaps and sizes, every shift."""
-    best = -1.0
-    for t in itertools.product(*[range(-b, b + 1) for b in bound]):
-        inter = size1 = size2 = 0
-        for c in range(s1.shape[1]):
-            sh = _shift(s1[:, c:c + 1], t)
-            inter += (sh & s2[:, c:c + 1]).sum().item()
-            size1 += sh.sum().item()
-            size2 += s2[:, c:c + 1].sum().item()
-        if size1 > 0:
-            best = max(best, 2 * inter / (size1 + size2))
-    return best
-
-
 def test_multichannel_is_pooled_per_channel():
     a1, a2 = related_pair((30, 34), 3, shift=4)
     b1, b2 = related_pair((30, 34), 4, shift=4)
     s1, s2 = torch.cat([a1, b1], 1), torch.cat([a2, b2], 1)
-    want = _per_channel_brute_force(s1, s2, [4, 4])
+    want = naive.brute_force_translation(s1, s2, [4, 4])[1].item()
     t, d = ck.translation_search(s1, s2, 4)
     assert abs(d.item() - want) < 1e-12 and d.item() <= 1.0
-    assert abs(ck.dice(_shift(s1, [int(v) for v in t[0]]), s2).item() - want) < 1e-12
+    assert abs(ck.dice(naive.shift(s1, [int(v) for v in t[0]]), s2).item() - want) < 1e-12
     # swapped channels: pooled Dice compares channel c with channel c only
     swapped = torch.cat([b1, a1], 1)
     t, d = ck.translation_search(swapped, s2, 4)
-    assert abs(d.item() - _per_channel_brute_force(swapped, s2, [4, 4])) < 1e-12
+    assert abs(d.item() - naive.brute_force_translation(swapped, s2, [4, 4])[1].item()) < 1e-12
     many = s1.repeat(1, 32, 1, 1)  # 64 channels: a Dice, never "30.0"
     _, d = ck.translation_search(many, s2.repeat(1, 32, 1, 1), 2)
     assert 0.0 <= d.item() <= 1.0
@@ -300,12 +265,12 @@ def test_stopping_rule_ignores_a_small_gain_right_after_rejections(monkeypatch):
         value = script[min(len(calls) - 1, len(script) - 1)]
         return torch.full((c.shape[0],), value, dtype=c.dtype), torch.ones_like(c)
 
-    monkeypatch.setattr(S, "similarity_step", fake_step)
+    monkeypatch.setattr(descent, "similarity_step", fake_step)
     c = torch.zeros(1, 2, 1, 1)
     h = torch.ones_like(c)
     x = torch.zeros(1, 1, 4, 4)
-    _, losses, steps = S._descend(x, x, c, h, iters=50, step=1.0, momentum=0.0, tol=1e-2, lim=None,
-                                  backend="reference")
+    _, losses, steps = descent._descend(x, x, c, h, iters=50, step=1.0, momentum=0.0, tol=1e-2, lim=None,
+                                        backend="reference")
     # stops only after two consecutive small accepted gains (0.2 -> 0.1999 -> 0.19985)
     assert steps.item() == 8
     assert torch.stack(losses)[-1].item() == pytest.approx(0.19985)
@@ -321,10 +286,10 @@ def test_fused_descent_follows_reference_descent(fused):
     # start off the identity: there every position is a whole voxel, where sampling has a
     # kink and the reference's normalise/unnormalise round trip picks either side at random
     init = torch.randn(1, 3, 2, 2, 2, dtype=torch.float64) * 0.3
-    h = S._preconditioner(s1, (2, 2, 2), "reference")
+    h = descent._preconditioner(s1, (2, 2, 2), "reference")
     kw = dict(iters=12, step=0.7, momentum=0.3, tol=0.0, lim=None)
-    got = S._descend(s1, s2, init, h, backend=fused, **kw)
-    want = S._descend(s1, s2, init, h, backend="reference", **kw)
+    got = descent._descend(s1, s2, init, h, backend=fused, **kw)
+    want = descent._descend(s1, s2, init, h, backend="reference", **kw)
     assert len(got[1]) == len(want[1]) and torch.equal(got[2], want[2])
     torch.testing.assert_close(torch.stack(got[1]), torch.stack(want[1]), rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(got[0], want[0], rtol=1e-8, atol=1e-10)
@@ -489,7 +454,7 @@ def test_translation_search_peak_memory_within_4_volumes(size, bound, pair):
     """Issue 11 point 2: the search's peak (benchmarks/memory.py, storages allocated above the
     inputs) stays <= 4 input volumes (one bool mask: numel bytes) at any bound, for masks
     whose crops are the whole volume too; the C++ counter's result equals the FFT's."""
-    if not S._backend.HAS_CPP:
+    if not _backend.HAS_CPP:
         pytest.skip("C++ extension not built")
     s1, s2 = related_pair(size, 1, shift=4) if pair == "blobs" else _noise_pair(size, 1)
     peak = _peak(lambda: ck.translation_search(s1, s2, bound))
@@ -510,8 +475,8 @@ def test_translation_search_thin_volumes(size, bound, counter, monkeypatch):
     volumes and the result is the FFT's (exact) and the brute force's. (At least 16 rows:
     the counters keep a histogram of one packed row's length.)"""
     if counter == "torch":
-        monkeypatch.setattr(S._backend, "HAS_CPP", False)
-    elif not S._backend.HAS_CPP:
+        monkeypatch.setattr(_backend, "HAS_CPP", False)
+    elif not _backend.HAS_CPP:
         pytest.skip("C++ extension not built")
     s1, s2 = _noise_pair(size, 5)
     peak = _peak(lambda: ck.translation_search(s1, s2, bound, method="direct"))
@@ -527,7 +492,7 @@ def test_translation_search_thin_volumes(size, bound, counter, monkeypatch):
 def test_translation_search_torch_counter_peak_memory(monkeypatch):
     """The slicing fallback (devices without the C++ counter) keeps the same bound (the
     volume not tiny: a chunk holds at least one row of shifts, 48 bytes each)."""
-    monkeypatch.setattr(S._backend, "HAS_CPP", False)
+    monkeypatch.setattr(_backend, "HAS_CPP", False)
     s1, s2 = _noise_pair((64, 72), 2)
     assert _peak(lambda: ck.translation_search(s1, s2, None)) <= 4 * s1.numel()
 
@@ -537,10 +502,10 @@ def test_auto_takes_fft_only_where_it_fits(monkeypatch):
     mask in a large volume (it fits the budget: exact, <= 4 volumes) but still not for masks
     filling the volume (it would not fit)."""
     calls = []
-    real = S._overlap_fft
-    monkeypatch.setattr(S, "_overlap_fft", lambda *a: (calls.append(1), real(*a))[1])
-    monkeypatch.setattr(S, "_WORD_COST", 1.0)
-    monkeypatch.setattr(S, "_SLICE_COST", 1.0)
+    real = translation._overlap_fft
+    monkeypatch.setattr(translation, "_overlap_fft", lambda *a: (calls.append(1), real(*a))[1])
+    monkeypatch.setattr(translation, "_WORD_COST", 1.0)
+    monkeypatch.setattr(translation, "_SLICE_COST", 1.0)
     small, _ = related_pair((12, 13, 10), 2, shift=2)
     s1 = torch.zeros(1, 1, 40, 44, 36, dtype=torch.bool)
     s2 = torch.zeros_like(s1)
@@ -557,7 +522,7 @@ def test_auto_takes_fft_only_where_it_fits(monkeypatch):
     assert not calls
 
 
-@pytest.mark.skipif(not S._backend.HAS_CPP, reason="C++ extension not built")
+@pytest.mark.skipif(not _backend.HAS_CPP, reason="C++ extension not built")
 @pytest.mark.parametrize("call,match", [
     (lambda o, m, p: o.pack_bits(m.float()), "bool CPU tensor"),
     (lambda o, m, p: o.pack_bits(m[0]), r"\(C, D0, D1, D2\)"),
@@ -583,7 +548,7 @@ def test_overlap_counter_raw_op_bad_args(call, match):
         call(torch.ops.coopseg, m, p)
 
 
-@pytest.mark.skipif(not S._backend.HAS_CPP, reason="C++ extension not built")
+@pytest.mark.skipif(not _backend.HAS_CPP, reason="C++ extension not built")
 def test_overlap_counter_raw_op_matches_slicing():
     """The raw counter on a box of offsets past both crops (empty overlaps and boxes
     included), rows of 70 voxels (two words) and of 5, against the slicing counter."""
@@ -597,6 +562,6 @@ def test_overlap_counter_raw_op_matches_slicing():
         pa, pb = torch.ops.coopseg.pack_bits(a.transpose(1, 2).contiguous().transpose(1, 2)), \
             torch.ops.coopseg.pack_bits(b)
         got = torch.ops.coopseg.overlap_counts(pa, pb, sa[3], sb[3], d_lo, d_n, box_lo, box_len)
-        want = S._counts_direct_torch(a, b, d_lo, d_n, box_lo, box_len)
+        want = translation._counts_direct_torch(a, b, d_lo, d_n, box_lo, box_len)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert want[0].sum() > 0 and want[1].min() == 0 and want[1].max() > 0

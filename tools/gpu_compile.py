@@ -60,7 +60,8 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 ARCHS = (80, 90)
-KERNEL_MODULES = ("coopseg_kernels.triton.warp", "coopseg_kernels.triton.blur")
+KERNEL_MODULES = ("coopseg_kernels.triton.warp", "coopseg_kernels.triton.blur",
+                  "coopseg_kernels.triton.similarity_step")
 
 # ----------------------------------------------------------------------------- recording
 

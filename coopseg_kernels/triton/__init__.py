@@ -1,6 +1,7 @@
 """Triton kernels and their launchers; each launcher has the signature of the
 C++ op of the same name (torch.ops.coopseg.<name>)."""
 from .blur import blur_apply
-from .warp import similarity_pass, upsample_field_bwd, upsample_field_fwd, warp_bwd, warp_fwd
+from .similarity_step import similarity_step_fwd
+from .warp import upsample_field_bwd, upsample_field_fwd, warp_bwd, warp_fwd
 
-__all__ = ["warp_fwd", "warp_bwd", "upsample_field_fwd", "upsample_field_bwd", "blur_apply", "similarity_pass"]
+__all__ = ["warp_fwd", "warp_bwd", "upsample_field_fwd", "upsample_field_bwd", "blur_apply", "similarity_step_fwd"]

@@ -9,7 +9,8 @@ warp_bwd_kernel   one program per (batch item, coarse cell, tile of the cell's
                   each voxel's displacement is formed (from the sampled image or,
                   with FIELD_GRAD, read from a field gradient; with SIMILARITY the
                   output gradient is the residual against s2, as in one D_S
-                  optimizer step, whose loss is summed per program) and reduced to
+                  optimizer step, whose loss is summed per program: the kernel
+                  similarity_step_fwd_kernel of similarity_step.py) and reduced to
                   2^nd * nd partial sums per program, which the host folds into the
                   nodes in a fixed order (deterministic, no atomics). The image
                   gradient is an atomic scatter.
@@ -375,10 +376,23 @@ def _forward(moving_or_none, coarse, size, align_corners, padding_mode, C, out, 
     return out
 
 
+def _bwd_tiles(tabs) -> int:
+    """Programs per coarse cell of the per-cell kernels: tiles of _BWD_BLOCK voxels of the largest cell."""
+    return max(1, triton.cdiv(tabs[0].max_cell * tabs[1].max_cell * tabs[2].max_cell, _BWD_BLOCK))
+
+
+def _fold_partials(part, coarse_shape, T):
+    """The per-program corner sums [B, ncell, T, 8, nd] folded into the coarse grid's gradient."""
+    nd = len(coarse_shape) - 2
+    sd, sh, sw = _grid3(coarse_shape[2:])
+    cells_sum = part.view(coarse_shape[0], sd, sh, sw, T, 2, 2, 2, nd).sum(4)
+    return fold_cell_partials(cells_sum, coarse_shape[2:])
+
+
 def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_corners, padding_mode, *,
-              need_moving, need_coarse, compute_dtype, field_grad=False, similarity=False):
+              need_moving, need_coarse, compute_dtype, field_grad=False):
     """warp_bwd_kernel launch. gout is the output gradient, or the field gradient
-    (field_grad), or s2_blurred (similarity: then the per-item loss is returned too)."""
+    (field_grad). The D_S step's launch is similarity_step.py's."""
     nd = len(coarse_shape) - 2
     B = coarse_shape[0]
     D, H, W = _grid3(size)
@@ -386,12 +400,11 @@ def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_co
     device = gout.device
     tabs = axis_tables(size, coarse_shape[2:], align_corners, compute_dtype, device)
     N = D * H * W
-    T = max(1, triton.cdiv(tabs[0].max_cell * tabs[1].max_cell * tabs[2].max_cell, _BWD_BLOCK))
+    T = _bwd_tiles(tabs)
     ncell = sd * sh * sw
     nprog = B * ncell * T
     unused = torch.empty(1, dtype=compute_dtype, device=device)
     part = new_output((B, ncell, T, 8, nd), compute_dtype, device) if need_coarse else unused
-    loss = new_output((nprog,), compute_dtype, device) if similarity else unused
     C = 0 if moving_or_none is None else moving_or_none.shape[1]
     if need_moving:
         # fp32 accumulation for half inputs; the atomics write the result in place otherwise
@@ -401,18 +414,14 @@ def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_co
         gmov = unused
     warp_bwd_kernel[(nprog,)](
         gout, moving_or_none if moving_or_none is not None else gout,
-        coarse_or_none if coarse_or_none is not None else gout, gmov, part, loss,
+        coarse_or_none if coarse_or_none is not None else gout, gmov, part, unused,
         *_table_args(tabs, True),
-        C, D, H, W, sd, sh, sw, T, 2.0 / (N * C) if similarity else 0.0,
-        ND=nd, BORDER=padding_mode == "border", FIELD_GRAD=field_grad, SIMILARITY=similarity,
+        C, D, H, W, sd, sh, sw, T, 0.0,
+        ND=nd, BORDER=padding_mode == "border", FIELD_GRAD=field_grad, SIMILARITY=False,
         NEED_MOVING=need_moving, NEED_COARSE=need_coarse,
         INT64=needs_int64(N), BLOCK=_BWD_BLOCK)
-    grad_coarse = None
-    if need_coarse:
-        cells_sum = part.view(B, sd, sh, sw, T, 2, 2, 2, nd).sum(4)
-        grad_coarse = fold_cell_partials(cells_sum, coarse_shape[2:])
-    loss_per_item = loss.view(B, -1).sum(1) / (N * C) if similarity else None
-    return gmov, grad_coarse, loss_per_item
+    grad_coarse = _fold_partials(part, coarse_shape, T) if need_coarse else None
+    return gmov, grad_coarse
 
 
 def warp_fwd(moving: torch.Tensor, coarse: torch.Tensor, align_corners: bool, padding_mode: str) -> torch.Tensor:
@@ -421,8 +430,8 @@ def warp_fwd(moving: torch.Tensor, coarse: torch.Tensor, align_corners: bool, pa
 
 
 def warp_bwd(grad_out, moving, coarse, align_corners, padding_mode, need_moving, need_coarse):
-    gmov, gcrs, _ = _backward(grad_out, moving, coarse.shape, coarse, moving.shape[2:], align_corners, padding_mode,
-                              need_moving=need_moving, need_coarse=need_coarse, compute_dtype=coarse.dtype)
+    gmov, gcrs = _backward(grad_out, moving, coarse.shape, coarse, moving.shape[2:], align_corners, padding_mode,
+                           need_moving=need_moving, need_coarse=need_coarse, compute_dtype=coarse.dtype)
     gmov = gmov.to(moving.dtype) if need_moving else moving.new_empty(0)
     return gmov, (gcrs if need_coarse else coarse.new_empty(0))
 
@@ -434,16 +443,6 @@ def upsample_field_fwd(coarse: torch.Tensor, size, align_corners: bool) -> torch
 
 def upsample_field_bwd(grad_field: torch.Tensor, coarse_size, align_corners: bool) -> torch.Tensor:
     shape = (grad_field.shape[0], grad_field.shape[1], *coarse_size)
-    _, g, _ = _backward(grad_field, None, shape, None, grad_field.shape[2:], align_corners, "zeros",
-                        need_moving=False, need_coarse=True, compute_dtype=grad_field.dtype, field_grad=True)
+    _, g = _backward(grad_field, None, shape, None, grad_field.shape[2:], align_corners, "zeros",
+                     need_moving=False, need_coarse=True, compute_dtype=grad_field.dtype, field_grad=True)
     return g
-
-
-def similarity_pass(s1_blurred: torch.Tensor, s2_blurred: torch.Tensor, coarse: torch.Tensor,
-                    align_corners: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-item mean((tau(s1b) - s2b)^2) and its gradient w.r.t. the coarse grid tau,
-    in one pass (the backward kernel with the residual as the output gradient)."""
-    _, g, loss = _backward(s2_blurred, s1_blurred, coarse.shape, coarse, s1_blurred.shape[2:], align_corners,
-                           "zeros", need_moving=False, need_coarse=True, compute_dtype=coarse.dtype,
-                           similarity=True)
-    return loss, g

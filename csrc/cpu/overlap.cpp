@@ -1,4 +1,4 @@
-// The direct counter of the exact translation search (coopseg_kernels/similarity.py:
+// The direct counter of the exact translation search (coopseg_kernels/similarity/translation.py:
 // translation_search): for every crop offset d of a box, the overlap
 //   overlap(d) = sum_c sum_y a[c, y + d] b[c, y]
 // and the size of s1 left inside the volume after the shift,

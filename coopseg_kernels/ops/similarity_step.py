@@ -1,7 +1,7 @@
 """similarity_step: one step of the D_S optimizer as a custom op (C++ / Triton).
 
 coopseg::similarity_step(s1_blurred, s2_blurred, coarse, align_corners, backend)
-    -> (loss[B], grad[B, nd, *s])
+    -> (loss[B], grad[B, nd, *s])                  kernel similarity_step_fwd (C++ / Triton)
 loss = mean over voxels (and channels) of (tau(s1b) - s2b)^2 with tau the coarse
 grid upsampled and applied exactly as `warp` (zeros padding); grad = d loss/d tau.
 The gradient is computed by the kernel itself, in the same pass: the op is a
@@ -18,7 +18,7 @@ from .. import _backend, _checks, reference
 @torch.library.custom_op("coopseg::similarity_step", mutates_args=())
 def _similarity_step(s1_blurred: Tensor, s2_blurred: Tensor, coarse: Tensor, align_corners: bool,
                      backend: str) -> tuple[Tensor, Tensor]:
-    return _backend.kernel("similarity_pass", backend)(s1_blurred, s2_blurred, coarse, align_corners)
+    return _backend.kernel("similarity_step_fwd", backend)(s1_blurred, s2_blurred, coarse, align_corners)
 
 
 @_similarity_step.register_fake

@@ -43,17 +43,17 @@ struct StepFn {
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> similarity_pass(const at::Tensor& s1_, const at::Tensor& s2_,
-                                                   const at::Tensor& coarse_, bool align_corners) {
-  check_image(s1_, "similarity_pass", "s1_blurred", 2);
-  check_same(s2_, s1_, "similarity_pass", "s2_blurred", "s1_blurred");
-  check_coarse(coarse_, s1_, "similarity_pass", "coarse", "s1_blurred");
+std::tuple<at::Tensor, at::Tensor> similarity_step_fwd(const at::Tensor& s1_, const at::Tensor& s2_,
+                                                       const at::Tensor& coarse_, bool align_corners) {
+  check_image(s1_, "similarity_step_fwd", "s1_blurred", 2);
+  check_same(s2_, s1_, "similarity_step_fwd", "s2_blurred", "s1_blurred");
+  check_coarse(coarse_, s1_, "similarity_step_fwd", "coarse", "s1_blurred");
   const at::Tensor s1 = s1_.contiguous(), s2 = s2_.contiguous(), coarse = coarse_.contiguous();
   return dispatch_warp(s1, false, StepFn{s1, s2, coarse, align_corners});
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(coopseg, CPU, m) { m.impl("similarity_pass", &similarity_pass); }
+TORCH_LIBRARY_IMPL(coopseg, CPU, m) { m.impl("similarity_step_fwd", &similarity_step_fwd); }
 
 }  // namespace coopseg
