@@ -169,7 +169,9 @@ LEGACY_SIMILARITY = ("benchmarks/legacy_similarity.py", "caff10b")
 def ds_optimizers() -> dict:
     """name -> fn(s1, s2) -> (score[B], iterations[B]) for the D_S-per-pair table. The old
     optimizer is loaded from git history (LEGACY_SIMILARITY); without it its fn is None (row skipped)."""
-    legacy_similarity, why = module_from_commit(*LEGACY_SIMILARITY, name="coopseg_legacy_similarity")
+    legacy_similarity, why = module_from_commit(
+        *LEGACY_SIMILARITY, name="coopseg_legacy_similarity",
+        renamed={"coopseg_kernels.ops.similarity": "coopseg_kernels.ops.similarity_step"})
 
     def new(s1, s2):
         r = ck.relative_similarity(s1, s2, grid_spacing=16)

@@ -118,10 +118,12 @@ def append_result(out: str | os.PathLike | None, script: str, argv: list[str] | 
     return path
 
 
-def module_from_commit(path: str, commit: str, name: str):
+def module_from_commit(path: str, commit: str, name: str, renamed: dict | None = None):
     """Import the file `path` as it was at `commit` (`git show commit:path` into a temporary
-    module named `name`). Returns (module, None), or (None, why) when git, the commit or the
-    file is unavailable (a shallow clone, a copy without .git) or the old code no longer imports."""
+    module named `name`). `renamed` maps module names the old code imports to where they live
+    now (aliased in sys.modules while it imports). Returns (module, None), or (None, why) when
+    git, the commit or the file is unavailable (a shallow clone, a copy without .git) or the old
+    code no longer imports."""
     try:
         src = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:{path}"],
                              capture_output=True, text=True, check=True).stdout
@@ -135,11 +137,17 @@ def module_from_commit(path: str, commit: str, name: str):
         spec = importlib.util.spec_from_file_location(name, file)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
+        aliases = [old for old in (renamed or {}) if old not in sys.modules]
         try:
+            for old in aliases:
+                sys.modules[old] = importlib.import_module(renamed[old])
             spec.loader.exec_module(module)
         except Exception as e:  # the old code against today's package
             del sys.modules[name]
             return None, f"{path} at {commit} does not import: {type(e).__name__}: {e}"
+        finally:
+            for old in aliases:
+                sys.modules.pop(old, None)
     return module, None
 
 
