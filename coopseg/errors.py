@@ -20,3 +20,7 @@ class VolumeError(CoopsegError):
 
 class CheckpointError(CoopsegError):
     """A file that is not a usable coopseg checkpoint (or one written for another run); the message names it."""
+
+
+class MissingCheckpointError(CheckpointError, FileNotFoundError):
+    """A weights or checkpoint file that does not exist (also a FileNotFoundError); the message names it."""

@@ -100,7 +100,7 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, capsys):
     assert cli.main(["train", "--write-config", str(tmp_path / "w.yaml")]) == 0
     assert load_config(tmp_path / "w.yaml") == Config()
     (tmp_path / "afile").write_text("x")
-    (tmp_path / "ok.yaml").write_text("steps_segmentor: 1\n")
+    (tmp_path / "ok.yaml").write_text("data: toy\nsteps_segmentor: 1\n")
     assert cli.main(["train", "--config", str(tmp_path / "ok.yaml"), "--out", str(tmp_path / "afile")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--out" in err[0] and "is not a directory" in err[0]
