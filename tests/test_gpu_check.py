@@ -47,7 +47,8 @@ def test_gpu_check_path_needs_no_nibabel_nor_network():
         import benchmarks.table, benchmarks.bandwidth, benchmarks.cases  # noqa: F401
         print("GPU-CHECK-PATH-OK")
     """)
-    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, TRITON_INTERPRET="0",
+               PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
     assert proc.returncode == 0 and "GPU-CHECK-PATH-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "cuda" in proc.stdout  # the cuda-marked tests were collected

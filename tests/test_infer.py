@@ -157,11 +157,13 @@ def test_evaluate_equals_a_direct_computation(pair_case, fake_checkpoint, capsys
         # warp(p1, constant shift): p1 sampled at x + SHIFT (trilinear, zeros outside)
         from scipy import ndimage
         idx = np.stack(np.meshgrid(*[np.arange(s) for s in S1], indexing="ij")).astype(float)
-        warped = ndimage.map_coordinates(p1, idx + np.reshape(SHIFT, (3, 1, 1, 1)), order=1, mode="grid-constant", cval=0.0)
+        warped = ndimage.map_coordinates(p1, idx + np.reshape(SHIFT, (3, 1, 1, 1)), order=1, mode="grid-constant",
+                                         cval=0.0)
 
         def ds(a, b):
             return float(ck.relative_similarity(torch.from_numpy(a > 0.5)[None, None],
-                                                torch.from_numpy(b > 0.5)[None, None], grid_spacing=8, iters=30).score[0])
+                                                torch.from_numpy(b > 0.5)[None, None], grid_spacing=8,
+                                                iters=30).score[0])
 
         d = {"dice_t1": brute_dice(x1 > 50, s1), "dice_t2": brute_dice(m2_own, s2n), "ds_pred": ds(p1, p2),
              "ds_ann": ds(s1, s2), "dice_warped": brute_dice(warped, s2), "dice_annotations": brute_dice(s1, s2)}

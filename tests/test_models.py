@@ -87,7 +87,8 @@ def test_segmentor_size_errors():
 def test_registor_argument_and_input_errors():
     for kw, match in [(dict(in_channels=0), "in_channels"), (dict(in_channels=-1), "in_channels"),
                       (dict(channels=()), "channels"), (dict(spatial_dims=2.0), "spatial_dims"),
-                      (dict(scale=float("nan")), "scale"), (dict(omega="elastic", pool="mask"), "applies to omega='translation' only")]:
+                      (dict(scale=float("nan")), "scale"),
+                      (dict(omega="elastic", pool="mask"), "applies to omega='translation' only")]:
         with pytest.raises(ValueError, match=match):
             Registor(**{"spatial_dims": 2, "omega": "translation", **kw})
     with pytest.raises(TypeError, match="checkpointing"):
@@ -412,7 +413,8 @@ def test_lean_up_layer_same_as_dense_under_bf16_autocast():
     on the same tensors: the same output and bit-identical gradients."""
     torch.manual_seed(5)
     layer, up = _up_layer("cont_bn", torch.float32)
-    xs = [torch.randn(1, 3, 3, 2, 4).bfloat16().requires_grad_(), torch.randn(1, 2, 6, 4, 8).bfloat16().requires_grad_()]
+    xs = [torch.randn(1, 3, 3, 2, 4).bfloat16().requires_grad_(),
+          torch.randn(1, 2, 6, 4, 8).bfloat16().requires_grad_()]
     results = []
     for lean in (False, True):
         layer.lean = lean

@@ -61,7 +61,8 @@ def test_dice():
     a[1, 0, 0, 0] = True          # one empty -> 0
     torch.testing.assert_close(ck.dice(a, b), torch.tensor([0.5, 0.0, 1.0], dtype=torch.float64))
     # uint8 and float masks are thresholded at 0.5
-    torch.testing.assert_close(ck.dice(a.to(torch.uint8), b.float() * 0.9), torch.tensor([0.5, 0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(ck.dice(a.to(torch.uint8), b.float() * 0.9),
+                               torch.tensor([0.5, 0.0, 1.0], dtype=torch.float64))
     with pytest.raises(TypeError, match="bool, uint8 or floating"):
         ck.dice(a.long(), b)
 

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from coopseg.data.volumes import (PairDataset, VolumeError, load_pair, normalise, read_manifest, resample,
-                                  write_manifest)
+from coopseg.data.volumes import PairDataset, VolumeError, load_pair, normalise, read_manifest, resample, write_manifest
 
 
 def rotation(axis, deg):

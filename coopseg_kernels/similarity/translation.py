@@ -70,9 +70,9 @@ def _box_sums(a: Tensor, ranges: list[tuple[Tensor, Tensor]]) -> Tensor:
     out = None
     for corner in range(1 << nd):
         idx, valid, sign = [], None, 1
-        for k, (l, h) in enumerate(ranges):
+        for k, (lo, h) in enumerate(ranges):
             take_hi = not (corner >> k) & 1
-            i = (h if take_hi else l) - 1
+            i = (h if take_hi else lo) - 1
             sign = sign if take_hi else -sign
             shape = [1] * nd
             shape[k] = -1
@@ -239,8 +239,8 @@ def _search_one(a: Tensor, b: Tensor, bound: Sequence[int], method: str) -> tupl
         return zero, 0.0
     lo_a, hi_a = _bbox(a)
     lo_b, hi_b = _bbox(b)
-    ac = a[(slice(None), *[slice(l, h) for l, h in zip(lo_a, hi_a)])]
-    bc = b[(slice(None), *[slice(l, h) for l, h in zip(lo_b, hi_b)])]
+    ac = a[(slice(None), *[slice(lo, hi) for lo, hi in zip(lo_a, hi_a)])]
+    bc = b[(slice(None), *[slice(lo, hi) for lo, hi in zip(lo_b, hi_b)])]
     ma, mb = ac.shape[1:], bc.shape[1:]
     # shift t <-> crop offset d = t + lo_b - lo_a; crops overlap only for -mb < d < ma
     t_ranges = []
