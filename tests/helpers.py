@@ -24,8 +24,10 @@ if str(ROOT) not in sys.path:  # `make sanitize` runs from build-asan/, whose pa
     sys.path.append(str(ROOT))  # appended: build-asan/'s coopseg_kernels keeps precedence
 
 from benchmarks.memory import peak_bytes  # noqa: E402
+from coopseg_kernels.similarity import naive  # noqa: E402
 
-__all__ = ["TOL", "tol", "magnitude", "assert_matches_reference", "peak_bytes"]
+__all__ = ["TOL", "tol", "magnitude", "assert_matches_reference", "peak_bytes", "peak_cpu_bytes", "brute_force_shift",
+           "naive"]
 
 # |got - want| <= atol + rtol * |want|, element-wise, for a result of this dtype against the
 # reference. float64 / float32: the C++ and (interpreted) Triton kernels on CPU against the
@@ -94,6 +96,16 @@ def assert_matches_reference(got, want, *, dtype: torch.dtype | None = None, fac
 
 
 # ----------------------------------------------------------------------------- brute-force oracles
-# Reserved: the brute-force translation search and the plain-autograd descent of
-# coopseg_kernels/similarity/naive.py are re-exported here (with the similarity package), for
-# test_similarity.py and the benchmarks to share one copy.
+# One copy, shared with the benchmarks: coopseg_kernels/similarity/naive.py.
+
+
+def brute_force_shift(s1, s2, bound):
+    """The translation oracle for one pair: (best Dice, best shift as a tuple), by scoring every
+    integer shift within `bound` (naive.brute_force_translation; ties as translation_search)."""
+    t, d = naive.brute_force_translation(s1, s2, bound)
+    return d.item(), tuple(int(v) for v in t[0])
+
+
+def peak_cpu_bytes(fn) -> int:
+    """Peak new CPU storage while fn() runs (benchmarks/memory.py's counter)."""
+    return peak_bytes(fn, torch.device("cpu"))

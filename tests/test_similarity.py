@@ -7,6 +7,7 @@ import torch
 import coopseg_kernels as ck
 from coopseg_kernels import _backend, reference
 from coopseg_kernels.similarity import descent, naive, translation
+from helpers import brute_force_shift, peak_cpu_bytes
 
 
 def blob(size, n=3, seed=0):
@@ -67,10 +68,7 @@ def test_dice():
         ck.dice(a.long(), b)
 
 
-def _brute_force_shift(s1, s2, bound):
-    """The oracle (naive.brute_force_translation) for one pair: (Dice, shift tuple)."""
-    t, d = naive.brute_force_translation(s1, s2, bound)
-    return d.item(), tuple(int(v) for v in t[0])
+_brute_force_shift = brute_force_shift
 
 
 def related_pair(size, seed, shift=4):
@@ -429,16 +427,7 @@ def test_other_op_argument_errors():
         ck.blur(m.to("meta"))
 
 
-def _peak(fn):
-    import sys
-    from pathlib import Path
-
-    root = str(Path(__file__).resolve().parent.parent)
-    if root not in sys.path:  # `make sanitize` runs from build-asan/
-        sys.path.append(root)
-    from benchmarks.memory import peak_bytes
-
-    return peak_bytes(fn, torch.device("cpu"))
+_peak = peak_cpu_bytes
 
 
 def _noise_pair(size, seed):
