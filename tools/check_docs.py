@@ -75,7 +75,9 @@ def main() -> int:
         text = re.sub(r"^```.*?^```", "", Path(extra).read_text(), flags=re.S | re.M)
         for m in BARE.finditer(text):
             n += 1
+            before = len(errors)
             check(root, root / "README.md", m.group(1), errors)   # paths relative to the repository root
+            errors[before:] = [f"{extra}: {e.partition(': ')[2]}" for e in errors[before:]]
     for e in errors:
         print(e)
     print(f"{n} links checked, {len(errors)} broken")

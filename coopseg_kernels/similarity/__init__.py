@@ -1,5 +1,5 @@
 """D_S, the relative similarity of two masks: max over tau in Omega of Dice(tau(s1), s2)
-(definitions: docs/conventions.md#ds-definitions).
+(definitions: docs/conventions.md#d_s-definitions).
 
 driver.py       `relative_similarity`, `dice`, `SimilarityResult`: the public orchestration
 translation.py  `translation_search`: the exact integer search, its three counters and cost model

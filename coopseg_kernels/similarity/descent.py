@@ -1,6 +1,6 @@
 """The coarse-to-fine descent of D_S: the paper's tau_{k+1} = tau_k - alpha dL/dtau on
 blurred masks, L = mean((tau(s1 * f) - s2 * f)^2), one fused `similarity_step` per
-iteration (definitions: docs/conventions.md#ds-definitions).
+iteration (definitions: docs/conventions.md#d_s-definitions).
 
 - Coarse to fine: `levels` resolutions, each half the previous one (the blurred
   masks blurred again with the kernel and resampled at align_corners=True

@@ -1,7 +1,7 @@
 """The relative similarity D_S(s1, s2, Omega) = max over tau in Omega of Dice(tau(s1), s2):
 the public `relative_similarity`, `dice` and `SimilarityResult`. The definitions (masks,
 channel pooling, the best Dice over every tau evaluated, empty masks) are in
-docs/conventions.md#ds-definitions.
+docs/conventions.md#d_s-definitions.
 
 Omega = "translation": the exact integer search (translation.py) over every shift within
 `max_translation`; its best shift (a floor: it is a candidate) is then refined below the
@@ -106,7 +106,7 @@ def relative_similarity(s1: Tensor, s2: Tensor, *, omega: str = "elastic", grid:
                         init: Tensor | None = None, levels: int | None = None,
                         backend: str = "auto") -> SimilarityResult:
     """D_S(s1, s2, Omega) for batches of masks (B, C, *S) (bool, uint8 or float,
-    thresholded at 0.5); definitions: docs/conventions.md#ds-definitions, the
+    thresholded at 0.5); definitions: docs/conventions.md#d_s-definitions, the
     algorithm: this module's docstring.
 
     omega: "elastic" (coarse grid `grid`, or nodes every `grid_spacing` voxels) or

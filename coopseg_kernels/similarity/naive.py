@@ -3,7 +3,7 @@
 
 `brute_force_translation` shifts s1 by every integer t in the bound by explicit slicing
 and counts each channel's overlap and sizes itself (it does not call `dice`, so it checks
-the channel pooling too); the definitions it follows are docs/conventions.md#ds-definitions.
+the channel pooling too); the definitions it follows are docs/conventions.md#d_s-definitions.
 """
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The exact integer translation search behind D_S(translation) (definitions:
-docs/conventions.md#ds-definitions); `translation_search` below describes the methods.
+docs/conventions.md#d_s-definitions); `translation_search` below describes the methods.
 
 In this file, in order: the FFT counter (`_overlap_fft`), the torch direct counter
 (`_counts_direct_torch`: any device, no C++ extension; the C++ bit-packed counter is
@@ -371,7 +371,7 @@ def translation_search(s1: Tensor, s2: Tensor, max_translation: int | Sequence[i
     item's bool masks), i.e. the FFT only where it fits. |s1 shifted| inside the volume
     comes with the counts (direct) or from the crop's summed table (fft). A shift that
     moves all of s1 out is no candidate; empty masks follow D_S's rules
-    (docs/conventions.md#ds-definitions). Ties go to the smallest |t|_1, then the
+    (docs/conventions.md#d_s-definitions). Ties go to the smallest |t|_1, then the
     lexicographically smallest t.
     Returns (t (B, nd) float64 voxels, Dice (B,) float64).
     """
