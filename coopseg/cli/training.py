@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import math
 import os
+import signal
 import sys
 
 import torch
@@ -38,12 +39,15 @@ def cmd_train(args) -> int:
     try:
         config = train.load_config(args.config)
         out = out_dir(args.out)
-        if not args.resume and (out / "last.pt").exists():
-            raise CliError(f"{out / 'last.pt'} exists: pass --resume to continue it, or choose another --out")
-        path = train.train(config, out, resume=args.resume)
+        # (OUT/last.pt without --resume is refused inside the run's lock on OUT)
+        path = train.train(config, out, resume=args.resume, overwrite=False)
     except train.Interrupted as exc:
         print(f"coopseg train: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    except KeyboardInterrupt:  # Ctrl-C before the loop's handler (loading, first step's setup)
+        print("coopseg train: interrupted before training started; nothing written to the checkpoint",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     except ValueError as exc:  # ConfigError and data errors: one line, exit 2
         raise CliError(str(exc)) from None
     finally:
