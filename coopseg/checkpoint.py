@@ -160,6 +160,8 @@ def load_checkpoint(path, map_location="cpu", *, keys=("model", "config")) -> di
     if path.is_dir():
         raise CheckpointError(f"{path}: is a folder, expected a checkpoint file (e.g. {path / 'last.pt'})")
     if not path.is_file():
+        if path.is_symlink():
+            raise CheckpointError(f"{path}: a link to {os.readlink(path)}, which does not exist")
         raise CheckpointError(f"{path}: no such checkpoint file")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)

@@ -196,7 +196,7 @@ def write_prediction(pred: Prediction, pair: Pair, out_dir, *, field: bool = Fal
 
 def resolve_device(device) -> torch.device:
     """A torch device this machine has: cpu, cuda or cuda:N (ConfigError naming it otherwise)."""
-    text = str(device)
+    text = str(device) if str(device).strip() else repr(str(device))
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError, TypeError):

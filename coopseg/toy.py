@@ -247,6 +247,13 @@ def run_toy(out: Path, settings: ToySettings, *, log=print) -> list[dict]:
     for v in settings.lambda_r:
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"lambda_r values must be in [0, 1], got {v!r}")
+    folders = {}
+    for v in settings.lambda_r:
+        name = lambda_dir(Path("."), v).name
+        if name in folders:  # one folder, one model: the sweep point would be trained and counted twice
+            raise ConfigError(f"lambda_r values {folders[name]!r} and {v!r} are one sweep point (folder {name}): "
+                              f"give distinct values, 4 decimals at most")
+        folders[name] = v
     if settings.test_pairs < 1:
         raise ConfigError(f"test_pairs must be >= 1, got {settings.test_pairs!r}")
     if isinstance(settings.max_shift, bool) or not isinstance(settings.max_shift, int) \

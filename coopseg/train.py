@@ -22,6 +22,11 @@ run stopped and resumed writes the same log.csv as an uninterrupted one (on CPU;
 seconds column aside). Checkpoints are written to a temporary file and renamed
 (os.replace): a crash never leaves a half-written last.pt. SIGTERM / SIGINT finish the
 current step, write the checkpoint and stop (exit status 128 + signal number).
+
+--resume honours new step counts when the steps taken are the start of the new plan, and
+refuses otherwise (and when log.csv is missing or damaged). A run holds OUT/.lock: a
+second run into OUT is refused. A non-finite loss or weight stops training (Diverged; the
+last checkpoint, finite, is kept). docs/training.md, "Checkpoints and resume".
 """
 from __future__ import annotations
 
@@ -159,7 +164,7 @@ def _read_log(path: Path, expected: list[str], ckpt_path: Path) -> list[list[str
         return []
     advice = f"restore it, or start again in a new --out (the losses of steps 1-{upto} are not in the checkpoint)"
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark from an editor is fine)
         rows = list(csv.reader(io.StringIO(text, newline="")))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: missing, but {ckpt_path} is at step {upto}: the log cannot be "
@@ -238,7 +243,7 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
     with folder_lock(out, "coopseg train") if main else contextlib.nullcontext():
         if main:
             remove_stale_temporaries(out)  # left by a killed write (the lock says no run is writing here)
-            if not resume and not overwrite and (out / "last.pt").exists():
+            if not resume and not overwrite and os.path.lexists(out / "last.pt"):
                 raise OutputError(f"{out / 'last.pt'} exists: pass --resume to continue it, or choose another --out")
         return _train(config, out, rank, world, device, resume=resume, stages=stages,
                       init_checkpoint=init_checkpoint, stop_after=stop_after)
@@ -265,7 +270,7 @@ def _train(config: Config, out: Path, rank: int, world: int, device: torch.devic
     step = 0
     saved = None  # the step of the checkpoint on disk (None: none yet)
 
-    if resume and ckpt_path.exists():
+    if resume and os.path.lexists(ckpt_path):  # (a broken link is an error, not "no checkpoint")
         ckpt = load_checkpoint(ckpt_path, device, keys=RESUME_KEYS)
         _check_resumable(ckpt, config, stages, world, ckpt_path)
         done = _plan_done(ckpt, plan, ckpt_path)

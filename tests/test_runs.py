@@ -104,12 +104,11 @@ def test_a_second_run_into_a_running_folder_is_refused_and_a_killed_runs_lock_ta
                 break  # in its loop, holding OUT/.lock
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read()
-        assert f"pid={proc.pid}" in (out / ".lock").read_text()
         # a second run, and a --resume of the running one: refused, naming the folder and the holder
         for extra in ([], ["--resume"]):
             line = one_error(capsys, ["train", "--config", short_cfg, "--out", out, *extra],
                              out, f"pid {proc.pid}", "in use")
-        assert "another coopseg train" in line
+        assert "another coopseg train" in line and f"pid={proc.pid}" in (out / ".lock").read_text()
         assert not (out / "last.pt").exists() and proc.poll() is None
         proc.kill()  # kill -9: the lock file stays, the OS drops the lock
         proc.wait()
@@ -453,3 +452,73 @@ def test_toy_rerun_with_other_settings_is_refused_and_more_joint_steps_resume(tm
     assert trained == [("joint",)]
     assert [r[1] for r in log_rows(point.parent)] == ["joint", "joint"]
     assert torch.load(point, weights_only=True)["step"] == 2
+
+
+# ----------------------------------------------------------------------------- the sweep's other inputs
+
+def test_log_with_a_byte_order_mark_or_crlf_resumes(tmp_path, finished):
+    for name, edit in (("bom", lambda b: b"\xef\xbb\xbf" + b), ("crlf", lambda b: b.replace(b"\n", b"\r\n"))):
+        out = copy_run(finished, tmp_path, name)
+        (out / "log.csv").write_bytes(edit((out / "log.csv").read_bytes()))
+        train(steps(2, 1, 1), out, resume=True)  # nothing left to do: the log is read and kept
+        assert log_rows(out) == log_rows(finished)
+
+
+def test_checkpoint_without_a_progress_record_and_with_a_damaged_one(tmp_path, capsys, finished):
+    """A last.pt from before `done` was stored resumes (progress from its config); a `done`
+    that does not add up to its step is refused."""
+    out = copy_run(finished, tmp_path, "old")
+    state = torch.load(out / "last.pt", weights_only=True)
+    del state["done"]
+    torch.save(state, out / "last.pt")
+    train(steps(2, 1, 2), out, resume=True)
+    assert [r[1] for r in log_rows(out)] == ["segmentor", "segmentor", "registor", "joint", "joint"]
+    out = copy_run(finished, tmp_path, "bad")
+    torch.save(dict(state, done={"segmentor": 1}), out / "last.pt")
+    cfg = write_yaml(tmp_path / "c.yaml", steps(2, 1, 1))
+    one_error(capsys, ["train", "--config", cfg, "--out", out, "--resume"], out / "last.pt",
+              "damaged progress record")
+
+
+def test_a_broken_link_as_last_pt_is_not_a_missing_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").symlink_to(tmp_path / "unmounted" / "last.pt")
+    cfg = write_yaml(tmp_path / "c.yaml", steps(1, 0, 0))
+    one_error(capsys, ["train", "--config", cfg, "--out", out, "--resume"], out / "last.pt", "a link to",
+              "which does not exist")
+    one_error(capsys, ["train", "--config", cfg, "--out", out], out / "last.pt", "exists: pass --resume")
+    assert (out / "last.pt").is_symlink()
+
+
+def test_toy_lambda_values_sharing_a_folder_are_refused(tmp_path, capsys):
+    for values in (["0.1", "0.1"], ["0.1", "0.10001"]):
+        one_error(capsys, ["toy", "--out", tmp_path / "t", "--lambda-r", *values, "--steps", "1", "1", "1"],
+                  "are one sweep point (folder lambda_r_0.1000)")
+    assert not (tmp_path / "t" / "pretrain").exists()
+
+
+def test_interrupts_outside_the_loop_and_in_toy_are_one_line(tmp_path, capsys, monkeypatch):
+    import signal
+
+    import coopseg.train as T
+    from coopseg.train import Interrupted
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(T, "build_training_data", interrupted)  # Ctrl-C while loading the data
+    cfg = write_yaml(tmp_path / "c.yaml", steps(1, 0, 0))
+    assert cli.main(["train", "--config", cfg, "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == "coopseg train: interrupted before training started; nothing written to the checkpoint"
+    assert not (tmp_path / "run" / ".lock").exists()
+
+    def stopped(config, out, **k):
+        raise Interrupted(signal.SIGTERM, 7, Path(out) / "last.pt")
+
+    monkeypatch.setattr(toy, "train", stopped)
+    assert cli.main(["toy", "--out", str(tmp_path / "t"), "--steps", "1", "1", "1", "--lambda-r", "1"]) == 143
+    err = capsys.readouterr().err
+    assert "coopseg toy: stopped by SIGTERM after step 7 of" in err and "Traceback" not in err
+    assert not (tmp_path / "t" / ".lock").exists()

@@ -129,6 +129,14 @@ def cmd_toy(args) -> int:
             toy.run_toy(out, settings, log=log)
     except ConfigError as exc:  # a setting the training layer rejects: one line
         raise CliError(str(exc).splitlines()[0]) from None
+    except train.Interrupted as exc:  # SIGTERM / SIGINT in a training stage: its checkpoint is written
+        print(f"coopseg toy: stopped by {signal.Signals(exc.signum).name} after step {exc.step} of "
+              f"{exc.checkpoint.parent}; run the same command again to continue", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:  # Ctrl-C outside a training stage (data, evaluation)
+        print("coopseg toy: interrupted; run the same command again to continue (trained sweep points are kept)",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 
