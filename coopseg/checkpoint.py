@@ -35,7 +35,7 @@ def _write_failed(path: Path, tmp: Path, exc: OSError) -> OutputError:
     with contextlib.suppress(OSError):
         tmp.unlink()
     return OutputError(f"cannot write {path}: {exc.strerror or exc}" +
-                       (f"; the previous {path.name} is kept" if path.exists() else ""))
+                       (f"; the previous {path.name} is kept" if path.is_file() else ""))
 
 
 def atomic_write_text(path: Path, text: str) -> None:

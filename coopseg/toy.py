@@ -43,7 +43,7 @@ import torch
 
 import coopseg_kernels as ck
 
-from .checkpoint import atomic_write_text, folder_lock, load_checkpoint
+from .checkpoint import atomic_write_text, folder_lock, load_checkpoint, remove_stale_temporaries
 from .data import build_dataset
 from .errors import CheckpointError, ConfigError
 from .train import Config, load_model, train
@@ -261,6 +261,7 @@ def run_toy(out: Path, settings: ToySettings, *, log=print) -> list[dict]:
         raise ConfigError(f"max_shift must be an int in [0, {PAPER_SHIFT}] (pixels), got {settings.max_shift!r}")
     out = _make_dir(out)
     with folder_lock(out, "coopseg toy"):
+        remove_stale_temporaries(out)  # a killed write's .toy.csv.tmp<pid>
         return _run_toy(out, settings, log)
 
 
