@@ -33,7 +33,7 @@ from tqdm import tqdm
 import coopseg_kernels as ck
 
 from .data.volumes import Case, Pair, load_pair, resample
-from .errors import CheckpointError, ConfigError
+from .errors import ConfigError, CoopsegError
 from .train import load_model
 
 MULTIPLE = 16  # the registor pools four times
@@ -137,12 +137,28 @@ def predict_pair(net, pair: Pair, *, patch=64, overlap: float = 0.5, device="cpu
     x2 = torch.from_numpy(pair.x2)[None, None]
     if nd == 3:
         p1, p2, f = sliding_window(net, x1, x2, patch, overlap=overlap, device=device, progress=progress)
-        return Prediction(p1[0, 0].numpy(), p2[0, 0].numpy(), f[0].numpy())
-    # 2-D: the slices along k become the batch
-    s1, s2 = x1[0, 0].permute(2, 0, 1)[:, None], x2[0, 0].permute(2, 0, 1)[:, None]
-    p1, p2, f = sliding_window(net, s1, s2, patch, overlap=overlap, device=device, progress=progress)
-    return Prediction(p1[:, 0].permute(1, 2, 0).numpy(), p2[:, 0].permute(1, 2, 0).numpy(),
-                      f.permute(1, 2, 3, 0).numpy())
+        pred = Prediction(p1[0, 0].numpy(), p2[0, 0].numpy(), f[0].numpy())
+    else:  # 2-D: the slices along k become the batch
+        s1, s2 = x1[0, 0].permute(2, 0, 1)[:, None], x2[0, 0].permute(2, 0, 1)[:, None]
+        p1, p2, f = sliding_window(net, s1, s2, patch, overlap=overlap, device=device, progress=progress)
+        pred = Prediction(p1[:, 0].permute(1, 2, 0).numpy(), p2[:, 0].permute(1, 2, 0).numpy(),
+                          f.permute(1, 2, 3, 0).numpy())
+    for name, value in (("T1 probabilities", pred.prob1), ("T2 probabilities", pred.prob2),
+                        ("displacement field", pred.field)):
+        bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+        if bad:  # never a mask from NaN (NaN > 0.5 is False, sigmoid(NaN)...): refuse
+            raise CoopsegError(f"{pair_name(pair)}: the network's {name} are not finite at {bad} of "
+                                  f"{np.size(value)} voxels (a diverged checkpoint, or an input it overflows on); "
+                                  f"no mask written")
+    return pred
+
+
+def pair_name(pair: Pair) -> str:
+    """The pair as its files (for messages)."""
+    case = getattr(pair, "case", None)
+    if case is None:
+        return "the pair"
+    return f"{case.t1}, {case.t2}" if case.id == "predict" else f"case {case.id} ({case.t1}, {case.t2})"
 
 
 def t2_on_own_grid(prob2: np.ndarray, pair: Pair) -> np.ndarray:
@@ -178,18 +194,30 @@ def write_prediction(pred: Prediction, pair: Pair, out_dir, *, field: bool = Fal
     return paths
 
 
-def load_checkpoint_model(checkpoint, device="cpu"):
-    """(net, config) from a training checkpoint (coopseg.train.load_model), net in eval mode."""
-    path = Path(checkpoint)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+def resolve_device(device) -> torch.device:
+    """A torch device this machine has: cpu, cuda or cuda:N (ConfigError naming it otherwise)."""
+    text = str(device) if str(device).strip() else repr(str(device))
     try:
-        net, config = load_model(str(path), map_location=device)
-    except ValueError:
-        raise
-    except Exception as exc:  # torch.load / load_state_dict raise several types
-        raise CheckpointError(f"{path}: cannot load as a coopseg checkpoint ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        dev = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {text}: expected cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {text}: no CUDA device on this machine (use --device cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                              f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return dev
+
+
+def load_checkpoint_model(checkpoint, device="cpu"):
+    """(net, config) from a training checkpoint (coopseg.train.load_model), net in eval mode.
+    The device is checked first; CheckpointError names the file when it does not load or
+    holds non-finite weights."""
+    device = resolve_device(device)
+    net, config = load_model(Path(checkpoint), map_location=device)
     return net.to(device).eval(), config
 
 

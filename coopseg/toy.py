@@ -26,12 +26,15 @@ shifts); --full is the paper's sweep (30 models, the full-width segmentor, 32-px
 shifts), for a GPU. --max-shift with several values runs the sweep once per value
 and tabulates the gain against the shift (DIR/shift_<px>, DIR/shifts.md/png). Each
 run resumes: a sweep point whose DIR/lambda_r_<v>/last.pt holds a finished joint
-stage is not trained again.
+stage is not trained again, one stopped early is resumed; a folder trained with other
+settings (another --steps, --width, ...) is refused, never reused. A run holds
+DIR/.lock: a second run into DIR at the same time is refused.
 """
 from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import statistics
 import time
 from pathlib import Path
@@ -40,8 +43,9 @@ import torch
 
 import coopseg_kernels as ck
 
+from .checkpoint import atomic_write_text, folder_lock, load_checkpoint, remove_stale_temporaries
 from .data import build_dataset
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 from .train import Config, load_model, train
 
 # The paper's toy: s2 translated by at most 32 px, and Omega = those translations (D_S is
@@ -101,13 +105,32 @@ def lambda_dir(out: Path, lr: float) -> Path:
     return out / f"lambda_r_{lr:.4f}"
 
 
-def _finished(ckpt: Path, stage: str, steps: int) -> bool:
-    """True when ckpt holds a run whose last stage is `stage` and that ran `steps`
-    steps in all (coopseg.train numbers the steps over the stages of one run)."""
+# Keys of a sweep point's config that may differ from the checkpoint's without changing what it trained.
+_FREE = {"checkpoint_every", "progress", "device"}
+
+
+def _existing(ckpt: Path, config: Config, stages: tuple, *, ignore=(), extend: str | None = None) -> str:
+    """What `ckpt` holds for a run of `config` over `stages`: "none" (no checkpoint),
+    "finished" (these settings, every step done) or "partial" (resumable: stopped early,
+    or `extend`, the steps key of its last stage, raised since). ConfigError, naming the
+    file and the setting, when it was trained with other settings (another --steps,
+    --width, ...): a rerun never reuses a run of other settings. `ignore`: keys that do
+    not concern this run (the pretraining's steps_joint)."""
     if not ckpt.exists():
-        return False
-    state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    return state.get("stage") == stage and int(state.get("step", -1)) >= steps
+        return "none"
+    state = load_checkpoint(ckpt, keys=("config", "step", "stages"))
+    old, new = state["config"], config.to_dict()
+    if not isinstance(old, dict):
+        raise CheckpointError(f"{ckpt}: not a coopseg training checkpoint (its 'config' is not a mapping)")
+    diff = [k for k in new if k not in _FREE and k not in ignore and old.get(k) != new[k]
+            and not (k == extend and isinstance(old.get(k), int) and old[k] < new[k])]
+    if diff or list(state["stages"]) != list(stages):
+        what = (f"{diff[0]} {old.get(diff[0])!r} there, {new[diff[0]]!r} now" if diff
+                else f"stages {state['stages']} there, {list(stages)} now")
+        raise ConfigError(f"{ckpt} was trained with other settings ({what}): rerun with the settings it was "
+                          f"trained with, or choose another --out")
+    total = sum(new[f"steps_{s}"] for s in stages)
+    return "finished" if state["step"] == total else "partial"
 
 
 def test_set(n: int, seed: int = 0, size: int = 240, max_shift: int = PAPER_SHIFT) -> dict:
@@ -211,13 +234,12 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
 
 def write_csv(rows: list[dict], path: Path) -> None:
     fields = ["lambda_r", "pair", "ds_pred", "ds_truth", "gain", "dice1", "dice2"]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields)
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in fields})
-    tmp.replace(path)
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=fields)
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{r[k]:.6f}" if isinstance(r[k], float) else r[k]) for k in fields})
+    atomic_write_text(path, f.getvalue())
 
 
 def run_toy(out: Path, settings: ToySettings, *, log=print) -> list[dict]:
@@ -225,35 +247,63 @@ def run_toy(out: Path, settings: ToySettings, *, log=print) -> list[dict]:
     for v in settings.lambda_r:
         if not 0.0 <= v <= 1.0:
             raise ConfigError(f"lambda_r values must be in [0, 1], got {v!r}")
+    folders = {}
+    for v in settings.lambda_r:
+        name = lambda_dir(Path("."), v).name
+        if name in folders:  # one folder, one model: the sweep point would be trained and counted twice
+            raise ConfigError(f"lambda_r values {folders[name]!r} and {v!r} are one sweep point (folder {name}): "
+                              f"give distinct values, 4 decimals at most")
+        folders[name] = v
     if settings.test_pairs < 1:
         raise ConfigError(f"test_pairs must be >= 1, got {settings.test_pairs!r}")
     if isinstance(settings.max_shift, bool) or not isinstance(settings.max_shift, int) \
             or not 0 <= settings.max_shift <= PAPER_SHIFT:
         raise ConfigError(f"max_shift must be an int in [0, {PAPER_SHIFT}] (pixels), got {settings.max_shift!r}")
+    out = _make_dir(out)
+    with folder_lock(out, "coopseg toy"):
+        remove_stale_temporaries(out)  # a killed write's .toy.csv.tmp<pid>
+        return _run_toy(out, settings, log)
+
+
+def _make_dir(out) -> Path:
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def _run_toy(out: Path, settings: ToySettings, log) -> list[dict]:
     device = torch.device(settings.device)
     t0 = time.perf_counter()
     base = base_config(settings)
 
     pre_dir = out / "pretrain"
     pre_ckpt = pre_dir / "last.pt"
-    if _finished(pre_ckpt, "registor", settings.steps_segmentor + settings.steps_registor):
+    pre_stages = ("segmentor", "registor")
+    # Every checkpoint in DIR is checked before anything trains: a rerun with other settings
+    # is refused whole (a sweep point may only get more joint steps: it resumes).
+    have = _existing(pre_ckpt, base, pre_stages, ignore={"steps_joint"})
+    points = []
+    for lr in settings.lambda_r:
+        cfg = dataclasses.replace(base, lambda_r=lr, lambda_p=round(1.0 - lr, 6), lambda_g=1.0)
+        d = lambda_dir(out, lr)
+        points.append((lr, d, cfg, _existing(d / "last.pt", cfg, ("joint",), extend="steps_joint")))
+    if have == "finished":
         log(f"pretrained stages 1-2 found: {pre_ckpt}")
     else:
         log(f"stages 1-2 (shared by the sweep) -> {pre_dir}")
-        pre_ckpt = train(base, pre_dir, resume=pre_ckpt.exists(), stages=("segmentor", "registor"))
+        pre_ckpt = train(base, pre_dir, resume=have == "partial", stages=pre_stages)
 
     data = test_set(settings.test_pairs, seed=settings.seed, max_shift=settings.max_shift)
     ds_truth = ds_translation(data["s1"] > 0.5, data["s2"] > 0.5)
     rows: list[dict] = []
-    for i, lr in enumerate(settings.lambda_r, 1):
-        d = lambda_dir(out, lr)
+    for i, (lr, d, cfg, have) in enumerate(points, 1):
         ckpt = d / "last.pt"
-        cfg = dataclasses.replace(base, lambda_r=lr, lambda_p=round(1.0 - lr, 6), lambda_g=1.0)
-        if not _finished(ckpt, "joint", settings.steps_joint):
+        if have != "finished":
             log(f"[{i}/{len(settings.lambda_r)}] joint stage, lambda_r {lr:.2f} -> {d}")
-            if ckpt.exists():
+            if have == "partial":
                 ckpt = train(cfg, d, resume=True, stages=("joint",))
             else:
                 ckpt = train(cfg, d, stages=("joint",), init_checkpoint=pre_ckpt)
@@ -309,8 +359,12 @@ def run_shift_sweep(out: Path, settings: ToySettings, shifts, *, log=print) -> l
     shifts = list(shifts)
     if not shifts or len(set(shifts)) != len(shifts):
         raise ConfigError(f"shifts must be distinct ints in [0, {PAPER_SHIFT}], got {shifts!r}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = _make_dir(out)
+    with folder_lock(out, "coopseg toy"):
+        return _run_shift_sweep(out, settings, shifts, log)
+
+
+def _run_shift_sweep(out: Path, settings: ToySettings, shifts: list, log) -> list[dict]:
     rows = []
     for i, ms in enumerate(shifts, 1):
         log(f"=== [{i}/{len(shifts)}] largest shift {ms} px -> {shift_dir(out, ms)}")

@@ -22,11 +22,19 @@ run stopped and resumed writes the same log.csv as an uninterrupted one (on CPU;
 seconds column aside). Checkpoints are written to a temporary file and renamed
 (os.replace): a crash never leaves a half-written last.pt. SIGTERM / SIGINT finish the
 current step, write the checkpoint and stop (exit status 128 + signal number).
+
+--resume honours new step counts when the steps taken are the start of the new plan, and
+refuses otherwise (and when log.csv is missing or damaged). A run holds OUT/.lock: a
+second run into OUT is refused. A non-finite loss or weight stops training (Diverged; the
+last checkpoint, finite, is kept). docs/training.md, "Checkpoints and resume".
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import io
+import math
 import os
 import random
 import signal
@@ -41,15 +49,27 @@ from tqdm import tqdm
 
 import coopseg_kernels as ck
 
-from .checkpoint import atomic_write_text, rng_state, save_checkpoint, set_rng_state
+from .checkpoint import (
+    OutputError,
+    atomic_write_text,
+    check_finite,
+    first_nonfinite,
+    folder_lock,
+    load_checkpoint,
+    remove_stale_temporaries,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .config import CROP_MULTIPLE, Config, load_config, write_default_config  # noqa: F401 (re-exported)
 from .data import build_dataset
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, CoopsegError
 from .losses import blur_kernel, cooperative_loss, registration_loss, segmentation_loss
 from .models import CooperativeNet, Registor, Segmentor, load_genesis
 
 STAGES = ("segmentor", "registor", "joint")
 LOG_HEADER = ["step", "stage", "total", "seg", "reg", "sim", "seconds"]
+RESUME_KEYS = ("model", "optimizer", "stage", "step", "rng", "config", "stages", "world_size")
 
 
 class Interrupted(Exception):
@@ -59,6 +79,10 @@ class Interrupted(Exception):
         super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; "
                          f"checkpoint {checkpoint} (continue with --resume)")
         self.signum, self.step, self.checkpoint = signum, step, checkpoint
+
+
+class Diverged(CoopsegError):
+    """A non-finite loss or parameter: training stopped, the last checkpoint (finite) kept."""
 
 
 # ----------------------------------------------------------------------------- model
@@ -75,12 +99,25 @@ def build_model(config: Config) -> CooperativeNet:
 
 
 def load_model(checkpoint_path, map_location="cpu") -> tuple[CooperativeNet, Config]:
-    """(model in eval mode, its Config) from a training checkpoint (weights_only=True)."""
-    ckpt = torch.load(checkpoint_path, map_location=map_location, weights_only=True)
+    """(model in eval mode, its Config) from a training checkpoint (weights_only=True).
+    CheckpointError naming the file when it is not a coopseg checkpoint, does not fit the
+    model its config describes, or holds a NaN / inf (naming the first such parameter)."""
+    ckpt = load_checkpoint(checkpoint_path, map_location)
     config = Config.from_dict(ckpt["config"], source=f"{checkpoint_path} (config)")
+    check_finite(ckpt["model"], checkpoint_path)
     model = build_model(dataclasses.replace(config, genesis=""))
-    model.load_state_dict(ckpt["model"])
+    _load_state(model, ckpt["model"], checkpoint_path)
     return model.eval(), config
+
+
+def _load_state(module, state: dict, path) -> None:
+    try:
+        module.load_state_dict(state)
+    except Exception as exc:  # missing / unexpected keys, shape mismatch (RuntimeError), bad values
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        detail = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path}: its weights do not fit the model its config describes "
+                              f"({first if len(first) > 60 else detail})") from None
 
 
 # ----------------------------------------------------------------------------- data
@@ -118,10 +155,32 @@ def build_training_data(config: Config):
     return build_dataset(config.data, spatial_dims=config.spatial_dims, seed=config.seed, split="train")
 
 
-def _read_log(path: Path, upto: int) -> list[list[str]]:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    return [r for r in rows[1:] if r and int(r[0]) <= upto]
+def _read_log(path: Path, expected: list[str], ckpt_path: Path) -> list[list[str]]:
+    """The rows of log.csv for the steps the checkpoint has seen (their stages `expected`),
+    or CheckpointError: a resume never continues with rows silently gone. Rows beyond the
+    checkpoint (a crash between the log and the checkpoint) are dropped."""
+    upto = len(expected)
+    if upto == 0:
+        return []
+    advice = f"restore it, or start again in a new --out (the losses of steps 1-{upto} are not in the checkpoint)"
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # (a byte-order mark from an editor is fine)
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing, but {ckpt_path} is at step {upto}: the log cannot be "
+                              f"continued without its first {upto} rows; {advice}") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise CheckpointError(f"{path}: unreadable ({exc}); {advice}") from None
+    if not rows or rows[0] != LOG_HEADER:
+        raise CheckpointError(f"{path}: damaged (first line is not the header {','.join(LOG_HEADER)}); {advice}")
+    for i, (row, stage) in enumerate(zip(rows[1:upto + 1], expected), 1):
+        if len(row) != len(LOG_HEADER) or row[0] != str(i) or row[1] != stage:
+            raise CheckpointError(f"{path}: damaged at line {i + 1} (expected the row of step {i}, {stage}, "
+                                  f"got {','.join(row)[:80]!r}); {advice}")
+    if len(rows) - 1 < upto:
+        raise CheckpointError(f"{path}: has {len(rows) - 1} rows, but {ckpt_path} is at step {upto}: "
+                              f"rows are missing; {advice}")
+    return rows[1:upto + 1]
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -150,17 +209,21 @@ def _setup_distributed(config: Config):
 # ----------------------------------------------------------------------------- the loop
 
 def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_checkpoint=None,
-          stop_after: int | None = None) -> Path:
+          stop_after: int | None = None, overwrite: bool = True) -> Path:
     """Train and return the path of the final checkpoint (OUT/last.pt).
 
     stages:          which of "segmentor", "registor", "joint" to run, in that order
                      (steps are numbered 1.. over the stages run).
     init_checkpoint: start the model from this checkpoint's weights (fresh optimizer),
                      e.g. stages 1-2 trained once and shared by several joint runs.
-    resume:          continue OUT/last.pt (same config; steps_* and checkpoint_every,
-                     progress, device may differ); without a checkpoint, start afresh.
+    resume:          continue OUT/last.pt (same config; checkpoint_every, progress, device
+                     may differ, and steps_* where the steps already done are a start of
+                     the new plan: see _plan_done); without a checkpoint, start afresh.
     stop_after:      stop (with a checkpoint) after this many steps in this call.
-    Raises Interrupted after SIGTERM/SIGINT (checkpoint written).
+    overwrite:       without resume, False refuses an OUT that holds a checkpoint.
+    The run holds OUT/.lock (coopseg.checkpoint.folder_lock): a second run into OUT
+    gets OutputError. Raises Interrupted after SIGTERM/SIGINT (checkpoint written) and
+    Diverged on a non-finite loss or weight (the last checkpoint, finite, kept).
     """
     if not isinstance(config, Config):
         raise TypeError(f"config must be a coopseg.train.Config, got {type(config).__name__}")
@@ -173,7 +236,22 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
     rank, world, device = _setup_distributed(config)
     main = rank == 0
     if main:
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+    with folder_lock(out, "coopseg train") if main else contextlib.nullcontext():
+        if main:
+            remove_stale_temporaries(out)  # left by a killed write (the lock says no run is writing here)
+            if not resume and not overwrite and os.path.lexists(out / "last.pt"):
+                raise OutputError(f"{out / 'last.pt'} exists: pass --resume to continue it, or choose another --out")
+        return _train(config, out, rank, world, device, resume=resume, stages=stages,
+                      init_checkpoint=init_checkpoint, stop_after=stop_after)
+
+
+def _train(config: Config, out: Path, rank: int, world: int, device: torch.device, *, resume, stages,
+           init_checkpoint, stop_after) -> Path:
+    main = rank == 0
     ckpt_path, log_path = out / "last.pt", out / "log.csv"
 
     # Everything random below starts from the seed; resume then overwrites it all.
@@ -188,24 +266,34 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
     dataset = build_training_data(config)
     plan = [(s, getattr(config, f"steps_{s}")) for s in stages]
     total_steps = sum(n for _, n in plan)
+    done = {s: 0 for s in stages}  # steps taken per stage
     step = 0
+    saved = None  # the step of the checkpoint on disk (None: none yet)
 
-    if resume and ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, map_location=device, weights_only=True)
+    if resume and os.path.lexists(ckpt_path):  # (a broken link is an error, not "no checkpoint")
+        ckpt = load_checkpoint(ckpt_path, device, keys=RESUME_KEYS)
         _check_resumable(ckpt, config, stages, world, ckpt_path)
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        set_rng_state(ckpt["rng"][rank], gen)
-        step = ckpt["step"]
-        rows = _read_log(log_path, step) if log_path.exists() else []
+        done = _plan_done(ckpt, plan, ckpt_path)
+        step = saved = ckpt["step"]
+        rows = _read_log(log_path, [s for s, _ in plan for _ in range(done[s])], ckpt_path) if main else []
+        check_finite(ckpt["model"], ckpt_path)
+        _load_state(model, ckpt["model"], ckpt_path)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            set_rng_state(ckpt["rng"][rank], gen)
+        except Exception as exc:  # a damaged or hand-made checkpoint: several types
+            raise CheckpointError(f"{ckpt_path}: its optimizer or RNG state does not load "
+                                  f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"
+                                  ) from None
         if main:
             print(f"coopseg train: resuming {ckpt_path} after step {step} ({ckpt['stage']})", file=sys.stderr)
     else:
         if resume and main:
             print(f"coopseg train: no {ckpt_path} to resume; starting afresh", file=sys.stderr)
         if init_checkpoint is not None:
-            init = torch.load(init_checkpoint, map_location=device, weights_only=True)
-            model.load_state_dict(init["model"])
+            init = load_checkpoint(init_checkpoint, device, keys=("model",))
+            check_finite(init["model"], init_checkpoint)
+            _load_state(model, init["model"], init_checkpoint)
         rows = []
     if main:  # the log holds exactly the steps the checkpoint has seen
         atomic_write_text(log_path, ",".join(LOG_HEADER) + "\n" + "".join(",".join(r) + "\n" for r in rows))
@@ -226,7 +314,9 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
             wrapped[stage] = module
         return wrapped[stage]
 
-    def one_step(stage) -> dict:
+    def one_step(stage) -> tuple[dict, bool]:
+        """The loss terms of one step and whether they are finite (on every rank); the
+        optimizer steps only when they are."""
         sample = random_crop(dataset[int(torch.randint(len(dataset), (), generator=gen))],
                              crop_min, crop_max, gen, config.intensity_shift)
         x1, x2, s1, s2 = (sample[k][None].to(device, non_blocking=True) for k in ("x1", "x2", "s1", "s2"))
@@ -248,11 +338,25 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
                                      kernel=kernel)
                 terms = t._asdict()
         optimizer.zero_grad(set_to_none=True)
-        terms["total"].backward()
-        optimizer.step()
-        return {k: float(v.detach()) for k, v in terms.items()}
+        terms["total"].backward()  # also when not finite: under DDP every rank joins the all-reduce
+        values = {k: float(v.detach()) for k, v in terms.items()}
+        finite = math.isfinite(values["total"])
+        if world > 1:
+            flag = torch.tensor([float(not finite)], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            finite = not flag.item()
+        if finite:
+            optimizer.step()
+        return values, finite
+
+    def kept() -> str:
+        return f"{ckpt_path} (step {saved}) is kept" if saved is not None else "no checkpoint was written"
 
     def checkpoint(stage):
+        bad = first_nonfinite(model.state_dict())
+        if bad is not None:  # every rank holds the same weights: all stop here
+            raise Diverged(f"after step {step} ({stage}) parameter {bad!r} is not finite (NaN or inf): training "
+                           f"stopped, {kept()}; lower lr (now {config.lr:g}) and start again")
         states = [rng_state(gen)]
         if world > 1:
             states = [None] * world
@@ -260,7 +364,7 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
         if main:
             save_checkpoint(ckpt_path, dict(model=model.state_dict(), optimizer=optimizer.state_dict(),
                                             stage=stage, step=step, rng=states, config=config.to_dict(),
-                                            stages=list(stages), world_size=world))
+                                            stages=list(stages), world_size=world, done=dict(done)))
 
     # SIGTERM / SIGINT: finish the step, checkpoint, stop (all ranks at the same step).
     caught = []
@@ -276,28 +380,39 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
         bar = tqdm(total=total_steps, initial=step, desc="train", dynamic_ncols=True, file=sys.stderr,
                    mininterval=0.5)
     model.train()
-    log = open(log_path, "a", newline="") if main else None
-    last_stage = ckpt["stage"] if resume and step else plan[0][0]  # the stage of the last step taken
     try:
-        done_before = 0
+        log = open(log_path, "a", newline="") if main else None
+    except OSError as exc:
+        raise OutputError(f"cannot write {log_path}: {exc.strerror or exc}") from None
+    # the stage of the last step taken
+    last_stage = next((s for s, _ in reversed(plan) if done[s]), plan[0][0])
+    try:
         steps_this_call = 0
         for stage, n in plan:
-            for k in range(n):
-                if done_before + k < step:
-                    continue  # done before the resume
+            for _ in range(done[stage], n):
                 t0 = time.perf_counter()
-                terms = one_step(stage)
-                last_stage = stage
+                terms, finite = one_step(stage)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 seconds = time.perf_counter() - t0
                 step += 1
-                steps_this_call += 1
                 if main:
-                    log.write(",".join([str(step), stage] + [
-                        repr(terms[key]) if key in terms else "" for key in ("total", "seg", "reg", "sim")]
-                        + [f"{seconds:.4f}"]) + "\n")
-                    log.flush()
+                    try:
+                        log.write(",".join([str(step), stage] + [
+                            repr(terms[key]) if key in terms else "" for key in ("total", "seg", "reg", "sim")]
+                            + [f"{seconds:.4f}"]) + "\n")
+                        log.flush()
+                    except OSError as exc:
+                        raise OutputError(f"cannot write {log_path}: {exc.strerror or exc}; "
+                                          f"{kept()}, continue with --resume") from None
+                if not finite:
+                    raise Diverged(f"step {step} ({stage}): the loss is not finite ("
+                                   + ", ".join(f"{k} {v!r}" for k, v in terms.items())
+                                   + f"): training stopped before its update, {kept()}; "
+                                   f"lower lr (now {config.lr:g}) and start again")
+                done[stage] += 1
+                last_stage = stage
+                steps_this_call += 1
                 if bar is not None:
                     bar.set_postfix({"stage": stage, **{key: f"{v:.4f}" for key, v in terms.items()}})
                     bar.update(1)
@@ -308,12 +423,13 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
                     stop = bool(flag.item())
                 if stop or step % config.checkpoint_every == 0:
                     checkpoint(stage)
+                    saved = step
                 if stop:
                     if caught:
                         raise Interrupted(caught[0], step, ckpt_path)
                     return ckpt_path
-            done_before += n
-        checkpoint(last_stage)
+        if not (steps_this_call and saved == step):  # (a resume with nothing left records the new config)
+            checkpoint(last_stage)
         return ckpt_path
     finally:
         if bar is not None:
@@ -325,9 +441,43 @@ def train(config: Config, out_dir, *, resume: bool = False, stages=STAGES, init_
         wrapped.clear()
 
 
+def _plan_done(ckpt: dict, plan: list, path: Path) -> dict:
+    """Steps done per stage by the checkpoint, checked against the plan of this call.
+
+    A resume honours new steps_* exactly as a fresh run with them would continue: the
+    steps done must be a start of the new plan (every stage before the current one
+    complete with its new count, the current one at most its new count). Anything else
+    (fewer steps than done, or steps added to a stage already left) is refused."""
+    stages = [s for s, _ in plan]
+    done = ckpt.get("done")
+    if done is None:  # written before "done" was stored: from the checkpoint's own plan
+        done, left = {}, int(ckpt["step"])
+        for s in stages:
+            n = min(left, int(ckpt["config"].get(f"steps_{s}", 0)))
+            done[s], left = n, left - n
+        if left:
+            raise CheckpointError(f"{path}: step {ckpt['step']} is beyond its config's steps")
+    if not isinstance(done, dict) or set(done) != set(stages) or sum(done.values()) != ckpt["step"]:
+        raise CheckpointError(f"{path}: damaged progress record ({done!r} at step {ckpt['step']})")
+    current = max((i for i, s in enumerate(stages) if done[s]), default=0)
+    for i, (s, n) in enumerate(plan):
+        if i < current and done[s] != n:
+            raise CheckpointError(
+                f"{path}: its run finished the {s} stage after {done[s]} steps and went on to the "
+                f"{stages[current]} stage; steps_{s} is now {n}: a resume cannot change a stage already left "
+                f"(set steps_{s}: {done[s]}, or start again in a new --out)")
+        if i == current and done[s] > n:
+            raise CheckpointError(
+                f"{path}: {done[s]} {s} steps are done, steps_{s} is now {n}: a resume cannot undo steps "
+                f"(set steps_{s} >= {done[s]}, or start again in a new --out)")
+    return {s: int(done[s]) for s in stages}
+
+
 def _check_resumable(ckpt: dict, config: Config, stages, world: int, path: Path) -> None:
     free = {"steps_segmentor", "steps_registor", "steps_joint", "checkpoint_every", "progress", "device"}
     old = ckpt["config"]
+    if not isinstance(old, dict):
+        raise CheckpointError(f"{path}: not a coopseg training checkpoint (its 'config' is not a mapping)")
     diff = [k for k, v in config.to_dict().items() if k not in free and old.get(k) != v]
     if diff:
         raise ConfigError(f"{path} was written with another config: {', '.join(diff)} differ "
@@ -336,6 +486,9 @@ def _check_resumable(ckpt: dict, config: Config, stages, world: int, path: Path)
         raise CheckpointError(f"{path} was written with stages={ckpt['stages']}, resuming with stages={list(stages)}")
     if ckpt["world_size"] != world:
         raise CheckpointError(f"{path} was written by {ckpt['world_size']} processes; resume with as many, not {world}")
+    if not isinstance(ckpt["step"], int) or ckpt["step"] < 0 or not isinstance(ckpt["rng"], list) \
+            or len(ckpt["rng"]) != world:
+        raise CheckpointError(f"{path}: damaged (step {ckpt['step']!r}, {type(ckpt['rng']).__name__} rng)")
 
 
 def _config_yaml(config: Config) -> str:

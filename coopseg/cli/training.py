@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import math
 import os
+import signal
 import sys
 
 import torch
@@ -38,12 +39,15 @@ def cmd_train(args) -> int:
     try:
         config = train.load_config(args.config)
         out = out_dir(args.out)
-        if not args.resume and (out / "last.pt").exists():
-            raise CliError(f"{out / 'last.pt'} exists: pass --resume to continue it, or choose another --out")
-        path = train.train(config, out, resume=args.resume)
+        # (OUT/last.pt without --resume is refused inside the run's lock on OUT)
+        path = train.train(config, out, resume=args.resume, overwrite=False)
     except train.Interrupted as exc:
         print(f"coopseg train: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    except KeyboardInterrupt:  # Ctrl-C before the loop's handler (loading, first step's setup)
+        print("coopseg train: interrupted before training started; nothing written to the checkpoint",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     except ValueError as exc:  # ConfigError and data errors: one line, exit 2
         raise CliError(str(exc)) from None
     finally:
@@ -125,6 +129,14 @@ def cmd_toy(args) -> int:
             toy.run_toy(out, settings, log=log)
     except ConfigError as exc:  # a setting the training layer rejects: one line
         raise CliError(str(exc).splitlines()[0]) from None
+    except train.Interrupted as exc:  # SIGTERM / SIGINT in a training stage: its checkpoint is written
+        print(f"coopseg toy: stopped by {signal.Signals(exc.signum).name} after step {exc.step} of "
+              f"{exc.checkpoint.parent}; run the same command again to continue", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:  # Ctrl-C outside a training stage (data, evaluation)
+        print("coopseg toy: interrupted; run the same command again to continue (trained sweep points are kept)",
+              file=sys.stderr)
+        return 128 + signal.SIGINT
     return 0
 
 
