@@ -1,6 +1,9 @@
 """`python -m coopseg ...` = the `coopseg` command."""
 import sys
 
-from coopseg.cli import main
+try:  # Ctrl-C while torch is still importing: the exit status of SIGINT, no traceback
+    from coopseg.cli import main
+except KeyboardInterrupt:
+    sys.exit(130)
 
 sys.exit(main())
