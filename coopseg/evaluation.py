@@ -148,7 +148,7 @@ def read_paired_scores(path, a: str, b: str, *, id_column: str | None = None) ->
     keep = list(range(len(table.rows)))
     notes = []
     last = len(table.rows) - 1
-    if last >= 2 and all(_is_mean_of(values[c][:last], values[c][last]) for c in (a, b)):
+    if last >= 1 and all(_is_mean_of(values[c][:last], values[c][last]) for c in (a, b)):
         flat = all(len(set(values[c][:last])) == 1 for c in (a, b))
         if ids[last].lower() == "mean":
             keep.pop()

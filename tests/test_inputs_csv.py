@@ -151,6 +151,8 @@ def test_wilcoxon_skips_the_mean_row_of_an_old_evaluate_csv(tmp_path, capsys):
     ("case,a,b\nx,1,2\ny,0.9x,1\n", "line 3, column 'a': '0.9x' is not a number"),
     ("case,a,b\nx,1,2\ny,1,nan\n", "line 3, column 'b': 'nan' is not a finite number"),
     ("case,a,b\nx,1,2\ny,1,-inf\n", "'-inf' is not a finite number"),
+    ("case,a,b\nx,1,2\ncase,a,b\ny,3,1\n", "line 3, column 'a': 'a' is not a number"),  # two files concatenated
+    ("case,a,b\nx,1,2\ny,95%,1\n", "line 3, column 'a': '95%' is not a number"),
     ("case,a,b\n", "has no rows (only a header)"),
     ("", "is empty"),
     ("case,a,a\nx,1,2\ny,3,1\n", "column 'a' appears twice in the header"),
@@ -454,3 +456,34 @@ def test_stdout_reader_that_stops_is_no_traceback(masks):
     p.stdout.close()  # `| head -0`: the reader is gone before the first row (no race)
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 1 and "Traceback" not in err and "Error" not in err, err
+
+
+def test_out_through_a_link_or_to_a_device(masks, capsys):
+    """The atomic write replaces a link's target (not the link) and writes devices directly."""
+    tmp = masks
+    (tmp / "p.csv").write_text("a,b\na.nii.gz,b.nii.gz\n")
+    (tmp / "store").mkdir()
+    (tmp / "store" / "r.csv").write_text("old\n")
+    (tmp / "link.csv").symlink_to(tmp / "store" / "r.csv")
+    assert main(["similarity", "--pairs", str(tmp / "p.csv"), "--out", str(tmp / "link.csv")] + SIM) == 0
+    assert (tmp / "link.csv").is_symlink() and (tmp / "store" / "r.csv").read_text().startswith("a,b,dice,ds")
+    assert main(["similarity", "--pairs", str(tmp / "p.csv"), "--out", os.devnull] + SIM) == 0
+    assert Path(os.devnull).is_char_device()
+
+
+def test_a_table_from_a_pipe(tmp_path, capsys):
+    """`coopseg wilcoxon <(make-scores)`: a named pipe is read like a file."""
+    import threading
+
+    fifo = tmp_path / "scores"
+    os.mkfifo(fifo)
+
+    def feed():
+        with open(fifo, "w") as f:
+            f.write("case,x,y\np1,1,2\np2,3,1\np3,5,2\n")
+
+    t = threading.Thread(target=feed)
+    t.start()
+    assert main(["wilcoxon", str(fifo), "--a", "x", "--b", "y"]) == 0
+    t.join(timeout=10)
+    assert capsys.readouterr().out.startswith("n 3  median(x - y) +2.0000")

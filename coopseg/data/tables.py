@@ -48,17 +48,15 @@ def read_rows(path, what: str = "table", *, error=CoopsegError) -> list[tuple[in
     path = Path(path)
     if path.is_dir():
         raise error(f"{path}: is a folder, not a CSV {what}")
-    if not path.is_file():
+    if not path.exists():
         raise error(f"{path}: no such {what} file")
-    try:
-        size = path.stat().st_size
+    try:  # a regular file, or a pipe (`--pairs <(make-list)`): read as a stream, never more than MAX_BYTES
         with open(path, "rb") as f:
             head = f.read(512)
             _sniff(path, head, what, error)
-            if size > MAX_BYTES:
-                raise error(f"{path}: {size / 2**20:.0f} MiB, too large for a CSV {what} "
-                            f"(at most {MAX_BYTES // 2**20} MiB)")
-            data = head + f.read()
+            data = head + f.read(MAX_BYTES + 1 - len(head))
+            if len(data) > MAX_BYTES:
+                raise error(f"{path}: too large for a CSV {what} (more than {MAX_BYTES // 2**20} MiB)")
     except OSError as exc:
         raise error(f"{path}: cannot read the {what} ({exc.strerror or exc})") from None
     if not data.strip():
@@ -180,8 +178,14 @@ def check_output_file(path, what: str, *, name: str = "out", inputs=(), error=Co
 @contextlib.contextmanager
 def atomic_output(path, mode: str = "w") -> Iterator:
     """Open a temporary file beside ``path`` (its folders created); on success it replaces
-    ``path``, on an exception it is removed and ``path`` is left as it was."""
-    path = Path(path)
+    ``path``, on an exception it is removed and ``path`` is left as it was. A symbolic link
+    is followed (its target is replaced); something that is not a regular file (``/dev/null``,
+    a named pipe) is written directly."""
+    path = Path(os.path.realpath(path)) if Path(path).is_symlink() else Path(path)
+    if path.exists() and not path.is_file():
+        with open(path, mode, newline="" if "b" not in mode else None) as f:
+            yield f
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
