@@ -143,7 +143,7 @@ def test_evaluate_equals_a_direct_computation(pair_case, fake_checkpoint, capsys
     printed = capsys.readouterr().out
     with open(out) as f:
         rows = list(csv.DictReader(f))
-    assert [r["case"] for r in rows] == ["case0", "case1", "case2", "mean"]
+    assert [r["case"] for r in rows] == ["case0", "case1", "case2"]  # cases only: the mean is in .mean.csv
     direct = []
     for case, row in zip(read_manifest(manifest), rows):
         x1 = nib.load(str(case.t1)).get_fdata()
@@ -171,8 +171,11 @@ def test_evaluate_equals_a_direct_computation(pair_case, fake_checkpoint, capsys
             assert float(row[k]) == pytest.approx(v, abs=2e-6), (case.id, k)
         direct.append(d)
     assert 0.3 < direct[0]["dice_annotations"] < 0.95 and direct[0]["dice_t1"] < 1  # not trivial cases
+    with open(tmp / "res" / "results.mean.csv") as f:
+        (mean,) = list(csv.DictReader(f))
+    assert mean["summary"] == "mean" and mean["n"] == "3"
     for k in evaluate_cases.METRICS:
-        assert float(rows[-1][k]) == pytest.approx(np.mean([d[k] for d in direct]), abs=2e-6)
+        assert float(mean[k]) == pytest.approx(np.mean([d[k] for d in direct]), abs=2e-6)
     test = paired_wilcoxon([d["ds_pred"] for d in direct], [d["ds_ann"] for d in direct])
     assert f"{test.p_value:.3g}" in printed and f"{test.n}, {test.median_difference:+.3f}" in printed
     assert "paper" in printed and "D_S of the predicted pairs" in printed

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..errors import VolumeError
+from .tables import read_table, resolve_path
 
 COLUMNS = ("t1", "t2", "t1_mask", "t2_mask")
 PERCENTILES = (0.5, 99.5)
@@ -76,39 +77,42 @@ def _nib():
     return nib
 
 
+def _one_line(exc: Exception) -> str:
+    """An exception's message on one line (nibabel's may hold newlines)."""
+    return " ".join(str(exc).split())
+
+
 def read_manifest(path) -> list[Case]:
     """Rows of a manifest CSV as :class:`Case` objects with absolute paths.
 
-    Raises VolumeError for a missing CSV, missing columns or an empty manifest; the
-    files themselves are checked when loaded."""
+    Read by :func:`coopseg.data.tables.read_table` (UTF-8 with or without a byte-order mark,
+    blank rows skipped). Raises VolumeError naming the file (and line) for a missing or
+    unreadable CSV, missing columns, a header without rows, a row without t1 or t2, and
+    two rows of one pair (the same t1 and t2 files) or of one id; the volumes themselves
+    are checked when loaded."""
     path = Path(path)
-    if not path.is_file():
-        raise VolumeError(f"{path}: no such manifest file")
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        header = [h.strip() for h in (reader.fieldnames or [])]
-        missing = [c for c in ("t1", "t2") if c not in header]
-        if missing:
-            raise VolumeError(f"{path}: manifest needs the columns {', '.join(COLUMNS)}; missing {', '.join(missing)}")
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
-    rows = [r for r in rows if any(r.values())]
-    if not rows:
-        raise VolumeError(f"{path}: manifest has no rows")
+    table = read_table(path, "manifest", required=("t1", "t2"), expected=", ".join(COLUMNS), error=VolumeError)
     base = path.parent
+    cols = {c: table.header.index(c) for c in ("id",) + COLUMNS if c in table.header}
 
-    def resolve(p: str) -> Optional[Path]:
-        if not p:
-            return None
-        q = Path(p)
-        return q if q.is_absolute() else base / q
+    def cell(r, c):
+        return r[cols[c]] if c in cols else ""
 
-    cases = []
-    for k, r in enumerate(rows, 1):
-        if not r.get("t1") or not r.get("t2"):
-            raise VolumeError(f"{path}: row {k} needs both t1 and t2 paths")
-        cases.append(Case(id=r.get("id") or Path(r["t1"]).name.split(".")[0] + f"_{k}",
-                          t1=resolve(r["t1"]), t2=resolve(r["t2"]),
-                          t1_mask=resolve(r.get("t1_mask", "")), t2_mask=resolve(r.get("t2_mask", ""))))
+    cases, ids, pairs = [], {}, {}
+    for k, r in enumerate(table.rows):
+        where = table.where(k)
+        if not cell(r, "t1") or not cell(r, "t2"):
+            raise VolumeError(f"{where}: a manifest row needs both t1 and t2 paths")
+        paths = {c: resolve_path(cell(r, c), base) if cell(r, c) else None for c in COLUMNS}
+        case = Case(id=cell(r, "id") or Path(cell(r, "t1")).name.split(".")[0] + f"_{k + 1}", **paths)
+        key = (os.path.realpath(case.t1), os.path.realpath(case.t2))
+        if key in pairs:
+            raise VolumeError(f"{where}: the same pair (t1 {case.t1}, t2 {case.t2}) as line {pairs[key]}; "
+                              "each pair may appear once")
+        if case.id in ids:
+            raise VolumeError(f"{where}: id {case.id!r} already used on line {ids[case.id]}; ids must be unique")
+        pairs[key] = ids[case.id] = table.lines[k]
+        cases.append(case)
     return cases
 
 
@@ -136,13 +140,15 @@ def load_nifti(path, what: str = "image", ndims: tuple[int, ...] = (3,)):
     naming the file."""
     nib = _nib()
     path = Path(path)
+    if path.is_dir():
+        raise VolumeError(f"{path}: is a folder, not a {what} file")
     if not path.is_file():
         raise VolumeError(f"{path}: no such {what} file")
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except Exception as exc:  # nibabel raises several types for unreadable files
-        raise VolumeError(f"{path}: cannot read as NIfTI ({exc})") from None
+        raise VolumeError(f"{path}: cannot read as NIfTI ({_one_line(exc)})") from None
     while data.ndim > min(ndims) and data.shape[-1] == 1:
         data = data[..., 0]
     if data.ndim not in ndims:
@@ -153,6 +159,27 @@ def load_nifti(path, what: str = "image", ndims: tuple[int, ...] = (3,)):
     if not np.isfinite(data).all():
         raise VolumeError(f"{path}: {what} has NaN or infinite voxels")
     return data, img
+
+
+def nifti_shape(path, what: str = "image") -> tuple[int, ...]:
+    """The 3-D shape of a NIfTI file from its header alone (no voxel data read; trailing
+    axes of length 1 dropped); VolumeError naming the file when it is missing, a folder,
+    not NIfTI or not 3-D."""
+    nib = _nib()
+    path = Path(path)
+    if path.is_dir():
+        raise VolumeError(f"{path}: is a folder, not a {what} file")
+    if not path.is_file():
+        raise VolumeError(f"{path}: no such {what} file")
+    try:
+        shape = tuple(int(s) for s in nib.load(str(path)).shape)
+    except Exception as exc:  # nibabel raises several types for unreadable files
+        raise VolumeError(f"{path}: cannot read as NIfTI ({_one_line(exc)})") from None
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise VolumeError(f"{path}: expected a 3-D {what}, got shape {shape}")
+    return shape
 
 
 def check_mask_matches(mask_path, mask_img, mask, image_path, image_img, image) -> None:
@@ -244,15 +271,7 @@ class PairDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _header_shape(path):
-        nib = _nib()
-        if not Path(path).is_file():
-            raise VolumeError(f"{path}: no such image file")
-        shape = tuple(s for s in nib.load(str(path)).shape)
-        while len(shape) > 3 and shape[-1] == 1:
-            shape = shape[:-1]
-        if len(shape) != 3:
-            raise VolumeError(f"{path}: expected a 3-D image, got shape {shape}")
-        return shape
+        return nifti_shape(path, "image")
 
     def __len__(self) -> int:
         return len(self._index)
