@@ -18,7 +18,7 @@ if os.environ.get("COOPSEG_NO_EXT") != "1":
     # The sources are C++17; the standard flag is left to torch (C++20 since 2.10).
     # -fno-trapping-math: the kernels never test floating-point exception flags;
     # without it GCC may not if-convert float compares and conversions and leaves
-    # the warp's tap loops scalar (4x slower; see README "How the kernels work").
+    # the warp's tap loops scalar (4x slower; docs/kernels.md#build-flags).
     # NaN and inf semantics are unchanged (unlike -ffast-math).
     flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if os.environ.get("COOPSEG_NATIVE", "1") == "1":

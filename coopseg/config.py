@@ -65,7 +65,7 @@ class Config:
                       "translation")
     registor_scale: float = _doc("gain on the registor output (voxels per unit); 1 = the paper", 8.0)
     registor_pool: str = _doc("omega translation: mean (the spec's global average) | mask (weighted by the mask "
-                              "mass each location sees; README 'Toy experiment')", "mean")
+                              "mass each location sees; docs/toy.md#departure-mask-weighted-registor)", "mean")
     blur_sigma: float = _doc("L_g's blur: 0 = the paper's [1, 2, 1]; > 0 = a Gaussian of this std (voxels)", 0.0)
     genesis: str = _doc("path of Models Genesis weights to start the segmentor from ('' = none; 3-D)", "")
     checkpointing: bool = _doc("activation checkpointing of the network levels (less memory)", False)

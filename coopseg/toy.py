@@ -68,20 +68,22 @@ class ToySettings:
     lr: float = 1e-3
     blur_sigma: float = 8.0       # L_g's Gaussian blur (px): the blurred masks of a pair overlap
                                   # even at the toy's 32-px shifts, so L_g is not flat in the shift
-    registor_lr: float = 1e-4     # mask pooling at 3e-4 jumped out of the image (README); mean pooling: 3e-4
-    registor_pool: str = "mask"   # a departure from the spec's global average: it diluted the shift (README)
+    registor_lr: float = 1e-4     # mask pooling at 3e-4 jumped out of the image; mean pooling: 3e-4
+    # a departure from the spec's global average, which diluted the shift
+    # (docs/toy.md#departure-mask-weighted-registor)
+    registor_pool: str = "mask"
     seed: int = 0
     device: str = "cpu"
 
 
 # Reduced: 5 sweep points, a quarter-width segmentor, 128-px crops, 4300 steps in
-# all; sized for a 2-core CPU (README "Toy experiment" has the measured wall time).
+# all; sized for a 2-core CPU (docs/toy.md#result has the measured wall time).
 # Its pairs are not translated (max_shift 0; the blobs of s2 keep their own jitter,
 # so s1 != s2): in this budget the segmentor learns to copy ŝ1's outline into ŝ2 only
 # across shifts of a few pixels, so at the paper's 32 px no lambda gains anything
-# (measured: README, `coopseg toy --max-shift 0 4 8 16 32`). --max-shift 32 runs it.
+# (measured: docs/toy.md#departure-untranslated-pairs, `coopseg toy --max-shift 0 4 8 16 32`). --max-shift 32 runs it.
 # lambda_r = 0 is left out here: with no L_r, in a 300-step trial L_p alone
-# collapsed the second mask to the empty one (see README).
+# collapsed the second mask to the empty one (docs/toy.md#settings).
 REDUCED = ToySettings(lambda_r=(0.1, 0.3, 0.5, 0.7, 1.0), width=0.25, steps_segmentor=800,
                       steps_registor=2000, steps_joint=300, crop_min=128, crop_max=128, test_pairs=30,
                       max_shift=0)

@@ -124,7 +124,7 @@ def _fuzz_one(seed):
 
 
 def _fuzz_warp_finite_grad_rule(moving, coarse, grad_out, ac, pad, dtype, what):
-    # README rule (c): as the reference with grad_out set to 0 at non-finite
+    # docs/conventions.md#non-finite-values rule (c): as the reference with grad_out set to 0 at non-finite
     # entries whose sample has no corner inside the image
     nd = moving.dim() - 2
     field = reference.upsample_field(coarse.double(), moving.shape[2:], align_corners=ac)

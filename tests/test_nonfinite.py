@@ -1,4 +1,4 @@
-"""Non-finite inputs follow the README's rules (Conventions) in both backends,
+"""Non-finite inputs follow docs/conventions.md#non-finite-values in both backends,
 checked against the reference (F.interpolate + F.grid_sample, which never sees a
 non-finite grid). Values must agree where finite, and be non-finite at the same
 elements (NaN and inf are not told apart for gradients of non-finite data)."""

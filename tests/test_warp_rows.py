@@ -83,7 +83,7 @@ def test_rows_do_not_depend_on_thread_count(size, coarse_size, set_threads):
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
 @pytest.mark.parametrize("where", ["image", "grad_out", "coarse"])
 def test_rows_nonfinite(where, padding_mode, C):
-    # the README's non-finite rules (tests/test_nonfinite.py) on float32 rows
+    # the non-finite rules (docs/conventions.md#non-finite-values; tests/test_nonfinite.py) on float32 rows
     # long enough for the AVX-512 path: a NaN/inf reaches only what reads it
     # through a tap inside the image; a NaN node gives NaN voxels and gradients
     moving, coarse, grad_out = _inputs(11, (3, 4, 37), (2, 2, 3), C)
