@@ -11,8 +11,10 @@ import torch
 
 from coopseg import cli
 from coopseg.config import Config, ConfigError, load_config, write_default_config
+from coopseg.data.volumes import write_manifest
 from coopseg.errors import CheckpointError
 from coopseg.models import Segmentor, load_genesis
+from coopseg.train import load_model, random_crop, train
 
 TINY = "toy_pairs: 2\ntoy_size: 32\ncrop_min: 16\ncrop_max: 32\nwidth: 0.125\nprogress: false\ndevice: cpu\n"
 
@@ -153,8 +155,6 @@ def _volumes(folder: Path, n=2, shape=(16, 16, 16)) -> Path:
     """A manifest of n tiny pairs (a cube mask; images are the masks plus noise) in `folder`."""
     import nibabel as nib
 
-    from coopseg.data.volumes import write_manifest
-
     folder.mkdir(parents=True, exist_ok=True)
     g = np.random.default_rng(0)
     rows = []
@@ -174,8 +174,6 @@ VOLUME_CFG = ("data: data/m.csv\nspatial_dims: 3\nwidth: 0.125\nomega: elastic\n
 
 
 def test_relative_data_is_relative_to_the_config_folder_and_resume_works_from_anywhere(tmp_path, monkeypatch):
-    from coopseg.train import load_model, train
-
     manifest = _volumes(tmp_path / "proj" / "data")
     path = cfg(tmp_path / "proj", VOLUME_CFG, "cfg.yaml")
     (tmp_path / "elsewhere").mkdir()
@@ -347,7 +345,6 @@ def test_yes_no_booleans_crops_beyond_the_image_and_a_config_from_a_run(tmp_path
     assert (c.progress, c.bf16, c.checkpointing) == (False, False, True)
     # a crop side larger than the image is the whole image (documented), not an error
     c = load_config(cfg(tmp_path, "data: toy\ntoy_size: 32\ncrop_min: 64\ncrop_max: 64\n"))
-    from coopseg.train import random_crop
     item = {k: torch.zeros(1, 32, 32) for k in ("x1", "x2", "s1", "s2")}
     assert random_crop(item, *c.crop_bounds(), torch.Generator(), 0.0)["x1"].shape == (1, 32, 32)
 
@@ -363,8 +360,6 @@ def test_a_cuda_device_this_machine_lacks(tmp_path, monkeypatch):
 
 def test_a_tiny_toy_run_from_a_config_file(tmp_path):
     """The strict loader reads what --write-config writes and what a run stores."""
-    from coopseg.train import train
-
     path = cfg(tmp_path, "data: toy\n" + TINY + "steps_segmentor: 1\nsteps_registor: 1\nsteps_joint: 1\n"
                          "lr: 1e-3\nlambda_r: 0\nlambda_g: 0\n")
     train(load_config(path), tmp_path / "o")

@@ -5,17 +5,21 @@ traceback or a silently wrong number."""
 import csv
 import os
 import re
+import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 
+import coopseg.cli.similarity as sim
 from coopseg import evaluation, infer
 from coopseg.cli import main
+from coopseg.data import tables
 from coopseg.data.volumes import PairDataset, VolumeError, read_manifest, write_manifest
-from coopseg.evaluation import paired_wilcoxon
+from coopseg.evaluation import paired_wilcoxon, read_paired_scores
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_infer import Pointwise  # noqa: E402
@@ -180,8 +184,6 @@ def test_wilcoxon_ids_columns_and_zero_differences(tmp_path, capsys):
     assert main(["wilcoxon", str(path), "--a", "ours", "--b", "theirs"]) == 0
     cap = capsys.readouterr()
     assert cap.out.startswith("n 4") and "line 5 equals the mean of the rows above" in cap.err
-    from coopseg.evaluation import read_paired_scores  # here: this file also runs on a checkout without it
-
     scores = read_paired_scores(path, "ours", "theirs")
     assert scores.a == [1, 2, 3, 2] and scores.b == [0.5, 1.5, 1, 1]
 
@@ -253,8 +255,6 @@ def test_nifti_or_folder_as_manifest_or_pairs_list(masks, capsys, fake_checkpoin
 
 
 def test_huge_table_is_refused_before_reading(tmp_path, capsys, monkeypatch):
-    from coopseg.data import tables  # here, not at the top: so that this file runs on a checkout without it
-
     monkeypatch.setattr(tables, "MAX_BYTES", 1000)
     path = tmp_path / "big.csv"
     path.write_text("a,b\n" + "1,2\n" * 400)
@@ -325,7 +325,6 @@ def _out_cases(tmp):
 def test_similarity_out_is_checked_before_the_work(masks, capsys, monkeypatch):
     tmp = masks
     (tmp / "p.csv").write_text("a,b\na.nii.gz,b.nii.gz\n")
-    import coopseg.cli.similarity as sim
     monkeypatch.setattr(sim, "compare", lambda *a: pytest.fail("computed before --out was checked"))
     for out, match in _out_cases(tmp) + [(tmp / "p.csv", "is also an input of this run"),
                                          (tmp / "a.nii.gz", "is also an input of this run")]:
@@ -447,8 +446,6 @@ def test_truncated_nifti_and_empty_names_are_one_line(masks, capsys):
 
 
 def test_stdout_reader_that_stops_is_no_traceback(masks):
-    import subprocess
-
     (masks / "p.csv").write_text("a,b\na.nii.gz,b.nii.gz\nb.nii.gz,a.nii.gz\na.nii.gz,a.nii.gz\n")
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     p = subprocess.Popen([sys.executable, "-m", "coopseg", "similarity", "--pairs", str(masks / "p.csv")] + SIM,
@@ -473,8 +470,6 @@ def test_out_through_a_link_or_to_a_device(masks, capsys):
 
 def test_a_table_from_a_pipe(tmp_path, capsys):
     """`coopseg wilcoxon <(make-scores)`: a named pipe is read like a file."""
-    import threading
-
     fifo = tmp_path / "scores"
     os.mkfifo(fifo)
 

@@ -4,10 +4,12 @@ counts or a missing/damaged log, diverging runs and non-finite checkpoints, dama
 checkpoints as one-line errors, predict --device, a full disk, toy reruns with other
 settings. Tiny shapes throughout (the TINY config of tests/test_train.py)."""
 import csv
+import dataclasses
 import errno
 import fcntl
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,10 +19,12 @@ import numpy as np
 import pytest
 import torch
 
+import coopseg.checkpoint as C
+import coopseg.train as T
 from coopseg import cli, infer, toy
 from coopseg.data.volumes import Case, Pair
 from coopseg.errors import CoopsegError
-from coopseg.train import Config, Diverged, train
+from coopseg.train import Config, Diverged, Interrupted, train
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(toy_pairs=3, toy_size=32, crop_min=16, crop_max=16, width=0.125, checkpoint_every=2, progress=False,
@@ -247,8 +251,6 @@ def test_a_diverging_run_stops_with_exit_2_and_keeps_the_last_finite_checkpoint(
 
 
 def test_a_non_finite_loss_stops_before_the_update(tmp_path, monkeypatch):
-    import coopseg.train as T
-
     real, calls = T.segmentation_loss, []
 
     def nan_at_2(*a):
@@ -393,8 +395,6 @@ def test_predict_device_cuda_without_cuda(tmp_path, capsys, checkpoints):
 # ----------------------------------------------------------------------------- writes that fail
 
 def test_a_full_disk_is_one_line_and_leaves_no_temporary(tmp_path, capsys, monkeypatch):
-    import coopseg.checkpoint as C
-
     def full(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -427,8 +427,6 @@ TOY = toy.ToySettings(lambda_r=(1.0,), width=0.125, steps_segmentor=1, steps_reg
 
 
 def test_toy_rerun_with_other_settings_is_refused_and_more_joint_steps_resume(tmp_path, monkeypatch):
-    import dataclasses
-
     toy.run_toy(tmp_path, TOY, log=lambda m: None)
     point = toy.lambda_dir(tmp_path, 1.0) / "last.pt"
     before = point.read_bytes()
@@ -499,11 +497,6 @@ def test_toy_lambda_values_sharing_a_folder_are_refused(tmp_path, capsys):
 
 
 def test_interrupts_outside_the_loop_and_in_toy_are_one_line(tmp_path, capsys, monkeypatch):
-    import signal
-
-    import coopseg.train as T
-    from coopseg.train import Interrupted
-
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
