@@ -133,21 +133,30 @@ def write_manifest(path, rows) -> Path:
     return path
 
 
-def load_nifti(path, what: str = "image", ndims: tuple[int, ...] = (3,)):
-    """(data float32 array, nibabel image). Trailing axes of length 1 are dropped
-    down to the fewest axes in `ndims`; a result whose number of axes
-    is not in `ndims`, or that holds NaN or infinite voxels, raises VolumeError
-    naming the file."""
+def _open_nifti(path: Path, what: str):
+    """The nibabel image of a NIfTI file (its header; the voxels are read on access), or
+    VolumeError naming the file when it is missing, a folder or not NIfTI."""
     nib = _nib()
-    path = Path(path)
     if path.is_dir():
         raise VolumeError(f"{path}: is a folder, not a {what} file")
     if not path.is_file():
         raise VolumeError(f"{path}: no such {what} file")
     try:
-        img = nib.load(str(path))
-        data = np.asanyarray(img.dataobj)
+        return nib.load(str(path))
     except Exception as exc:  # nibabel raises several types for unreadable files
+        raise VolumeError(f"{path}: cannot read as NIfTI ({_one_line(exc)})") from None
+
+
+def load_nifti(path, what: str = "image", ndims: tuple[int, ...] = (3,)):
+    """(data float32 array, nibabel image). Trailing axes of length 1 are dropped
+    down to the fewest axes in `ndims`; a result whose number of axes
+    is not in `ndims`, or that holds NaN or infinite voxels, raises VolumeError
+    naming the file."""
+    path = Path(path)
+    img = _open_nifti(path, what)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as exc:  # a truncated file: nibabel reads the voxels only now
         raise VolumeError(f"{path}: cannot read as NIfTI ({_one_line(exc)})") from None
     while data.ndim > min(ndims) and data.shape[-1] == 1:
         data = data[..., 0]
@@ -165,16 +174,8 @@ def nifti_shape(path, what: str = "image") -> tuple[int, ...]:
     """The 3-D shape of a NIfTI file from its header alone (no voxel data read; trailing
     axes of length 1 dropped); VolumeError naming the file when it is missing, a folder,
     not NIfTI or not 3-D."""
-    nib = _nib()
     path = Path(path)
-    if path.is_dir():
-        raise VolumeError(f"{path}: is a folder, not a {what} file")
-    if not path.is_file():
-        raise VolumeError(f"{path}: no such {what} file")
-    try:
-        shape = tuple(int(s) for s in nib.load(str(path)).shape)
-    except Exception as exc:  # nibabel raises several types for unreadable files
-        raise VolumeError(f"{path}: cannot read as NIfTI ({_one_line(exc)})") from None
+    shape = tuple(int(s) for s in _open_nifti(path, what).shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) != 3:
