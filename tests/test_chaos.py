@@ -6,24 +6,14 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from coopseg.cli import main
 from coopseg.data.chaos import ChaosError, import_chaos, read_dicom_series
 from coopseg.data.volumes import read_manifest
+from test_chaos_geometry import oblique, write_slice  # one DICOM writer for both CHAOS test files
 
 ROWS, COLS, N = 6, 5, 4
 PIXEL = (0.8, 1.2)  # PixelSpacing: between rows, between columns
-
-
-def oblique():
-    """Orthonormal row/column directions, tilted about two axes (LPS)."""
-    a, b = np.deg2rad(25), np.deg2rad(-15)
-    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    r = rx @ rz
-    return r[:, 0], r[:, 1]
 
 
 def pixel_value(k, r, c):
@@ -31,32 +21,17 @@ def pixel_value(k, r, c):
 
 
 def write_series(folder, row_dir, col_dir, origin, gap, prefix, seed):
-    """N slices at origin + k * gap * normal; files written under shuffled names and order."""
+    """N slices at origin + k * gap * normal; files written under shuffled names and order
+    (each by test_chaos_geometry.write_slice, without SeriesInstanceUID or EchoTime)."""
     folder.mkdir(parents=True)
     normal = np.cross(row_dir, col_dir)
     order = list(range(N))
     random.Random(seed).shuffle(order)
     for n, k in enumerate(order):
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MRImageStorage
-        meta.MediaStorageSOPInstanceUID = generate_uid()
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = Dataset()
-        ds.file_meta = meta
-        ds.SOPClassUID, ds.SOPInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID
-        ds.Modality = "MR"
-        ds.Rows, ds.Columns = ROWS, COLS
-        ds.PixelSpacing = list(PIXEL)
-        ds.ImageOrientationPatient = [float(v) for v in np.concatenate([row_dir, col_dir])]
-        ds.ImagePositionPatient = [float(v) for v in origin + k * gap * normal]
-        ds.SliceThickness = gap
-        ds.InstanceNumber = n + 1
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-        ds.RescaleSlope, ds.RescaleIntercept = 2.0, -5.0
         arr = np.array([[pixel_value(k, r, c) for c in range(COLS)] for r in range(ROWS)], np.uint16)
-        ds.PixelData = arr.tobytes()
-        ds.save_as(str(folder / f"{prefix}{n:03d}.dcm"), enforce_file_format=True)
+        write_slice(folder / f"{prefix}{n:03d}.dcm", origin + k * gap * normal, k, row=row_dir, col=col_dir,
+                    uid=None, echo=None, pixels=arr, rows=ROWS, cols=COLS, spacing=PIXEL,
+                    SliceThickness=gap, InstanceNumber=n + 1)
 
 
 def png_slice(k):
