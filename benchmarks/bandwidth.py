@@ -31,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import append_result, machine  # noqa: E402
+from coopseg_kernels import _backend  # noqa: E402
+from coopseg_kernels.ops.blur import axis_tables as blur_tables  # noqa: E402
 
 
 def time_ms(fn, device: torch.device, repeats: int = 10, warmup: int = 2) -> float:
@@ -65,9 +67,6 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None) -> float:
 
 def kernel_cases(device: torch.device, size, dtype=torch.float32):
     """(name, callable, minimal bytes) of every raw kernel the public ops use."""
-    from coopseg_kernels import _backend
-    from coopseg_kernels.ops.blur import axis_tables as blur_tables
-
     be = _backend.resolve("auto", device)
     if be == "reference":
         raise SystemExit(f"no fused kernel for {device} (backend {be!r}): build the C++ extension or use CUDA")

@@ -19,15 +19,28 @@ Ratios are naive / fused, from one run.
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.cases import Case, all_cases, ds_optimizers, ds_pair  # noqa: E402
-from benchmarks.harness import append_result, copy_bandwidth, machine, median_seconds, peak_bytes  # noqa: E402
+import coopseg_kernels as ck  # noqa: E402
+import coopseg_kernels.similarity.translation as S  # noqa: E402
+from benchmarks.cases import (  # noqa: E402
+    Case,
+    all_cases,
+    ds_optimizers,
+    ds_pair,
+    tsearch_bound_cases,  # noqa: E402
+)
+from benchmarks.harness import append_result, copy_bandwidth, machine, median_seconds, peak_bytes, sync  # noqa: E402
+from coopseg_kernels import reference  # noqa: E402
+from coopseg_kernels.similarity.naive import brute_force_translation  # noqa: E402
 
 MiB = 1 << 20
 
@@ -106,13 +119,6 @@ def ds_pair_rows(device: torch.device, repeats: int) -> list[dict]:
     """Seconds per pair of each D_S optimizer on the same 256x256x128 /16 pair, run
     alternately `repeats` times in this one process (median), with its steps and score;
     and the naive-autograd step (reference.similarity_step) per iteration on that pair."""
-    import statistics
-    import time
-
-    import coopseg_kernels as ck
-    from benchmarks.harness import sync
-    from coopseg_kernels import reference
-
     s1, s2 = ds_pair(device)
     opts = {name: fn for name, fn in ds_optimizers().items() if fn is not None}  # None: not in this checkout
     times: dict[str, list[float]] = {k: [] for k in opts}
@@ -157,16 +163,6 @@ def tsearch_rows(device: torch.device, repeats: int) -> list[dict]:
     the peak of each in input volumes (one bool mask: its bytes), which method auto took, and
     brute-force slicing -- measured where it scores <= 343 shifts, else its time per shift
     measured on 27 shifts (bound 1) of the same masks times the shift count (extrapolated)."""
-    import math
-    import statistics
-    import time
-
-    import coopseg_kernels as ck
-    import coopseg_kernels.similarity.translation as S
-    from benchmarks.cases import tsearch_bound_cases
-    from benchmarks.harness import sync
-    from coopseg_kernels.similarity.naive import brute_force_translation
-
     rows = []
     for label, s1, s2, bound in tsearch_bound_cases(device):
         size = tuple(s1.shape[2:])

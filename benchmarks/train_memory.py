@@ -58,6 +58,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import append_result, machine, median_seconds  # noqa: E402
 from benchmarks.memory import LiveStorageBytes, peak_bytes  # noqa: E402
+from coopseg.losses import cooperative_loss  # noqa: E402
+from coopseg.models import CooperativeNet, Registor, Segmentor  # noqa: E402
 from coopseg.models.checkpointing import checkpointed  # noqa: E402
 
 MiB = 1 << 20
@@ -98,8 +100,6 @@ LAMBDAS = dict(lambda_r=0.1, lambda_g=1.0, lambda_p=1.0)
 
 
 def build(width: float, checkpointing, device: torch.device, seed: int = 0):
-    from coopseg.models import CooperativeNet, Registor, Segmentor
-
     torch.manual_seed(seed)
     seg = Segmentor(spatial_dims=3, width=width)
     reg = Registor(spatial_dims=3, omega="elastic")
@@ -124,8 +124,6 @@ def make_batch(crop: int, device: torch.device, seed: int = 0) -> dict:
 
 def step_fn(net, batch: dict, backend: str, bf16: bool, device: torch.device):
     """One joint step (forward, three losses, backward) as a closure."""
-    from coopseg.losses import cooperative_loss
-
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext())
 
     def run():  # the gradients exist before the step and accumulate (see the module doc)
@@ -248,8 +246,6 @@ def breakdown(net, batch: dict, backend: str, bf16: bool) -> tuple[list[tuple[st
                         o.register_hook(lambda g, name=name: set_phase("bwd:" + name))
         handles.append(mod.register_forward_pre_hook(pre))
         handles.append(mod.register_forward_hook(hook))
-    from coopseg.losses import cooperative_loss
-
     amp = torch.autocast(batch["x1"].device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     try:
         with mode:
