@@ -221,7 +221,7 @@ def _drop_row(text):
     (lambda t: t.splitlines(keepends=True)[0], "has 0 rows, but"),
     (_drop_row, "damaged at line 4 (expected the row of step 3, registor"),
     (lambda t: t.replace("step,stage", "STEP;stage"), "damaged (first line is not the header"),
-    (lambda t: t[:40] + "\x00\x00garbage\n" + t[40:], "log.csv"),
+    (lambda t: t[:40] + "\x00\x00garbage\n" + t[40:], "damaged at line 2 (expected the row of step 1"),
     (lambda t: "\n".join(ln.replace("segmentor", "joint") for ln in t.splitlines()) + "\n", "damaged at line 2"),
 ])
 def test_resume_refuses_a_missing_or_damaged_log(tmp_path, capsys, finished, damage, match):
@@ -233,8 +233,8 @@ def test_resume_refuses_a_missing_or_damaged_log(tmp_path, capsys, finished, dam
         log.write_text(damage(log.read_text()))
     before = log.read_bytes() if log.exists() else None
     cfg = write_yaml(tmp_path / "c.yaml", steps(2, 1, 1))
-    one_error(capsys, ["train", "--config", cfg, "--out", out, "--resume"], log, match, "is at step 4"
-              if damage is None else "")
+    one_error(capsys, ["train", "--config", cfg, "--out", out, "--resume"], log, match,
+              *(["is at step 4"] if damage is None else []))
     assert (log.read_bytes() if log.exists() else None) == before  # not rewritten with rows gone
 
 
