@@ -102,12 +102,6 @@ def sample(volume: np.ndarray, affine: np.ndarray, points: np.ndarray) -> np.nda
     return out.astype(np.float32)
 
 
-def _blurred(templates, sigma):
-    from scipy import ndimage  # lazy on purpose (optional dependency)
-
-    return {k: ndimage.gaussian_filter(v, sigma) for k, v in templates.items()}
-
-
 def _intracranial(gm, wm):
     """Brain plus the CSF around it: the closed, slightly dilated grey+white matter."""
     from scipy import ndimage  # lazy on purpose (optional dependency)
