@@ -131,6 +131,21 @@ def test_option_errors_are_one_line(masks, capsys, monkeypatch, argv, match):
     assert "Traceback" not in cap.err and cap.out == ""
 
 
+@pytest.mark.parametrize("argv,match", [
+    (["--pairs", "0"], "--test must be >= 1 and below --pairs (pairs for training remain), got --pairs 0 --test 4"),
+    (["--pairs", "4", "--test", "4"], "--test must be >= 1 and below --pairs (pairs for training remain), "
+                                      "got --pairs 4 --test 4"),
+    (["--test", "0"], "--test must be >= 1 and below --pairs (pairs for training remain), got --pairs 10 --test 0"),
+    (["--seed", "-1"], "--seed must be an integer >= 0, got '-1'"),
+    (["--pairs", "x"], "--pairs must be an integer >= 0, got 'x'"),
+])
+def test_demo_data_options_name_the_option(tmp_path, capsys, argv, match):
+    """Checked before the templates are read (so also without nilearn)."""
+    assert main(["demo-data", str(tmp_path / "d")] + argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == [f"coopseg: error: {match}"] and not (tmp_path / "d").exists()
+
+
 def test_missing_subcommand_is_one_line(capsys):
     assert main([]) == 2
     lines = capsys.readouterr().err.strip().splitlines()

@@ -103,13 +103,16 @@ def cmd_evaluate(args) -> int:
 def add_demo_parser(subparsers) -> None:
     p = subparsers.add_parser("demo-data", help="demo pairs from the MNI152 templates in the nilearn wheel (offline)")
     p.add_argument("out", help="output folder (pair_XX/*.nii.gz, train.csv, test.csv)")
-    p.add_argument("--pairs", type=int, default=10, help="number of pairs (default 10)")
-    p.add_argument("--test", type=int, default=4, help="of which for testing (default 4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", type=nonneg_int("--pairs"), default=10, help="number of pairs (default 10)")
+    p.add_argument("--test", type=nonneg_int("--test"), default=4, help="of which for testing (default 4)")
+    p.add_argument("--seed", type=nonneg_int("--seed"), default=0)
     p.set_defaults(fn=cmd_demo_data)
 
 
 def cmd_demo_data(args) -> int:
+    if not 1 <= args.test < args.pairs:  # before the templates are read
+        raise CliError(f"--test must be >= 1 and below --pairs (pairs for training remain), "
+                       f"got --pairs {args.pairs} --test {args.test}")
     try:
         train, test = demo.make_demo_data(args.out, pairs=args.pairs, test=args.test, seed=args.seed)
     except ValueError as exc:
