@@ -44,6 +44,7 @@ import torch
 import coopseg_kernels as ck
 
 from .checkpoint import atomic_write_text, folder_lock, load_checkpoint, remove_stale_temporaries
+from .config import TOY_PAIRS_MAX
 from .data import build_dataset
 from .errors import CheckpointError, ConfigError
 from .train import Config, load_model, train
@@ -256,8 +257,8 @@ def run_toy(out: Path, settings: ToySettings, *, log=print) -> list[dict]:
             raise ConfigError(f"lambda_r values {folders[name]!r} and {v!r} are one sweep point (folder {name}): "
                               f"give distinct values, 4 decimals at most")
         folders[name] = v
-    if settings.test_pairs < 1:
-        raise ConfigError(f"test_pairs must be >= 1, got {settings.test_pairs!r}")
+    if not 1 <= settings.test_pairs <= TOY_PAIRS_MAX:  # before the pretraining, not after it
+        raise ConfigError(f"test_pairs must be in [1, {TOY_PAIRS_MAX}], got {settings.test_pairs!r}")
     if isinstance(settings.max_shift, bool) or not isinstance(settings.max_shift, int) \
             or not 0 <= settings.max_shift <= PAPER_SHIFT:
         raise ConfigError(f"max_shift must be an int in [0, {PAPER_SHIFT}] (pixels), got {settings.max_shift!r}")

@@ -68,7 +68,8 @@ def test_summarise_median_and_quartiles():
 
 @pytest.mark.parametrize("argv, message", [
     (["--lambda-r", "1.5"], "--lambda-r: values must be in [0, 1], got 1.5"),
-    (["--test-pairs", "0"], "--test-pairs: must be >= 1"),
+    (["--test-pairs", "0"], "--test-pairs: must be in [1, 100000], got 0"),
+    (["--test-pairs", "100000001"], "--test-pairs: must be in [1, 100000], got 100000001"),  # before the pretraining
     (["--crop", "20"], "--crop: must be a multiple of 16"),
     (["--width", "0"], "--width: must be a finite number > 0"),
     (["--width", "inf"], "--width: must be a finite number > 0"),

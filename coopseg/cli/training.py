@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .. import toy, train
+from ..config import TOY_PAIRS_MAX
 from ..errors import ConfigError
 from .common import CliError, out_dir
 
@@ -86,8 +87,8 @@ def settings_from_args(args) -> toy.ToySettings:
             raise CliError(f"--lambda-r: values must be in [0, 1], got {bad[0]}")
         changes["lambda_r"] = tuple(args.lambda_r)
     if args.test_pairs is not None:
-        if args.test_pairs < 1:
-            raise CliError(f"--test-pairs: must be >= 1, got {args.test_pairs}")
+        if not 1 <= args.test_pairs <= TOY_PAIRS_MAX:
+            raise CliError(f"--test-pairs: must be in [1, {TOY_PAIRS_MAX}], got {args.test_pairs}")
         changes["test_pairs"] = args.test_pairs
     if args.steps is not None:
         if min(args.steps) < 0:
