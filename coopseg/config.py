@@ -16,6 +16,7 @@ import torch
 
 import coopseg_kernels as ck
 
+from .data import TOY_PAIRS_MAX
 from .errors import ConfigError
 from .losses import BLUR_SIGMA_MAX
 from .models import NORMS, OMEGAS, POOLS, WIDTH_MAX
@@ -23,7 +24,6 @@ from .models import NORMS, OMEGAS, POOLS, WIDTH_MAX
 CROP_MULTIPLE = 16  # the registor pools 4 times
 SEED_LIMIT = 2**40  # seeds are ints in [0, 2**40): the toy data and every generator of the loop take them
 STEPS_MAX = 10**9  # steps of a stage, and checkpoint_every
-TOY_PAIRS_MAX = 100_000  # coopseg.data.build_dataset's bound on the toy pairs
 TOY_SIZE_MAX = 2048
 CONFIG_BYTES_MAX = 1 << 20  # a config is a few kB; anything larger is the wrong file
 REQUIRED_KEYS = ("data",)  # a config names its data: an empty or partial file never trains the toy by accident

@@ -13,6 +13,7 @@ from .volumes import PairDataset
 TOY_SIZES = {"train": 200, "val": 20, "test": 50}
 # Seeds of the toy splits are disjoint blocks: split k of seed s uses s * 10**6 + k * 10**5 + i.
 _TOY_SPLIT_OFFSET = {"train": 0, "val": 1, "test": 2}
+TOY_PAIRS_MAX = 10**5  # pairs per split: more would run into the next split's block of seeds
 
 
 def build_dataset(spec, *, spatial_dims: int, seed: int, split: str = "train", n: int | None = None,
@@ -34,8 +35,8 @@ def build_dataset(spec, *, spatial_dims: int, seed: int, split: str = "train", n
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**40:
             raise ConfigError(f"seed must be an int in [0, 2**40), got {seed!r}")
         count = TOY_SIZES[split] if n is None else n
-        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= 10**5:
-            raise ConfigError(f"n must be an int in [1, 100000], got {count!r}")
+        if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= TOY_PAIRS_MAX:
+            raise ConfigError(f"n must be an int in [1, {TOY_PAIRS_MAX}], got {count!r}")
         return ToyPairs(count, seed=seed * 10**6 + _TOY_SPLIT_OFFSET[split] * 10**5, size=size,
                         max_shift=max_shift)
     if spec.endswith(".csv"):
