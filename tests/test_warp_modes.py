@@ -148,9 +148,8 @@ def test_checks_modes_and_dtypes():
 KERNEL_CASES = [((5, 6, 7), (2, 1, 3)), ((3, 4, 5), (1, 1, 1)), ((7, 9), (3, 1)), ((6, 5), (4, 7))]
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("align_corners,dtype", [(True, torch.float64), (False, torch.float64), (True, torch.float32)])
 @pytest.mark.parametrize("padding_mode,mode", [(p, "nearest") for p in PADS] + [("reflection", "bilinear")])
-@pytest.mark.parametrize("align_corners", [True, False])
 @pytest.mark.parametrize("size,coarse_size", KERNEL_CASES)
 def test_kernel_modes_match_reference(backend, size, coarse_size, align_corners, padding_mode, mode, dtype):
     moving, coarse = _inputs(size, coarse_size, dtype)
