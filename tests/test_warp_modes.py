@@ -238,3 +238,37 @@ def test_opcheck_modes(backend, mode, padding_mode):
     lab = _labels(moving, torch.uint8)
     torch.library.opcheck(torch.ops.coopseg.warp.default, (lab, coarse.detach().float(), True, padding_mode,
                                                            "nearest", backend))
+
+
+# ----------------------------------------------------------------------------- CUDA (make gpu-check)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("padding_mode,mode", [(p, "nearest") for p in PADS] + [("reflection", "bilinear")])
+@pytest.mark.parametrize("size,coarse_size", [((33, 27, 21), (3, 2, 3)), ((71, 53), (4, 3))])
+def test_cuda_modes(size, coarse_size, padding_mode, mode):
+    nd = len(size)
+    moving = torch.randn(2, 2, *size, device="cuda").requires_grad_()
+    coarse = (torch.randn(2, nd, *coarse_size, device="cuda") * max(size)).requires_grad_()
+    g = torch.randn(moving.shape, device="cuda")
+    kw = dict(padding_mode=padding_mode, mode=mode)
+    got = ck.warp(moving, coarse, **kw)
+    want = reference.warp(moving, coarse, **kw)
+    g_got = torch.autograd.grad(got, (moving, coarse), g)
+    g_want = torch.autograd.grad(want, (moving, coarse), g)
+    if mode == "nearest":
+        ties = _near_ties(coarse.cpu(), size, torch.float32).cuda().expand_as(got)
+        assert torch.equal(got[~ties], want[~ties])
+        assert torch.equal(g_got[1], torch.zeros_like(coarse))
+        if not ties.any():
+            assert_matches_reference(g_got[0], g_want[0])
+    else:
+        assert_matches_reference([got, *g_got], [want, *g_want], scale="max",
+                                 names=("out", "grad_moving", "grad_coarse"))
+    for dtype in LABELS:  # label maps, in their dtype
+        lab = _labels(moving, dtype).cuda()
+        got = ck.warp(lab, coarse.detach(), padding_mode=padding_mode, mode="nearest")
+        want = reference.warp(lab, coarse.detach(), padding_mode=padding_mode, mode="nearest")
+        assert got.dtype == dtype
+        ties = _near_ties(coarse.cpu(), size, torch.float32).cuda().expand_as(got)
+        assert torch.equal(got[~ties], want[~ties])

@@ -33,7 +33,8 @@ inline T pad_position(T p, int64_t n, T& dpad) {
     return std::min(std::max(p, T(0)), hi);
   } else {
     const T span2 = T(2) * hi;
-    const T extra = std::fmod(std::fabs(p), span2);
+    const T a = std::fabs(p);
+    const T extra = a < span2 ? a : std::fmod(a, span2);  // fmod is exact, and needed only for |p| >= 2(n - 1)
     const T other = span2 - extra;
     const bool flip = extra > other;
     const T r = std::min(std::max(flip ? other : extra, T(0)), hi);
@@ -123,7 +124,7 @@ struct Corners {
   bool any_inside;
 };
 
-template <typename T, int ND, Pad P>
+template <typename T, int ND, Pad P, bool GRAD = false>
 inline void voxel_corners(T pd, T ph, T pw, Dims3 S, Corners<T>& K) {
   Tap<T> td{0, T(0), T(0), true, false};
   if constexpr (ND == 3) td = linear_tap<T, P>(pd, S.d);
@@ -140,9 +141,11 @@ inline void voxel_corners(T pd, T ph, T pw, Dims3 S, Corners<T>& K) {
         K.ok[k] = okd[a] && okh[b] && okw[e];
         K.off[k] = K.ok[k] ? ((td.i0 + a) * S.h + (th.i0 + b)) * S.w + (tw.i0 + e) : 0;
         K.wt[k] = wd[a] * wh[b] * ww[e];
-        K.gd[k] = sd[a] * wh[b] * ww[e];
-        K.gh[k] = wd[a] * sh[b] * ww[e];
-        K.gw[k] = wd[a] * wh[b] * sw[e];
+        if constexpr (GRAD) {
+          K.gd[k] = sd[a] * wh[b] * ww[e];
+          K.gh[k] = wd[a] * sh[b] * ww[e];
+          K.gw[k] = wd[a] * wh[b] * sw[e];
+        }
       }
 }
 
@@ -279,7 +282,7 @@ at::Tensor coarse_grad(const at::Tensor& grad_out, const at::Tensor& moving, con
           gpd[w] = gph[w] = gpw[w] = nan;
           continue;
         }
-        voxel_corners<M, ND, P>(R.pd[w], R.ph[w], R.pw[w], S, K);
+        voxel_corners<M, ND, P, true>(R.pd[w], R.ph[w], R.pw[w], S, K);
         if (!K.any_inside) continue;  // no corner inside: the sample does not depend on the position
         for (int64_t c = 0; c < C; ++c) {
           M vd = 0, vh = 0, vw = 0;
