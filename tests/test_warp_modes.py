@@ -272,3 +272,11 @@ def test_cuda_modes(size, coarse_size, padding_mode, mode):
         assert got.dtype == dtype
         ties = _near_ties(coarse.cpu(), size, torch.float32).cuda().expand_as(got)
         assert torch.equal(got[~ties], want[~ties])
+
+
+@pytest.mark.parametrize("padding_mode,mode", [("reflection", "nearest"), ("reflection", "bilinear")])
+def test_modes_int64(backend, monkeypatch, padding_mode, mode):
+    # the 64-bit index specialisations (COOPSEG_FORCE_INT64: Triton INT64; C++'s modes path is 64-bit anyway)
+    monkeypatch.setenv("COOPSEG_FORCE_INT64", "1")
+    test_kernel_modes_match_reference(backend, (5, 6, 7), (2, 1, 3), True, padding_mode, mode, torch.float64)
+    test_kernel_labels_bit_exact(backend, (6, 5), (4, 7), padding_mode, torch.int16)
