@@ -278,5 +278,5 @@ def test_cuda_modes(size, coarse_size, padding_mode, mode):
 def test_modes_int64(backend, monkeypatch, padding_mode, mode):
     # the 64-bit index specialisations (COOPSEG_FORCE_INT64: Triton INT64; C++'s modes path is 64-bit anyway)
     monkeypatch.setenv("COOPSEG_FORCE_INT64", "1")
-    test_kernel_modes_match_reference(backend, (5, 6, 7), (2, 1, 3), True, padding_mode, mode, torch.float64)
-    test_kernel_labels_bit_exact(backend, (6, 5), (4, 7), padding_mode, torch.int16)
+    test_kernel_modes_match_reference(backend, (3, 4, 5), (2, 1, 3), True, padding_mode, mode, torch.float64)
+    test_kernel_labels_bit_exact(backend, (7, 9), (3, 1), padding_mode, torch.int16)
