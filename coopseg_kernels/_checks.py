@@ -9,6 +9,10 @@ from typing import Sequence
 import torch
 
 PADDING_MODES = ("zeros", "border")
+WARP_PADDING_MODES = ("zeros", "border", "reflection")
+WARP_MODES = ("bilinear", "nearest")
+# image dtypes warped as they are by mode="nearest" (label maps)
+LABEL_DTYPES = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
 BLUR_BOUNDARIES = ("zeros", "replicate", "reflect")
 _MAX_SIZE = 2**31 - 1
 
@@ -30,9 +34,9 @@ def tensor(name: str, t, *, floating: bool = True) -> None:
         raise TypeError(f"{name} must have a floating dtype (float16/bfloat16/float32/float64), got {t.dtype}")
 
 
-def image(name: str, t: torch.Tensor, min_size: int = 2) -> int:
+def image(name: str, t: torch.Tensor, min_size: int = 2, floating: bool = True) -> int:
     """A channel-first image batch (B, C, H, W) or (B, C, D, H, W); returns nd."""
-    tensor(name, t)
+    tensor(name, t, floating=floating)
     if t.dim() not in (4, 5):
         raise ValueError(f"{name} must be (B, C, H, W) or (B, C, D, H, W), got shape {_shape(t)}")
     if t.shape[0] < 1 or t.shape[1] < 1:
@@ -166,12 +170,27 @@ def translation_bound(name: str, value, size: Sequence[int]) -> tuple[int, ...]:
     return tuple(min(b, n - 1) for b, n in zip(bound, size))
 
 
-def warp_inputs(moving, coarse, padding_mode: str, align_corners: bool = True) -> int:
-    nd = image("moving", moving)
+def warp_image_dtype(name: str, t: torch.Tensor, mode: str) -> None:
+    """Floating images for every mode; integer and bool label maps (LABEL_DTYPES) for nearest."""
+    if t.dtype.is_floating_point:
+        return
+    labels = "/".join(str(d).replace("torch.", "") for d in LABEL_DTYPES)
+    if t.dtype not in LABEL_DTYPES:
+        raise TypeError(f"{name} must be floating, or a label map ({labels}) with mode='nearest', got {t.dtype}")
+    if mode != "nearest":
+        raise TypeError(f"{name} of dtype {t.dtype} (a label map) can only be warped with mode='nearest', "
+                        f"got mode={mode!r}; cast it to a floating dtype for {mode!r}")
+
+
+def warp_inputs(moving, coarse, padding_mode: str, align_corners: bool = True, mode: str = "bilinear") -> int:
+    choice("mode", mode, WARP_MODES)
+    if isinstance(moving, torch.Tensor):
+        warp_image_dtype("moving", moving, mode)
+    nd = image("moving", moving, floating=False)
     coarse_field("coarse", coarse, nd, batch=moving.shape[0])
     same_device(moving=moving, coarse=coarse)
     not_meta("moving", moving)
-    choice("padding_mode", padding_mode, PADDING_MODES)
+    choice("padding_mode", padding_mode, WARP_PADDING_MODES)
     flag("align_corners", align_corners)
     return nd
 

@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .convert import field_to_grid
+from .convert import field_to_grid, identity_positions
 
 _PAD_MODES = {"zeros": "constant", "replicate": "replicate", "reflect": "reflect"}
 
@@ -25,10 +25,17 @@ def upsample_field(coarse: torch.Tensor, size: Sequence[int], *, align_corners: 
 
 
 def warp(moving: torch.Tensor, coarse: torch.Tensor, *, align_corners: bool = True,
-         padding_mode: str = "zeros") -> torch.Tensor:
-    """Sample `moving` at voxel + upsampled displacement (multilinear, grid_sample align_corners=True).
+         padding_mode: str = "zeros", mode: str = "bilinear") -> torch.Tensor:
+    """Sample `moving` at voxel + upsampled displacement, as F.grid_sample(align_corners=True,
+    mode, padding_mode) in voxel coordinates.
 
-    Math in float32 (float64 for float64 images); the result has the image's dtype.
+    mode="bilinear": multilinear (through grid_sample). padding_mode "zeros" (taps outside read 0),
+    "border" (position clamped to [0, n - 1]) or "reflection" (position reflected about the first
+    and last voxel centres, then clamped). Math in float32 (float64 for float64 images); the
+    result has the image's dtype.
+
+    mode="nearest": the voxel nearest to the (padded) position, half to even (grid_sample's
+    nearbyint), see `warp_nearest`. Integer and bool images are warped as they are.
 
     Non-finite displacements (docs/conventions.md#non-finite-values): a voxel whose displacement is
     NaN or infinite comes out NaN, adds nothing to the image gradient and gives a
@@ -37,6 +44,8 @@ def warp(moving: torch.Tensor, coarse: torch.Tensor, *, align_corners: bool = Tr
     at displacement 0 and are overwritten. Besides defining the rule, this guards
     against torch 2.13's grid_sample backward, which crashes the process
     (segfault) on a NaN grid with padding_mode="border"."""
+    if mode == "nearest":
+        return warp_nearest(moving, coarse, align_corners=align_corners, padding_mode=padding_mode)
     dtype = math_dtype(moving.dtype)
     field = upsample_field(coarse.to(dtype), moving.shape[2:], align_corners=align_corners)
     bad = ~field.isfinite().all(1, keepdim=True) | _cells_with_nonfinite_node(coarse, moving.shape[2:], align_corners)
@@ -48,6 +57,68 @@ def warp(moving: torch.Tensor, coarse: torch.Tensor, *, align_corners: bool = Tr
     out = F.grid_sample(moving.to(dtype), grid, mode="bilinear", padding_mode=padding_mode, align_corners=True)
     out = out.masked_fill(bad.expand_as(out), float("nan"))
     return out.to(moving.dtype)
+
+
+def pad_position(p: torch.Tensor, n: int, padding_mode: str) -> torch.Tensor:
+    """A position along an axis of n voxels after the padding rule of grid_sample(align_corners=True):
+    "zeros" as it is, "border" clamped to [0, n - 1], "reflection" reflected about 0 and n - 1
+    (|p| modulo 2(n - 1), folded back: exact in floating point), then clamped."""
+    if padding_mode == "border":
+        return p.clamp(0, n - 1)
+    if padding_mode == "reflection":
+        span2 = 2.0 * (n - 1)
+        extra = torch.fmod(p.abs(), span2)
+        return torch.minimum(extra, span2 - extra).clamp(0, n - 1)
+    return p
+
+
+class _NoFieldGrad(torch.autograd.Function):
+    """Identity on `out` whose gradient w.r.t. `coarse` is zeros: nearest sampling is
+    piecewise constant in the position."""
+
+    @staticmethod
+    def forward(ctx, out, coarse):
+        ctx.coarse = (coarse.shape, coarse.dtype, coarse.device)
+        return out.view_as(out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        shape, dtype, device = ctx.coarse
+        return grad, torch.zeros(shape, dtype=dtype, device=device)
+
+
+def warp_nearest(moving: torch.Tensor, coarse: torch.Tensor, *, align_corners: bool = True,
+                 padding_mode: str = "zeros") -> torch.Tensor:
+    """Nearest-voxel warp, the spec of mode="nearest" (F.grid_sample(mode="nearest",
+    align_corners=True) in voxel coordinates): the position p = x + u(x) (u upsampled in the
+    math dtype, float32 for integer and bool images) goes through `pad_position`, is rounded
+    half to even, and the voxel there is read; with "zeros" a rounded index outside the image
+    reads 0. Any dtype (integer and bool images included) comes out in its own dtype.
+
+    Gradients: the image gradient is the scatter of grad_out to the voxels read; the field
+    gradient is zero. A voxel whose displacement is not finite (docs/conventions.md#non-finite-values)
+    comes out NaN for floating images and 0 (False) for integer and bool images, and adds
+    nothing to the image gradient."""
+    size = moving.shape[2:]
+    B, C = moving.shape[0], moving.shape[1]
+    dtype = math_dtype(moving.dtype)
+    field = upsample_field(coarse.detach().to(dtype), size, align_corners=align_corners)
+    bad = ~field.isfinite().all(1) | _cells_with_nonfinite_node(coarse, size, align_corners)[:, 0]
+    pos = identity_positions(size, dtype, moving.device).unsqueeze(0) + field.masked_fill(bad.unsqueeze(1), 0.0)
+    inside = ~bad
+    flat = torch.zeros_like(bad, dtype=torch.long)
+    for k, n in enumerate(size):
+        r = torch.round(pad_position(pos[:, k], n, padding_mode))  # half to even, as nearbyint
+        inside &= (r >= 0) & (r <= n - 1)
+        flat = flat * n + r.clamp(0, n - 1).long()
+    flat = flat.masked_fill(~inside, 0).view(B, 1, -1).expand(B, C, -1)
+    out = moving.flatten(2).gather(2, flat).view(moving.shape)
+    out = out.masked_fill(~inside.unsqueeze(1), 0)
+    if moving.dtype.is_floating_point:
+        out = out.masked_fill(bad.unsqueeze(1), float("nan"))
+        if coarse.requires_grad and torch.is_grad_enabled():
+            out = _NoFieldGrad.apply(out, coarse)
+    return out
 
 
 def _cells_with_nonfinite_node(coarse: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:

@@ -13,9 +13,10 @@ PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(coopseg, m) {
-  m.def("warp_fwd(Tensor moving, Tensor coarse, bool align_corners, str padding_mode) -> Tensor");
+  // mode: "bilinear" | "nearest"; padding_mode: "zeros" | "border" | "reflection"
+  m.def("warp_fwd(Tensor moving, Tensor coarse, bool align_corners, str padding_mode, str mode) -> Tensor");
   m.def(
-      "warp_bwd(Tensor grad_out, Tensor moving, Tensor coarse, bool align_corners, str padding_mode, "
+      "warp_bwd(Tensor grad_out, Tensor moving, Tensor coarse, bool align_corners, str padding_mode, str mode, "
       "bool need_moving, bool need_coarse) -> (Tensor, Tensor)");
   m.def("upsample_field_fwd(Tensor coarse, int[] size, bool align_corners) -> Tensor");
   m.def("upsample_field_bwd(Tensor grad_field, int[] coarse_size, bool align_corners) -> Tensor");

@@ -45,7 +45,7 @@ WARP_BAD = [
 def test_warp_fwd_bad_args(make, arg):
     moving, coarse = make(_warp_args())
     with pytest.raises(RuntimeError, match=rf"coopseg\.warp_fwd: {arg}\b"):
-        ops.warp_fwd(moving, coarse, True, "zeros")
+        ops.warp_fwd(moving, coarse, True, "zeros", "bilinear")
 
 
 @pytest.mark.parametrize("make,arg", [pytest.param(m, n, id=i) for i, m, n in WARP_BAD])
@@ -55,14 +55,14 @@ def test_warp_bwd_bad_args(make, arg):
         else torch.randn(2, 3, 5, 6, 7, dtype=F64)
     with pytest.raises(RuntimeError, match=rf"coopseg\.warp_bwd: {arg}\b"):
         ops.warp_bwd(grad_out.to(moving.dtype) if moving.dtype.is_floating_point and not moving.is_meta
-                     else grad_out, moving, coarse, True, "border", True, True)
+                     else grad_out, moving, coarse, True, "border", "bilinear", True, True)
 
 
 def test_warp_bwd_width_one_2d():
     # used to read before the buffer (pair base W - 2 = -1)
     moving, coarse = _img(1, 1, 4, 1), _img(1, 2, 2, 1)
     with pytest.raises(RuntimeError, match=r"coopseg\.warp_bwd: moving spatial sizes must be >= 2"):
-        ops.warp_bwd(torch.randn_like(moving), moving, coarse, True, "zeros", True, True)
+        ops.warp_bwd(torch.randn_like(moving), moving, coarse, True, "zeros", "bilinear", True, True)
 
 
 @pytest.mark.parametrize("grad_out,match", [
@@ -73,13 +73,24 @@ def test_warp_bwd_width_one_2d():
 def test_warp_bwd_bad_grad_out(grad_out, match):
     a = _warp_args()
     with pytest.raises(RuntimeError, match=rf"coopseg\.warp_bwd: {match}"):
-        ops.warp_bwd(grad_out, a["moving"], a["coarse"], True, "zeros", True, False)
+        ops.warp_bwd(grad_out, a["moving"], a["coarse"], True, "zeros", "bilinear", True, False)
 
 
-def test_warp_bad_padding_mode():
+def test_warp_bad_padding_mode_and_mode():
     a = _warp_args()
-    with pytest.raises(RuntimeError, match="padding_mode must be 'zeros' or 'border'"):
-        ops.warp_fwd(a["moving"], a["coarse"], True, "reflection")
+    with pytest.raises(RuntimeError, match="padding_mode must be 'zeros', 'border' or 'reflection'"):
+        ops.warp_fwd(a["moving"], a["coarse"], True, "reflect", "bilinear")
+    with pytest.raises(RuntimeError, match="mode must be 'bilinear' or 'nearest'"):
+        ops.warp_bwd(a["moving"], a["moving"], a["coarse"], True, "zeros", "bicubic", True, True)
+    # label maps: nearest only, forward only, with a float32 coarse grid
+    lab = a["moving"].to(torch.int16)
+    with pytest.raises(RuntimeError, match=r"coopseg\.warp_fwd: moving of dtype Short \(a label map\) needs mode="):
+        ops.warp_fwd(lab, a["coarse"].float(), True, "zeros", "bilinear")
+    with pytest.raises(RuntimeError, match=r"coopseg\.warp_fwd: coarse must have the dtype of moving"):
+        ops.warp_fwd(lab, a["coarse"], True, "zeros", "nearest")
+    assert ops.warp_fwd(lab, a["coarse"].float(), True, "zeros", "nearest").dtype == torch.int16
+    with pytest.raises(RuntimeError, match=r"coopseg\.warp_bwd: moving must be float32 or float64"):
+        ops.warp_bwd(a["moving"], lab, a["coarse"], True, "zeros", "nearest", True, True)
 
 
 @pytest.mark.parametrize("coarse,size,match", [
@@ -161,5 +172,5 @@ def test_raw_ops_accept_non_contiguous_inputs():
     # contiguity is not required: the ops copy. Same result as contiguous inputs.
     moving = _img(2, 3, 10, 6, 7)[:, :, ::2]
     coarse = _img(2, 3, 2, 3, 2).transpose(2, 4)
-    want = ops.warp_fwd(moving.contiguous(), coarse.contiguous(), True, "zeros")
-    torch.testing.assert_close(ops.warp_fwd(moving, coarse, True, "zeros"), want)
+    want = ops.warp_fwd(moving.contiguous(), coarse.contiguous(), True, "zeros", "bilinear")
+    torch.testing.assert_close(ops.warp_fwd(moving, coarse, True, "zeros", "bilinear"), want)

@@ -183,11 +183,11 @@ def test_huge_displacements(backend):
 def test_opcheck(backend):
     moving, coarse = _inputs((3, 4, 5), (2, 1, 2), torch.float64, B=1, C=2, scale=1.5)
     for ac in (True, False):
-        torch.library.opcheck(torch.ops.coopseg.warp.default, (moving, coarse, ac, "zeros", backend))
+        torch.library.opcheck(torch.ops.coopseg.warp.default, (moving, coarse, ac, "zeros", "bilinear", backend))
         torch.library.opcheck(torch.ops.coopseg.upsample_field.default, (coarse, [3, 4, 5], ac, backend))
     g = torch.randn(moving.shape, dtype=torch.float64)
     torch.library.opcheck(torch.ops.coopseg.warp_backward.default,
-                          (g, moving.detach(), coarse.detach(), True, "border", backend, True, False))
+                          (g, moving.detach(), coarse.detach(), True, "border", "bilinear", backend, True, False))
 
 
 def test_torch_compile_fullgraph():
@@ -219,7 +219,8 @@ def _ok():
     (lambda m, c: (m, c[:, :2]), ValueError, "coarse must have 3 channels"),
     (lambda m, c: (m, c[0]), ValueError, r"coarse must be \(B, 3, d, h, w\)"),
     (lambda m, c: (m, c[:1]), ValueError, "batch size 1 does not match the image batch size 2"),
-    (lambda m, c: (m.to(torch.int32), c), TypeError, "moving must have a floating dtype"),
+    (lambda m, c: (m.to(torch.int32), c), TypeError, "moving of dtype torch.int32 \\(a label map\\) can only be warped "
+     "with mode='nearest'"),
     (lambda m, c: (m, c.to(torch.int64)), TypeError, "coarse must have a floating dtype"),
     (lambda m, c: (m, torch.rand(2, 3, 2, 2, 2, device="meta")), ValueError, "one device"),
     (lambda m, c: (m[:, :, :1], c), ValueError, "spatial sizes must be >= 2"),
@@ -235,7 +236,7 @@ def test_warp_input_errors(make, error, match):
 def test_option_errors():
     moving, coarse = _ok()
     with pytest.raises(ValueError, match="padding_mode must be one of"):
-        ck.warp(moving, coarse, padding_mode="reflection")
+        ck.warp(moving, coarse, padding_mode="reflect")
     with pytest.raises(ValueError, match="backend must be one of"):
         ck.warp(moving, coarse, backend="cuda")
     with pytest.raises(ValueError, match="size must be 3 ints"):

@@ -125,13 +125,14 @@ def drive(rec: Recorder) -> None:
         for size, coarse_size in _shapes(nd):
             for dtype in dtypes:
                 for B, C in ((1, 1), (2, 2)):
-                    for pad in _checks.PADDING_MODES:
-                        for grads in ((True, True), (True, False), (False, True)):
-                            rec.label = f"warp {nd}-D {pad} {dtype} grads={grads}"
-                            m = torch.rand(B, C, *size, dtype=dtype).requires_grad_(grads[0])
-                            c = torch.randn(B, nd, *coarse_size).requires_grad_(grads[1])
-                            out = ck.warp(m, c, padding_mode=pad, backend="triton")
-                            out.backward(torch.ones_like(out))
+                    for mode in _checks.WARP_MODES:
+                        for pad in _checks.WARP_PADDING_MODES:
+                            for grads in ((True, True), (True, False), (False, True)):
+                                rec.label = f"warp {nd}-D {mode} {pad} {dtype} grads={grads}"
+                                m = torch.rand(B, C, *size, dtype=dtype).requires_grad_(grads[0])
+                                c = torch.randn(B, nd, *coarse_size).requires_grad_(grads[1])
+                                out = ck.warp(m, c, padding_mode=pad, mode=mode, backend="triton")
+                                out.backward(torch.ones_like(out))
                     rec.label = f"similarity_step {nd}-D {dtype}"
                     s = torch.rand(B, C, *size, dtype=dtype)
                     ck.similarity_step(s, s, torch.randn(B, nd, *coarse_size), backend="triton")
@@ -139,6 +140,11 @@ def drive(rec: Recorder) -> None:
                 c = torch.randn(2, nd, *coarse_size, dtype=dtype, requires_grad=True)
                 f = ck.upsample_field(c, size, backend="triton")
                 f.backward(torch.ones_like(f))
+            for dtype in _checks.LABEL_DTYPES:  # label maps: nearest, forward only
+                for pad in _checks.WARP_PADDING_MODES:
+                    rec.label = f"warp {nd}-D nearest {pad} {dtype} labels"
+                    lab = (torch.rand(1, 1, *size) * 5).to(dtype)
+                    ck.warp(lab, torch.randn(1, nd, *coarse_size), padding_mode=pad, mode="nearest", backend="triton")
         for dtype in dtypes:
             for kernel in BLUR_KERNELS:
                 for boundary in _checks.BLUR_BOUNDARIES:

@@ -18,39 +18,39 @@ from .. import _backend, _checks, reference
 
 
 @torch.library.custom_op("coopseg::warp", mutates_args=())
-def _warp(moving: Tensor, coarse: Tensor, align_corners: bool, padding_mode: str, backend: str) -> Tensor:
-    return _backend.kernel("warp_fwd", backend)(moving, coarse, align_corners, padding_mode)
+def _warp(moving: Tensor, coarse: Tensor, align_corners: bool, padding_mode: str, mode: str, backend: str) -> Tensor:
+    return _backend.kernel("warp_fwd", backend)(moving, coarse, align_corners, padding_mode, mode)
 
 
 @_warp.register_fake
-def _(moving, coarse, align_corners, padding_mode, backend):
+def _(moving, coarse, align_corners, padding_mode, mode, backend):
     return torch.empty_like(moving)
 
 
 @torch.library.custom_op("coopseg::warp_backward", mutates_args=())
 def _warp_backward(grad_out: Tensor, moving: Tensor, coarse: Tensor, align_corners: bool, padding_mode: str,
-                   backend: str, need_moving: bool, need_coarse: bool) -> tuple[Tensor, Tensor]:
-    return _backend.kernel("warp_bwd", backend)(grad_out, moving, coarse, align_corners, padding_mode,
+                   mode: str, backend: str, need_moving: bool, need_coarse: bool) -> tuple[Tensor, Tensor]:
+    return _backend.kernel("warp_bwd", backend)(grad_out, moving, coarse, align_corners, padding_mode, mode,
                                                 need_moving, need_coarse)
 
 
 @_warp_backward.register_fake
-def _(grad_out, moving, coarse, align_corners, padding_mode, backend, need_moving, need_coarse):
+def _(grad_out, moving, coarse, align_corners, padding_mode, mode, backend, need_moving, need_coarse):
     return (torch.empty_like(moving) if need_moving else moving.new_empty(0),
             torch.empty_like(coarse) if need_coarse else coarse.new_empty(0))
 
 
 def _warp_setup(ctx, inputs, output):
-    moving, coarse, align_corners, padding_mode, backend = inputs
+    moving, coarse, align_corners, padding_mode, mode, backend = inputs
     ctx.save_for_backward(moving, coarse)
-    ctx.args = (align_corners, padding_mode, backend)
+    ctx.args = (align_corners, padding_mode, mode, backend)
 
 
 def _warp_grad(ctx, grad_out):
     moving, coarse = ctx.saved_tensors
     need_moving, need_coarse = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     gm, gc = _warp_backward(grad_out.contiguous(), moving, coarse, *ctx.args, need_moving, need_coarse)
-    return (gm if need_moving else None), (gc if need_coarse else None), None, None, None
+    return (gm if need_moving else None), (gc if need_coarse else None), None, None, None, None
 
 
 _warp.register_autograd(_warp_grad, setup_context=_warp_setup)
@@ -90,28 +90,34 @@ _upsample.register_autograd(_upsample_grad, setup_context=_upsample_setup)
 
 
 def _prepare(backend: str, moving: Tensor, coarse: Tensor) -> tuple[Tensor, Tensor]:
-    """Contiguous inputs; the (small) coarse grid cast to the math dtype."""
-    _checks.kernel_dtype("moving", moving, backend, _backend.kernel_dtypes(backend))
+    """Contiguous inputs; the (small) coarse grid cast to the math dtype (float32 for label maps,
+    which only mode="nearest" takes and which the kernels read as they are)."""
+    if moving.dtype.is_floating_point:
+        _checks.kernel_dtype("moving", moving, backend, _backend.kernel_dtypes(backend))
     coarse = coarse.to(reference.math_dtype(moving.dtype))
     return moving.contiguous(), coarse.contiguous()
 
 
 def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_mode: str = "zeros",
-         backend: str = "auto") -> Tensor:
+         mode: str = "bilinear", backend: str = "auto") -> Tensor:
     """Warp `moving` (B, C, *S) by the coarse displacement grid `coarse` (B, nd, *s).
 
     The grid is upsampled to S as F.interpolate(..., align_corners=align_corners)
     and each output voxel x samples `moving` at x + u(x) (voxel units, spatial-axis
-    order) multilinearly, like F.grid_sample(align_corners=True, padding_mode).
-    The full-resolution field is never stored. Differentiable w.r.t. both inputs.
-    A NaN displacement yields NaN at the voxels that use it (docs/conventions.md#non-finite-values).
+    order) like F.grid_sample(align_corners=True, mode, padding_mode): mode "bilinear"
+    (multilinear) or "nearest" (half to even), padding_mode "zeros", "border" or
+    "reflection" (about the first and last voxel centres). With mode="nearest", integer
+    and bool label maps are warped as they are (output in their dtype) and the field gets
+    a zero gradient. The full-resolution field is never stored. Differentiable w.r.t. both inputs.
+    A NaN displacement yields NaN at the voxels that use it (0 for label maps;
+    docs/conventions.md#non-finite-values).
     """
-    _checks.warp_inputs(moving, coarse, padding_mode, align_corners)
+    _checks.warp_inputs(moving, coarse, padding_mode, align_corners, mode)
     be = _backend.resolve(backend, moving.device)
     if be == "reference":
-        return reference.warp(moving, coarse, align_corners=align_corners, padding_mode=padding_mode)
+        return reference.warp(moving, coarse, align_corners=align_corners, padding_mode=padding_mode, mode=mode)
     moving, coarse_k = _prepare(be, moving, coarse)
-    return _warp(moving, coarse_k, bool(align_corners), padding_mode, be)
+    return _warp(moving, coarse_k, bool(align_corners), padding_mode, mode, be)
 
 
 def upsample_field(coarse: Tensor, size: Sequence[int], *, align_corners: bool = True,

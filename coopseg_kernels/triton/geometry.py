@@ -80,6 +80,8 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     """A tensor for a kernel to fill; NaN-filled under COOPSEG_POISON=1 (the tests
     set it) so that an element a kernel forgets to write cannot pass unseen."""
     if os.environ.get("COOPSEG_POISON") == "1":
+        if not dtype.is_floating_point:  # label maps: all bits set (255, -1, True)
+            return torch.full(shape, -1, dtype=torch.int64, device=device).to(dtype)
         return torch.full(shape, float("nan"), dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 

@@ -30,9 +30,9 @@ def similarity_step_fwd_kernel(s1_ptr, s2_ptr, crs_ptr, part_ptr, loss_ptr,
     warp.warp_bwd_kernel(s2_ptr, s1_ptr, crs_ptr, part_ptr, part_ptr, loss_ptr,
                          i0d, l1d, cbd, i0h, l1h, cbh, i0w, l1w, cbw,
                          C, D, H, W, sd, sh, sw, T, scale,
-                         ND, False, False, True,  # ND, BORDER, FIELD_GRAD, SIMILARITY
+                         ND, 0, False, True,  # ND, PAD (zeros), FIELD_GRAD, SIMILARITY
                          False, True,  # NEED_MOVING, NEED_COARSE
-                         INT64, BLOCK)
+                         INT64, BLOCK, False)  # NEAREST
 
 
 def similarity_step_fwd(s1_blurred: torch.Tensor, s2_blurred: torch.Tensor, coarse: torch.Tensor,

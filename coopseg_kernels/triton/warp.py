@@ -40,15 +40,37 @@ def _interp(i0_ptr, l1_ptr, x, s, m):
 
 
 @triton.jit
-def _taps(p, n, BORDER: tl.constexpr, INT64: tl.constexpr):
+def _reflect(p, hi):
+    """grid_sample's reflection (align_corners=True) about 0 and hi = n - 1: |p| modulo
+    2 hi folded back, clamped; and d(result)/dp: the reflection's sign, 0 where the result
+    is 0 or hi (grid_sample's clip)."""
+    span2 = 2.0 * hi
+    a = tl.abs(p)
+    safe = tl.where(span2 > 0.0, span2, 1.0)  # an axis of one voxel (d in 2-D): the result is 0
+    extra = a - tl.floor(a / safe) * safe
+    extra = tl.where(extra < 0.0, extra + safe, extra)  # a / span2 rounded up to a whole number
+    other = span2 - extra
+    flip = extra > other
+    r = tl.minimum(tl.maximum(tl.where(flip, other, extra), 0.0), hi)
+    sign = tl.where(flip != (p < 0.0), -1.0, 1.0)
+    clip = tl.where((r > 0.0) & (r < hi), sign, 0.0).to(p.dtype)
+    return r, clip
+
+
+@triton.jit
+def _taps(p, n, PAD: tl.constexpr, INT64: tl.constexpr):
     """The two sampling taps of positions p along an axis of length n
-    (grid_sample, align_corners=True, voxel units). The lower tap is int64 under
+    (grid_sample, align_corners=True, voxel units). PAD: 0 zeros, 1 border,
+    2 reflection. The lower tap is int64 under
     INT64, so that tap offsets ((zd * H + zh) * W + zw) do not overflow."""
     hi = tl.zeros_like(p) + (n - 1)  # n may be a specialised constexpr (n == 1)
-    if BORDER:
+    if PAD == 1:
         # the border itself counts as outside for the gradient, as in grid_sample
         clip = tl.where((p > 0.0) & (p < hi), 1.0, 0.0).to(p.dtype)
         p = tl.minimum(tl.maximum(p, 0.0), hi)
+    elif PAD == 2:
+        # clip carries the reflection's sign for the position gradient
+        p, clip = _reflect(p, hi)
     else:
         clip = tl.full(p.shape, 1.0, p.dtype)
         # beyond one voxel outside both taps are out anyway; keeps the int cast defined
@@ -62,6 +84,28 @@ def _taps(p, n, BORDER: tl.constexpr, INT64: tl.constexpr):
     ok0 = (i0 >= 0) & (i0 < n)
     ok1 = (i0 >= -1) & (i0 < n - 1)
     return i0, f, ok0, ok1, clip
+
+
+@triton.jit
+def _nearest(p, n, PAD: tl.constexpr, INT64: tl.constexpr):
+    """The nearest voxel of positions p along an axis of length n after the padding
+    rule, rounded half to even (grid_sample's nearbyint); and whether it is inside."""
+    hi = tl.zeros_like(p) + (n - 1)
+    if PAD == 1:
+        q = tl.minimum(tl.maximum(p, 0.0), hi)
+    elif PAD == 2:
+        q, _clip = _reflect(p, hi)
+    else:
+        q = tl.minimum(tl.maximum(p, -2.0), hi + 2.0)
+    fl = tl.floor(q)
+    frac = q - fl  # exact
+    odd = (fl - 2.0 * tl.floor(fl * 0.5)) != 0.0
+    r = fl + tl.where((frac > 0.5) | ((frac == 0.5) & odd), 1.0, 0.0)
+    if INT64:
+        i = r.to(tl.int64)
+    else:
+        i = r.to(tl.int32)
+    return i, (i >= 0) & (i < n)
 
 
 @triton.jit
@@ -90,8 +134,8 @@ def _field_vec(cptr, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1,
 def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
                     i0d, l1d, i0h, l1h, i0w, l1w,
                     C, D, H, W, sd, sh, sw,
-                    ND: tl.constexpr, BORDER: tl.constexpr, WRITE_FIELD: tl.constexpr,
-                    INT64: tl.constexpr, BLOCK: tl.constexpr):
+                    ND: tl.constexpr, PAD: tl.constexpr, WRITE_FIELD: tl.constexpr,
+                    INT64: tl.constexpr, BLOCK: tl.constexpr, NEAREST: tl.constexpr, LABELS: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     offs, m, d, h, w = block_voxels(tl.program_id(0), D, H, W, INT64, BLOCK)
     N = D * H * W
@@ -115,15 +159,31 @@ def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
             tl.store(ob, ud.to(out_ptr.dtype.element_ty), mask=m)
         tl.store(ob + (ND - 2) * N, uh.to(out_ptr.dtype.element_ty), mask=m)
         tl.store(ob + (ND - 1) * N, uw.to(out_ptr.dtype.element_ty), mask=m)
+    elif NEAREST:
+        pd = d.to(uh.dtype) + ud
+        ph = h.to(uh.dtype) + uh
+        pw = w.to(uh.dtype) + uw
+        nan = pd * 0.0 + ph * 0.0 + pw * 0.0  # NaN exactly where a coordinate is NaN or infinite
+        bad = nan != nan
+        zd, okd = _nearest(tl.where(bad, 0.0, pd), D, PAD, INT64)
+        zh, okh = _nearest(tl.where(bad, 0.0, ph), H, PAD, INT64)
+        zw, okw = _nearest(tl.where(bad, 0.0, pw), W, PAD, INT64)
+        idx = (zd * H + zh) * W + zw
+        mk = m & okd & okh & okw & ~bad
+        for c in range(C):
+            v = tl.load(mov_ptr + (b * C + c) * N + idx, mask=mk, other=0)
+            if not LABELS:  # label maps: 0 where the displacement is not finite
+                v = tl.where(bad, nan.to(v.dtype), v)
+            tl.store(out_ptr + (b * C + c) * N + offs, v, mask=m)
     else:
         pd = d.to(uh.dtype) + ud
         ph = h.to(uh.dtype) + uh
         pw = w.to(uh.dtype) + uw
         nan = pd * 0.0 + ph * 0.0 + pw * 0.0  # NaN exactly where a coordinate is NaN or infinite
         bad = nan != nan
-        zd, fd, okd0, okd1, _cd = _taps(tl.where(bad, 0.0, pd), D, BORDER, INT64)
-        zh, fh, okh0, okh1, _ch = _taps(tl.where(bad, 0.0, ph), H, BORDER, INT64)
-        zw, fw, okw0, okw1, _cw = _taps(tl.where(bad, 0.0, pw), W, BORDER, INT64)
+        zd, fd, okd0, okd1, _cd = _taps(tl.where(bad, 0.0, pd), D, PAD, INT64)
+        zh, fh, okh0, okh1, _ch = _taps(tl.where(bad, 0.0, ph), H, PAD, INT64)
+        zw, fw, okw0, okw1, _cw = _taps(tl.where(bad, 0.0, pw), W, PAD, INT64)
         row = (zd * H + zh) * W + zw  # corner (0, 0, 0); may be negative, masked
         for c in range(C):
             base = mov_ptr + (b * C + c) * N
@@ -179,9 +239,9 @@ def _scatter_plane(gm_base, row, W, md, okh0, okh1, okw0, okw1, gd, fh, fw):
 def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
                     i0d, l1d, cbd, i0h, l1h, cbh, i0w, l1w, cbw,
                     C, D, H, W, sd, sh, sw, T, scale,
-                    ND: tl.constexpr, BORDER: tl.constexpr, FIELD_GRAD: tl.constexpr, SIMILARITY: tl.constexpr,
+                    ND: tl.constexpr, PAD: tl.constexpr, FIELD_GRAD: tl.constexpr, SIMILARITY: tl.constexpr,
                     NEED_MOVING: tl.constexpr, NEED_COARSE: tl.constexpr,
-                    INT64: tl.constexpr, BLOCK: tl.constexpr):
+                    INT64: tl.constexpr, BLOCK: tl.constexpr, NEAREST: tl.constexpr):
     pid = tl.program_id(0)
     tile = pid % T
     ncell = sd * sh * sw
@@ -228,6 +288,34 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
             gd = tl.load(gb, mask=m, other=0.0).to(lw1.dtype)
         else:
             gd = tl.zeros_like(gh)
+    elif NEAREST:
+        # the image gradient is a scatter to the voxels read; the field gets none
+        tl.static_assert(not SIMILARITY, "the D_S step is bilinear")
+        cb = crs_ptr + b * ND * sc
+        uh = _cell_field(cb + (ND - 2) * sc, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
+        uw = _cell_field(cb + (ND - 1) * sc, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
+        if ND == 3:
+            ud = _cell_field(cb, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
+        else:
+            ud = tl.zeros_like(uh)
+        pd = d.to(uh.dtype) + ud
+        ph = h.to(uh.dtype) + uh
+        pw = w.to(uh.dtype) + uw
+        nan = pd * 0.0 + ph * 0.0 + pw * 0.0
+        bad = nan != nan
+        gd = tl.zeros_like(pd)
+        gh = tl.zeros_like(pd)
+        gw = tl.zeros_like(pd)
+        if NEED_MOVING:
+            zd, okd = _nearest(tl.where(bad, 0.0, pd), D, PAD, INT64)
+            zh, okh = _nearest(tl.where(bad, 0.0, ph), H, PAD, INT64)
+            zw, okw = _nearest(tl.where(bad, 0.0, pw), W, PAD, INT64)
+            idx = (zd * H + zh) * W + zw
+            mk = m & okd & okh & okw & ~bad
+            for c in range(C):
+                gmb = gmov_ptr + (b * C + c) * N
+                g = tl.load(gout_ptr + (b * C + c) * N + vox, mask=m, other=0.0)
+                tl.atomic_add(gmb + idx, g.to(gmb.dtype.element_ty), mask=mk, sem="relaxed")
     else:
         cb = crs_ptr + b * ND * sc
         uh = _cell_field(cb + (ND - 2) * sc, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
@@ -241,9 +329,9 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
         pw = w.to(uh.dtype) + uw
         nan = pd * 0.0 + ph * 0.0 + pw * 0.0  # NaN exactly where a coordinate is NaN or infinite
         bad = nan != nan
-        zd, fd, okd0, okd1, cld = _taps(tl.where(bad, 0.0, pd), D, BORDER, INT64)
-        zh, fh, okh0, okh1, clh = _taps(tl.where(bad, 0.0, ph), H, BORDER, INT64)
-        zw, fw, okw0, okw1, clw = _taps(tl.where(bad, 0.0, pw), W, BORDER, INT64)
+        zd, fd, okd0, okd1, cld = _taps(tl.where(bad, 0.0, pd), D, PAD, INT64)
+        zh, fh, okh0, okh1, clh = _taps(tl.where(bad, 0.0, ph), H, PAD, INT64)
+        zw, fw, okw0, okw1, clw = _taps(tl.where(bad, 0.0, pw), W, PAD, INT64)
         mg = m & ~bad
         inside = (okd0 | okd1) & (okh0 | okh1) & (okw0 | okw1)
         row = (zd * H + zh) * W + zw
@@ -361,7 +449,10 @@ def _table_args(tabs, with_cells: bool):
     return args
 
 
-def _forward(moving_or_none, coarse, size, align_corners, padding_mode, C, out, write_field):
+_PADS = {"zeros": 0, "border": 1, "reflection": 2}
+
+
+def _forward(moving_or_none, coarse, size, align_corners, padding_mode, C, out, write_field, mode="bilinear"):
     nd = coarse.dim() - 2
     D, H, W = _grid3(size)
     sd, sh, sw = _grid3(coarse.shape[2:])
@@ -371,8 +462,9 @@ def _forward(moving_or_none, coarse, size, align_corners, padding_mode, C, out, 
     warp_fwd_kernel[grid](
         moving_or_none if moving_or_none is not None else out, coarse, out, *_table_args(tabs, False),
         C, D, H, W, sd, sh, sw,
-        ND=nd, BORDER=padding_mode == "border", WRITE_FIELD=write_field,
-        INT64=needs_int64(N), BLOCK=_FWD_BLOCK)
+        ND=nd, PAD=_PADS[padding_mode], WRITE_FIELD=write_field,
+        INT64=needs_int64(N), BLOCK=_FWD_BLOCK, NEAREST=mode == "nearest",
+        LABELS=not out.dtype.is_floating_point)
     return out
 
 
@@ -390,7 +482,7 @@ def _fold_partials(part, coarse_shape, T):
 
 
 def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_corners, padding_mode, *,
-              need_moving, need_coarse, compute_dtype, field_grad=False):
+              need_moving, need_coarse, compute_dtype, field_grad=False, mode="bilinear"):
     """warp_bwd_kernel launch. gout is the output gradient, or the field gradient
     (field_grad). The D_S step's launch is similarity_step.py's."""
     nd = len(coarse_shape) - 2
@@ -417,21 +509,23 @@ def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_co
         coarse_or_none if coarse_or_none is not None else gout, gmov, part, unused,
         *_table_args(tabs, True),
         C, D, H, W, sd, sh, sw, T, 0.0,
-        ND=nd, BORDER=padding_mode == "border", FIELD_GRAD=field_grad, SIMILARITY=False,
+        ND=nd, PAD=_PADS[padding_mode], FIELD_GRAD=field_grad, SIMILARITY=False,
         NEED_MOVING=need_moving, NEED_COARSE=need_coarse,
-        INT64=needs_int64(N), BLOCK=_BWD_BLOCK)
+        INT64=needs_int64(N), BLOCK=_BWD_BLOCK, NEAREST=mode == "nearest")
     grad_coarse = _fold_partials(part, coarse_shape, T) if need_coarse else None
     return gmov, grad_coarse
 
 
-def warp_fwd(moving: torch.Tensor, coarse: torch.Tensor, align_corners: bool, padding_mode: str) -> torch.Tensor:
+def warp_fwd(moving: torch.Tensor, coarse: torch.Tensor, align_corners: bool, padding_mode: str,
+             mode: str = "bilinear") -> torch.Tensor:
     out = new_output(moving.shape, moving.dtype, moving.device)
-    return _forward(moving, coarse, moving.shape[2:], align_corners, padding_mode, moving.shape[1], out, False)
+    return _forward(moving, coarse, moving.shape[2:], align_corners, padding_mode, moving.shape[1], out, False,
+                    mode)
 
 
-def warp_bwd(grad_out, moving, coarse, align_corners, padding_mode, need_moving, need_coarse):
+def warp_bwd(grad_out, moving, coarse, align_corners, padding_mode, mode, need_moving, need_coarse):
     gmov, gcrs = _backward(grad_out, moving, coarse.shape, coarse, moving.shape[2:], align_corners, padding_mode,
-                           need_moving=need_moving, need_coarse=need_coarse, compute_dtype=coarse.dtype)
+                           need_moving=need_moving, need_coarse=need_coarse, compute_dtype=coarse.dtype, mode=mode)
     gmov = gmov.to(moving.dtype) if need_moving else moving.new_empty(0)
     return gmov, (gcrs if need_coarse else coarse.new_empty(0))
 

@@ -12,6 +12,7 @@
 #include "checks.h"
 #include "grid.h"
 #include "warp_avx512.h"
+#include "warp_modes.h"
 
 #include <torch/library.h>
 
@@ -226,8 +227,79 @@ bool is_border(c10::string_view padding_mode) {
   return padding_mode == "border";
 }
 
+bool is_label_dtype(at::ScalarType t) {
+  return t == at::kByte || t == at::kShort || t == at::kInt || t == at::kLong || t == at::kBool;
+}
+
+// A float32 stand-in with the shape of a label map (no data: zero strides), for the shape checks.
+at::Tensor float_stand_in(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), "coopseg.", op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), "coopseg.", op, ": ", name, " must be a CPU tensor, got one on ", t.device());
+  return at::empty_strided(t.sizes(), std::vector<int64_t>(t.dim(), 0), t.options().dtype(at::kFloat));
+}
+
+// The other modes (warp_modes.h): nearest (floating images and label maps) and bilinear reflection.
+at::Tensor warp_fwd_modes(const at::Tensor& moving_, const at::Tensor& coarse_, bool align_corners, modes::Pad pad,
+                          bool nearest) {
+  const bool labels = is_label_dtype(moving_.scalar_type());
+  if (labels) {
+    TORCH_CHECK(nearest, "coopseg.warp_fwd: moving of dtype ", moving_.scalar_type(),
+                " (a label map) needs mode='nearest'");
+    const at::Tensor like = float_stand_in(moving_, "warp_fwd", "moving");
+    check_image(like, "warp_fwd", "moving", 2);
+    check_coarse(coarse_, like, "warp_fwd", "coarse", "moving (float32 for a label map)");
+  } else {
+    check_image(moving_, "warp_fwd", "moving", 2);
+    check_coarse(coarse_, moving_, "warp_fwd", "coarse", "moving");
+  }
+  const at::Tensor moving = moving_.contiguous(), coarse = coarse_.contiguous();
+  at::Tensor out = labels ? at::empty(moving.sizes(), moving.options()) : new_output(moving.sizes(), moving.options());
+  modes::dispatch_nd_pad(moving, pad, [&]<int ND, modes::Pad P>() {
+    if (!nearest) {
+      AT_DISPATCH_FLOATING_TYPES(moving.scalar_type(), "coopseg_warp_modes", [&] {
+        modes::forward<scalar_t, scalar_t, ND, P, false>(moving, coarse, align_corners, out);
+      });
+      return;
+    }
+    switch (moving.scalar_type()) {
+      case at::kFloat: return modes::forward<float, float, ND, P, true>(moving, coarse, align_corners, out);
+      case at::kDouble: return modes::forward<double, double, ND, P, true>(moving, coarse, align_corners, out);
+      case at::kByte: return modes::forward<float, uint8_t, ND, P, true>(moving, coarse, align_corners, out);
+      case at::kShort: return modes::forward<float, int16_t, ND, P, true>(moving, coarse, align_corners, out);
+      case at::kInt: return modes::forward<float, int32_t, ND, P, true>(moving, coarse, align_corners, out);
+      case at::kLong: return modes::forward<float, int64_t, ND, P, true>(moving, coarse, align_corners, out);
+      case at::kBool: return modes::forward<float, bool, ND, P, true>(moving, coarse, align_corners, out);
+      default: TORCH_CHECK(false, "coopseg.warp_fwd: unsupported moving dtype ", moving.scalar_type());
+    }
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> warp_bwd_modes(const at::Tensor& grad_out, const at::Tensor& moving,
+                                                  const at::Tensor& coarse, bool align_corners, modes::Pad pad,
+                                                  bool nearest, bool need_moving, bool need_coarse) {
+  at::Tensor gm = need_moving ? new_output(moving.sizes(), moving.options()) : at::empty({0}, moving.options());
+  at::Tensor gc = at::empty({0}, coarse.options());
+  AT_DISPATCH_FLOATING_TYPES(moving.scalar_type(), "coopseg_warp_modes_bwd", [&] {
+    using T = scalar_t;
+    modes::dispatch_nd_pad(moving, pad, [&]<int ND, modes::Pad P>() {
+      if (need_moving) {
+        if (nearest) modes::image_grad<T, ND, P, true>(grad_out, coarse, align_corners, gm);
+        else modes::image_grad<T, ND, P, false>(grad_out, coarse, align_corners, gm);
+      }
+      if (need_coarse)  // nearest sampling is piecewise constant in the position: no field gradient
+        gc = nearest ? at::zeros_like(coarse) : modes::coarse_grad<T, ND, P>(grad_out, moving, coarse, align_corners);
+    });
+  });
+  return {gm, gc};
+}
+
 at::Tensor warp_fwd(const at::Tensor& moving_, const at::Tensor& coarse_, bool align_corners,
-                    c10::string_view padding_mode) {
+                    c10::string_view padding_mode, c10::string_view mode) {
+  const bool nearest = modes::parse_nearest(mode, "warp_fwd");
+  const modes::Pad pad = modes::parse_pad(padding_mode, "warp_fwd");
+  if (nearest || pad == modes::Pad::kReflection || (moving_.defined() && is_label_dtype(moving_.scalar_type())))
+    return warp_fwd_modes(moving_, coarse_, align_corners, pad, nearest);
   check_image(moving_, "warp_fwd", "moving", 2);
   check_coarse(coarse_, moving_, "warp_fwd", "coarse", "moving");
   const at::Tensor moving = moving_.contiguous(), coarse = coarse_.contiguous();
@@ -238,13 +310,17 @@ at::Tensor warp_fwd(const at::Tensor& moving_, const at::Tensor& coarse_, bool a
 
 std::tuple<at::Tensor, at::Tensor> warp_bwd(const at::Tensor& grad_out_, const at::Tensor& moving_,
                                             const at::Tensor& coarse_, bool align_corners,
-                                            c10::string_view padding_mode, bool need_moving,
-                                            bool need_coarse) {
-  check_image(moving_, "warp_bwd", "moving", 2);
+                                            c10::string_view padding_mode, c10::string_view mode,
+                                            bool need_moving, bool need_coarse) {
+  const bool nearest = modes::parse_nearest(mode, "warp_bwd");
+  const modes::Pad pad = modes::parse_pad(padding_mode, "warp_bwd");
+  check_image(moving_, "warp_bwd", "moving", 2);  // label maps have no gradient
   check_coarse(coarse_, moving_, "warp_bwd", "coarse", "moving");
   check_same(grad_out_, moving_, "warp_bwd", "grad_out", "moving");
   const at::Tensor grad_out = grad_out_.contiguous(), moving = moving_.contiguous(),
                    coarse = coarse_.contiguous();
+  if (nearest || pad == modes::Pad::kReflection)
+    return warp_bwd_modes(grad_out, moving, coarse, align_corners, pad, nearest, need_moving, need_coarse);
   return dispatch_warp(moving, is_border(padding_mode),
                        BackwardFn{grad_out, moving, coarse, align_corners, need_moving, need_coarse});
 }
