@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, reference
+from .warp_dense import warp_dense
 
 
 @torch.library.custom_op("coopseg::warp", mutates_args=())
@@ -97,7 +98,7 @@ def _prepare(backend: str, moving: Tensor, coarse: Tensor) -> tuple[Tensor, Tens
 
 
 def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_mode: str = "zeros",
-         backend: str = "auto") -> Tensor:
+         mode: str = "bilinear", backend: str = "auto") -> Tensor:
     """Warp `moving` (B, C, *S) by the coarse displacement grid `coarse` (B, nd, *s).
 
     The grid is upsampled to S as F.interpolate(..., align_corners=align_corners)
@@ -108,6 +109,9 @@ def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_
     """
     _checks.warp_inputs(moving, coarse, padding_mode, align_corners)
     be = _backend.resolve(backend, moving.device)
+    # a full-resolution field (coarse size == image size: upsampling is the identity) has its own kernels
+    if be != "reference" and tuple(coarse.shape[2:]) == tuple(moving.shape[2:]):
+        return warp_dense(moving, coarse, padding_mode=padding_mode, mode=mode, backend=be)
     if be == "reference":
         return reference.warp(moving, coarse, align_corners=align_corners, padding_mode=padding_mode)
     moving, coarse_k = _prepare(be, moving, coarse)
