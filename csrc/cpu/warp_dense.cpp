@@ -546,7 +546,9 @@ at::Tensor warp_dense_fwd(const at::Tensor& moving_, const at::Tensor& ddf_, c10
   const bool nearest = parse_nearest(mode, op);
   check_moving(moving_, ddf_, nearest, op);
   const at::Tensor moving = moving_.contiguous(), ddf = ddf_.contiguous();
-  at::Tensor out = new_output(moving.sizes(), moving.options());
+  // (COOPSEG_POISON's NaN fill exists for floating outputs only)
+  at::Tensor out = at::isFloatingType(moving.scalar_type()) ? new_output(moving.sizes(), moving.options())
+                                                            : at::empty(moving.sizes(), moving.options());
   if (!nearest) {
     AT_DISPATCH_FLOATING_TYPES(moving.scalar_type(), "coopseg_warp_dense_fwd", [&] {
       using T = scalar_t;
