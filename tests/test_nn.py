@@ -258,22 +258,38 @@ def test_warp_routes_full_resolution_fields(backend):
                        ck.warp(moving, ddf, padding_mode="border", backend=backend))
 
 
-def test_dense_nonfinite_follows_the_cell_rule(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_dense_nonfinite_follows_the_cell_rule(backend, dtype):
     """A non-finite displacement makes the voxels of the cells that have it as a node NaN, with a
-    NaN field gradient there and nothing to the image gradient (reference.warp's rule)."""
-    moving, ddf = _inputs(3, torch.float64)
+    NaN field gradient there and nothing to the image gradient (reference.warp's rule); an inf in
+    the image or a NaN output gradient take the exact paths (fp32: past the AVX-512 rows)."""
+    moving, ddf = _inputs(3, dtype)
     ddf = ddf.detach().clone()
     ddf[0, 1, 2, 3, 4] = float("nan")
     ddf[1, 0, 4, 5, 6] = float("inf")
     ddf.requires_grad_()
-    got = ck.warp(moving, ddf, backend=backend)
-    want = reference.warp(moving, ddf)
-    torch.testing.assert_close(got, want, equal_nan=True, **tol(torch.float64))
-    # 8 voxels each (C = 3): (1..2, 2..3, 3..4) around the NaN; (3..4, 4..5, 5..6) for the last node, whose
-    # own voxel's cell is clamped onto it
-    assert int(got.isnan().sum()) == 3 * 8 * 2
-    for a, b in zip(_grads(got, (moving, ddf)), _grads(want, (moving, ddf))):
-        torch.testing.assert_close(a, b, equal_nan=True, **tol(torch.float64))
+    for padding_mode in ("zeros", "border"):
+        got = ck.warp(moving, ddf, padding_mode=padding_mode, backend=backend)
+        want = reference.warp(moving, ddf, padding_mode=padding_mode)
+        torch.testing.assert_close(got, want, equal_nan=True, **tol(dtype))
+        # 8 voxels each (C = 3): (1..2, 2..3, 3..4) around the NaN; (3..4, 4..5, 5..6) for the last node,
+        # whose own voxel's cell is clamped onto it
+        assert int(got.isnan().sum()) == 3 * 8 * 2
+        for a, b in zip(_grads(got, (moving, ddf)), _grads(want, (moving, ddf))):
+            torch.testing.assert_close(a, b, equal_nan=True, **tol(dtype))
+    moving2 = moving.detach().clone()
+    moving2[0, 1, 2, 2, 2] = float("inf")
+    moving2.requires_grad_()
+    _, ddf2 = _inputs(3, dtype, seed=5)
+    g = torch.randn(moving2.shape, generator=torch.Generator().manual_seed(6), dtype=dtype)
+    g[1, 2, 3, 3, 3] = float("nan")
+    got = ck.warp(moving2, ddf2, backend=backend)
+    want = reference.warp(moving2, ddf2)
+    torch.testing.assert_close(got, want, equal_nan=True, **tol(dtype))
+    for a, b in zip(torch.autograd.grad(got, (moving2, ddf2), g), torch.autograd.grad(want, (moving2, ddf2), g)):
+        # NaN and inf are not told apart in gradients of non-finite data (docs/conventions.md#non-finite-values)
+        assert torch.equal(a.isfinite(), b.isfinite())
+        torch.testing.assert_close(a.nan_to_num(0, 0, 0), b.nan_to_num(0, 0, 0), **tol(dtype))
     labels = _labels(3, torch.int32)
     out = warp_dense(labels, ddf.detach().float(), mode="nearest", backend=backend)
     assert (out[got[:, :1].isnan()] == 0).all()
@@ -305,3 +321,18 @@ def test_dense_input_errors():
         warp_dense(moving, ddf, padding_mode="wrap")
     with pytest.raises(TypeError, match="label map"):
         warp_dense(moving.detach().to(torch.int8), ddf, mode="nearest")
+
+
+def test_dense_int64_offsets(backend, monkeypatch):
+    """The 64-bit offset instantiations (a volume of 2^31 voxels or more), run on a small volume
+    through the test-only switch COOPSEG_FORCE_INT64=1."""
+    monkeypatch.setenv("COOPSEG_FORCE_INT64", "1")
+    for mode in ("bilinear", "nearest"):
+        moving, ddf = _inputs(3, torch.float32, scale=3.0)
+        want = _oracle(moving, ddf, "reflection", mode)
+        got = warp_dense(moving, ddf, padding_mode="reflection", mode=mode, backend=backend)
+        _assert_same((got, *_grads(got, (moving, ddf))), (want, *_grads(want, (moving, ddf))), torch.float32,
+                     mode == "nearest")
+    labels = _labels(3, torch.int16)
+    got = warp_dense(labels, ddf.detach(), mode="nearest", backend=backend)
+    assert torch.equal(got, _oracle(labels.float(), ddf.detach(), "zeros", "nearest").to(torch.int16))

@@ -23,6 +23,7 @@
 // of its cell (itself and its upper neighbours, clamped) is not finite.
 #include "checks.h"
 #include "grid.h"
+#include "warp_avx512.h"
 
 #include <torch/library.h>
 
@@ -250,6 +251,38 @@ void dense_row_nearest(const T* u, const NonFinite<T, ND>& nf, int64_t b, int64_
   }
 }
 
+// The AVX-512 rows of the coarse warp (warp_avx512.h) serve a dense field too: it
+// is a coarse grid of the image's size, whose interpolation tables are the
+// identity (i0 = x, l1 = 0; the upper node i1 = x + 1 enters as 0 * node, which
+// is the cell rule along w). A row takes them when the instantiation has them
+// (float, 32-bit offsets, 3-D, zeros or border) and no neighbouring row of its
+// cells holds a non-finite displacement (NonFinite::mark's rows; those take the
+// generic path). `rowf` receives the row's three channels (coarse_row's layout).
+template <typename T, typename I, int ND, Pad P>
+constexpr bool kDenseRows =
+#if defined(__AVX512F__)
+    avx512::kRows<T, I, ND> && P != Pad::Reflection;
+#else
+    false;
+#endif
+
+template <typename T, int ND>
+inline bool row_clean(const NonFinite<T, ND>& nf, int64_t b, int64_t d, int64_t h) {
+  if (!nf.any) return true;
+  const Dims3 S = nf.S;
+  const int64_t ds[2] = {d, std::min(d + 1, S.d - 1)}, hs[2] = {h, std::min(h + 1, S.h - 1)};
+  for (int a = 0; a < (ND == 3 ? 2 : 1); ++a)
+    for (int c = 0; c < 2; ++c)
+      if (nf.row_bad[(b * S.d + ds[a]) * S.h + hs[c]]) return false;
+  return true;
+}
+
+template <typename T, int ND>
+inline void copy_row(const T* u, int64_t N, Dims3 S, int64_t b, int64_t d, int64_t h, T* rowf) {
+  const T* src = u + b * ND * N + (d * S.h + h) * S.w;
+  for (int j = 0; j < ND; ++j) std::memcpy(rowf + j * S.w, src + j * N, sizeof(T) * S.w);
+}
+
 // ------------------------------------------------------------------ forward
 
 template <typename T, typename I, int ND, Pad P>
@@ -261,11 +294,23 @@ void forward_bilinear(const at::Tensor& moving, const at::Tensor& ddf, at::Tenso
   const T* up = ddf.data_ptr<T>();
   T* op = out.data_ptr<T>();
   const NonFinite<T, ND> nf(up, B, S);
+  const AxisInterp<T> Iw(S.w, S.w, true);  // the identity (kDenseRows)
   at::parallel_for(0, B * S.d * S.h, std::max<int64_t>(1, 2048 / S.w), [&](int64_t r0, int64_t r1) {
     RowTaps<T, I> R(S.w);
-    std::vector<T> sign(P == Pad::Reflection ? 3 * S.w : 0);
+    std::vector<T> sign(P == Pad::Reflection ? 3 * S.w : 0), rowf(kDenseRows<T, I, ND, P> ? ND * S.w : 0);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t h = r % S.h, d = (r / S.h) % S.d, b = r / (S.h * S.d);
+#if defined(__AVX512F__)
+      if constexpr (kDenseRows<T, I, ND, P>) {
+        // a row whose output is not finite is recomputed below on the generic path
+        if (row_clean(nf, b, d, h)) {
+          copy_row<T, ND>(up, N, S, b, d, h, rowf.data());
+          if (avx512::row_forward<P == Pad::Border>(mp + b * C * N, rowf.data(), Iw, S, C, N, d, h,
+                                                    op + b * C * N + (d * S.h + h) * S.w))
+            continue;
+        }
+      }
+#endif
       dense_row_taps<T, I, ND, P, false>(up, nf, b, d, h, R, sign);
       const int64_t row = (d * S.h + h) * S.w;
       for (int64_t c = 0; c < C; ++c) row_sample<T, I, ND>(mp + (b * C + c) * N, R, S, op + (b * C + c) * N + row);
@@ -397,11 +442,30 @@ void backward_bilinear(const at::Tensor& grad_out, const at::Tensor& moving, con
 
   if (!need_moving) {
     if (!need_field) return;
+    const AxisInterp<T> Iw(W, W, true);  // the identity (kDenseRows)
     at::parallel_for(0, B * S.d * S.h, std::max<int64_t>(1, 2048 / W), [&](int64_t r0, int64_t r1) {
       RowTaps<T, I> R(W);
-      std::vector<T> sign(P == Pad::Reflection ? 3 * W : 0), gpos(3 * W);
+      std::vector<T> sign(P == Pad::Reflection ? 3 * W : 0), gpos(3 * W), rowf(kDenseRows<T, I, ND, P> ? ND * W : 0);
+#if defined(__AVX512F__)
+      avx512::BackwardScratch Y(kDenseRows<T, I, ND, P> ? W : 0);
+#endif
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t h = r % S.h, d = (r / S.h) % S.d, b = r / (S.h * S.d);
+#if defined(__AVX512F__)
+        if constexpr (kDenseRows<T, I, ND, P>) {
+          if (row_clean(nf, b, d, h)) {
+            const int64_t row = (d * S.h + h) * W;
+            copy_row<T, ND>(up, N, S, b, d, h, rowf.data());
+            const int flags = avx512::row_backward<P == Pad::Border, true, false>(
+                mp + b * C * N, gp + b * C * N + row, rowf.data(), Iw, S, C, N, d, h, 0, 1, nullptr, Y);
+            if (!(flags & avx512::kGposNotFinite)) {
+              T* out = gf + b * ND * N + row;
+              for (int j = 0; j < ND; ++j) std::memcpy(out + j * N, Y.gpos.data() + j * W, sizeof(T) * W);
+              continue;
+            }
+          }
+        }
+#endif
         dense_row_taps<T, I, ND, P, true>(up, nf, b, d, h, R, sign);
         field_row(b, d, h, R, gpos);
       }
@@ -412,10 +476,49 @@ void backward_bilinear(const at::Tensor& grad_out, const at::Tensor& moving, con
   const DenseReach<T, ND, P> reach(up, B, S);
   const int64_t n_sa = reach.n_sa, plane_stride = ND == 3 ? S.h * W : W;
   const int64_t nslab = std::max<int64_t>(1, std::min<int64_t>(n_sa, (at::get_num_threads() + B - 1) / B));
+  const AxisInterp<T> Iw(W, W, true);  // the identity (kDenseRows)
   at::parallel_for(0, B * nslab, 1, [&](int64_t t0, int64_t t1) {
     RowTaps<T, I> R(W);
     ScatterScratch<T, I> X(W);
-    std::vector<T> sign(P == Pad::Reflection ? 3 * W : 0), gpos(3 * W);
+    std::vector<T> sign(P == Pad::Reflection ? 3 * W : 0), gpos(3 * W), rowf(kDenseRows<T, I, ND, P> ? ND * W : 0);
+#if defined(__AVX512F__)
+    avx512::BackwardScratch Y(kDenseRows<T, I, ND, P> ? W : 0);
+    // the row in registers (warp_avx512.h); rows whose data is not finite fall back to the generic exact paths
+    auto fast_row = [&](int64_t b, int64_t d, int64_t h, bool own, bool scatter, int64_t lo, int64_t hi) {
+      if constexpr (kDenseRows<T, I, ND, P>) {
+        constexpr bool BORDER = P == Pad::Border;
+        const int64_t row = (d * S.h + h) * W;
+        const T* img = mp + b * C * N;
+        const T* g = gp + b * C * N + row;
+        copy_row<T, ND>(up, N, S, b, d, h, rowf.data());
+        int flags = 0;
+        if (own && scatter)
+          flags = avx512::row_backward<BORDER, true, true>(img, g, rowf.data(), Iw, S, C, N, d, h, lo, hi,
+                                                            gm + b * C * N, Y);
+        else if (own)
+          flags = avx512::row_backward<BORDER, true, false>(img, g, rowf.data(), Iw, S, C, N, d, h, lo, hi,
+                                                             gm + b * C * N, Y);
+        else
+          flags = avx512::row_backward<BORDER, false, true>(img, g, rowf.data(), Iw, S, C, N, d, h, lo, hi,
+                                                             gm + b * C * N, Y);
+        if (flags) dense_row_taps<T, I, ND, P, true>(up, nf, b, d, h, R, sign);
+        if (own) {
+          if (flags & avx512::kGposNotFinite) {
+            field_row(b, d, h, R, gpos);
+          } else {
+            T* out = gf + b * ND * N + row;
+            for (int j = 0; j < ND; ++j) std::memcpy(out + j * N, Y.gpos.data() + j * W, sizeof(T) * W);
+          }
+        }
+        if (scatter) {
+          if (flags & avx512::kGradNotFinite)
+            row_scatter_exact<T, I, ND>(g, R, S, C, N, lo, hi, gm + b * C * N);
+          else
+            avx512::scatter_row(g, Y, W, C, N, gm + b * C * N);
+        }
+      }
+    };
+#endif
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / nslab, k = t % nslab;
       const int64_t lo = n_sa * k / nslab, hi = n_sa * (k + 1) / nslab;
@@ -428,6 +531,14 @@ void backward_bilinear(const at::Tensor& grad_out, const at::Tensor& moving, con
         if (!own && !scatter) continue;
         const int64_t h_begin = ND == 3 ? 0 : q, h_end = ND == 3 ? S.h : q + 1, d = ND == 3 ? q : 0;
         for (int64_t h = h_begin; h < h_end; ++h) {
+#if defined(__AVX512F__)
+          if constexpr (kDenseRows<T, I, ND, P>) {
+            if (row_clean(nf, b, d, h)) {
+              fast_row(b, d, h, own, scatter, lo, hi);
+              continue;
+            }
+          }
+#endif
           if (own) {
             dense_row_taps<T, I, ND, P, true>(up, nf, b, d, h, R, sign);
             field_row(b, d, h, R, gpos);
