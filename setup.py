@@ -58,8 +58,9 @@ setup(
         "io": ["nibabel", "scipy", "pydicom", "pillow", "tqdm", "matplotlib"],
         "toy": ["matplotlib"],  # coopseg toy's box plot
         "demo": ["nibabel", "scipy", "tqdm", "matplotlib", "nilearn"],  # MNI152 templates (coopseg demo-data)
+        # monai / voxelmorph: tests/test_nn.py checks coopseg_kernels.nn against their own modules
         "test": ["pytest", "pytest-benchmark", "scipy", "triton", "nibabel", "pydicom", "pillow", "tqdm",
-                 "matplotlib"],
+                 "matplotlib", "monai", "voxelmorph==0.3.4"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -27,6 +27,7 @@ class Case:
     others: dict[str, Callable[[dict], torch.Tensor]] = field(default_factory=dict)
     big: bool = False                     # skipped by --quick
     backward: bool = True                 # False: a forward-only computation (no fwd+bwd columns)
+    compare: bool = False                 # report how far the fused output is from the naive one
 
 
 def _smooth_coarse(B, size, spacing, device, amplitude=3.0):
@@ -187,6 +188,60 @@ def ds_optimizers() -> dict:
     return {"coarse-to-fine (this version)": new, "single-level (before issue 8)": old}
 
 
+def nn_warp_cases(device: torch.device, size=(256, 256, 128)) -> list[Case]:
+    """coopseg_kernels.nn against MONAI's Warp (its defaults: padding "border"), bilinear and
+    nearest, fp32: on a full-resolution DDF (a smooth /16 field plus N(0, 0.5^2) voxel noise) and
+    on a /16 grid that MONAI needs upsampled by F.interpolate (ours: CoarseWarp, the fused warp).
+    Skipped, with a note, without MONAI."""
+    try:
+        from monai.networks.blocks import Warp as MonaiWarp
+    except ImportError:
+        print("nn.Warp cases skipped: MONAI is not installed (pip install monai)", file=sys.stderr)
+        return []
+    import warnings
+
+    import torch.nn.functional as F
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "Using PyTorch native grid_sample"
+        monai = {m: MonaiWarp(mode=m, padding_mode="border") for m in ("bilinear", "nearest")}
+    name = "x".join(map(str, size))
+
+    def upsample(c):
+        return F.interpolate(c, size=size, mode="trilinear", align_corners=True)
+
+    def make_ddf():
+        g = torch.Generator().manual_seed(3)
+        moving = torch.rand(1, 1, *size, generator=g).to(device)
+        noise = 0.5 * torch.randn(1, len(size), *size, generator=g).to(device)
+        return {"moving": moving, "ddf": upsample(_smooth_coarse(1, size, 16, device)) + noise}
+
+    def make_coarse():
+        g = torch.Generator().manual_seed(3)
+        moving = torch.rand(1, 1, *size, generator=g).to(device)
+        return {"moving": moving, "coarse": _smooth_coarse(1, size, 16, device)}
+
+    cases = []
+    for mode in ("bilinear", "nearest"):
+        ours = ck.nn.Warp(mode=mode, padding_mode="border")
+        coarse_ours = ck.nn.CoarseWarp(mode=mode, padding_mode="border")
+        cases.append(Case(
+            op="nn.Warp", shape=f"{name} DDF {mode}", make=make_ddf,
+            fused=lambda x, f=ours: f(x["moving"], x["ddf"]),
+            naive=lambda x, f=monai[mode]: f(x["moving"], x["ddf"]),
+            grad_inputs=("moving", "ddf"),
+            bytes_moved=lambda x: (2 * x["moving"].numel() + x["ddf"].numel()) * 4, big=True, compare=True))
+        cases.append(Case(
+            op="nn.Warp", shape=f"{name} /16 {mode}", make=make_coarse,
+            fused=lambda x, f=coarse_ours: f(x["moving"], x["coarse"]),
+            naive=lambda x, f=monai[mode]: f(x["moving"], upsample(x["coarse"])),
+            grad_inputs=("moving", "coarse"),
+            bytes_moved=lambda x: 2 * x["moving"].numel() * 4, big=True, compare=True))
+    return cases
+
+
 def all_cases(device: torch.device, ops: list[str] | None = None) -> list[Case]:
     cases = warp_cases(device) + blur_cases(device) + similarity_cases(device)
+    if ops is None or "nn.Warp" in ops:
+        cases += nn_warp_cases(device)
     return [c for c in cases if ops is None or c.op in ops]

@@ -81,6 +81,11 @@ def measure(case: Case, device: torch.device, repeats: int) -> dict:
     row["fwdbwd_speedup"] = row["fwdbwd_ms_naive"] / row["fwdbwd_ms_fused"]
     row["peak_ratio"] = row["peak_mib_fused"] / row["peak_mib_naive"]
     row["bytes_moved"] = case.bytes_moved(inputs)
+    if case.compare:  # the outputs compared: largest difference, and how many voxels differ
+        with torch.no_grad():
+            diff = (case.fused(inputs).double() - case.naive(inputs).double()).abs()
+        row["max_abs_diff"] = float(diff.max())
+        row["voxels_differing"] = int((diff > 0).sum())
     return row
 
 
@@ -102,8 +107,11 @@ def markdown(rows: list[dict], info: dict, bandwidth: float | None) -> str:
                 f"{r['peak_ratio']:.4f} |")
         others = [k[len("fwd_ms_"):] for k in r
                   if k.startswith("fwd_ms_") and k not in ("fwd_ms_naive", "fwd_ms_fused")]
-        line += " " + "; ".join(f"{n}: fwd {r['fwd_ms_' + n]:.1f} ms, fwd+bwd {num(r['fwdbwd_ms_' + n], '.1f')} ms, "
-                                f"peak {r['peak_mib_' + n]:.1f} MiB" for n in others) + " |"
+        notes = [f"{n}: fwd {r['fwd_ms_' + n]:.1f} ms, fwd+bwd {num(r['fwdbwd_ms_' + n], '.1f')} ms, "
+                 f"peak {r['peak_mib_' + n]:.1f} MiB" for n in others]
+        if "max_abs_diff" in r:
+            notes.append(f"max abs diff to naive {r['max_abs_diff']:.2g} ({r['voxels_differing']} voxels differ)")
+        line += " " + "; ".join(notes) + " |"
         if bandwidth:
             line += f" {100 * r['bytes_moved'] / (r['fwd_ms_fused'] / 1e3) / bandwidth:.0f} |"
         lines.append(line)

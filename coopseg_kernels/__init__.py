@@ -5,7 +5,7 @@ Conventions (docs/conventions.md): channel-first tensors (B, C, *S); displacemen
 voxels, spatial-axis order (d, h, w); coarse grids upsampled like
 F.interpolate(align_corners=...); sampling like grid_sample(align_corners=True).
 """
-from . import convert, reference
+from . import convert, nn, reference
 from ._backend import BACKENDS, HAS_CPP
 from .ops.blur import blur, blur_adjoint
 from .ops.similarity_step import similarity_step
@@ -13,5 +13,5 @@ from .ops.warp import upsample_field, warp
 from .similarity import SimilarityResult, dice, relative_similarity, translation_search
 
 __all__ = ["warp", "upsample_field", "blur", "blur_adjoint", "similarity_step", "relative_similarity", "dice",
-           "translation_search", "SimilarityResult", "reference", "convert", "BACKENDS", "HAS_CPP"]
+           "translation_search", "SimilarityResult", "reference", "convert", "nn", "BACKENDS", "HAS_CPP"]
 __version__ = "0.1.0"

@@ -283,3 +283,32 @@ def mask_pair(name1: str, t1, name2: str, t2) -> int:
     same_device(**{name1: t1, name2: t2})
     not_meta(name1, t1)
     return t1.dim() - 2
+
+
+def dense_warp_inputs(moving, ddf, padding_mode: str, mode: str) -> int:
+    """A warp by a full-resolution displacement field (B, nd, *S) of the image's size: floating
+    images for both modes, integer/bool label maps for mode="nearest"."""
+    choice("mode", mode, ("bilinear", "nearest"))
+    choice("padding_mode", padding_mode, ("zeros", "border", "reflection"))
+    if not isinstance(moving, torch.Tensor):
+        raise TypeError(f"moving must be a torch.Tensor, got {type(moving).__name__}")
+    labels = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
+    if not moving.dtype.is_floating_point:
+        if moving.dtype not in labels:
+            raise TypeError(f"moving must be floating, or a label map (uint8/int16/int32/int64/bool) with "
+                            f"mode='nearest', got {moving.dtype}")
+        if mode != "nearest":
+            raise TypeError(f"moving of dtype {moving.dtype} (a label map) can only be warped with mode='nearest', "
+                            f"got mode={mode!r}; cast it to a floating dtype for {mode!r}")
+    if moving.dim() not in (4, 5):
+        raise ValueError(f"moving must be (B, C, H, W) or (B, C, D, H, W), got shape {_shape(moving)}")
+    if moving.shape[0] < 1 or moving.shape[1] < 1 or min(moving.shape[2:]) < 2 or max(moving.shape[2:]) > _MAX_SIZE:
+        raise ValueError(f"moving needs B, C >= 1 and spatial sizes in [2, 2**31), got shape {_shape(moving)}")
+    nd = moving.dim() - 2
+    coarse_field("ddf", ddf, nd, batch=moving.shape[0])
+    if tuple(ddf.shape[2:]) != tuple(moving.shape[2:]):
+        want = ", ".join(str(n) for n in (moving.shape[0], nd, *moving.shape[2:]))
+        raise ValueError(f"ddf must have the spatial size of moving: expected shape ({want}), got {_shape(ddf)}")
+    same_device(moving=moving, ddf=ddf)
+    not_meta("moving", moving)
+    return nd

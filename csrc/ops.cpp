@@ -18,6 +18,11 @@ TORCH_LIBRARY(coopseg, m) {
   m.def(
       "warp_bwd(Tensor grad_out, Tensor moving, Tensor coarse, bool align_corners, str padding_mode, str mode, "
       "bool need_moving, bool need_coarse) -> (Tensor, Tensor)");
+  // warp by a full-resolution displacement field (coarse size == image size): coopseg_kernels/ops/warp_dense.py
+  m.def("warp_dense_fwd(Tensor moving, Tensor ddf, str padding_mode, str mode) -> Tensor");
+  m.def(
+      "warp_dense_bwd(Tensor grad_out, Tensor moving, Tensor ddf, str padding_mode, str mode, bool need_moving, "
+      "bool need_ddf) -> (Tensor, Tensor)");
   m.def("upsample_field_fwd(Tensor coarse, int[] size, bool align_corners) -> Tensor");
   m.def("upsample_field_bwd(Tensor grad_field, int[] coarse_size, bool align_corners) -> Tensor");
   // separable banded operator: the blur and its adjoint (tables from coopseg_kernels/ops/blur.py)

@@ -62,6 +62,7 @@ from triton.runtime.jit import JITFunction, create_function_from_signature  # no
 ARCHS = (80, 90)
 KERNEL_MODULES = ("coopseg_kernels.triton.warp", "coopseg_kernels.triton.blur",
                   "coopseg_kernels.triton.similarity_step")
+KERNEL_MODULES += ("coopseg_kernels.triton.warp_dense",)
 
 # ----------------------------------------------------------------------------- recording
 
@@ -154,6 +155,32 @@ def drive(rec: Recorder) -> None:
                         y = ck.blur(x, kernel=kernel, boundary=boundary, backend="triton")
                         y.backward(torch.ones_like(y))
                         ck.blur_adjoint(x.detach(), kernel=kernel, boundary=boundary, backend="triton")
+    drive_dense(rec, dtypes)
+
+
+def drive_dense(rec: Recorder, dtypes) -> None:
+    """The full-resolution-field kernels (ops/warp_dense.py): every padding, mode, dtype and
+    requested gradients; label maps (nearest); C = 1 and sizes divisible by 16 in fp32."""
+    from coopseg_kernels.ops.warp_dense import warp_dense
+
+    labels = (torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool)
+    for nd in (2, 3):
+        for pad in ("zeros", "border", "reflection"):
+            for mode in ("bilinear", "nearest"):
+                runs = [(dtype, (9, 10, 11)[:nd], 2) for dtype in dtypes]
+                runs += [(torch.float32, (32, 16, 16)[:nd], 1)]
+                for dtype, size, BC in runs:
+                    for grads in ((True, True), (True, False), (False, True)):
+                        rec.label = f"warp_dense {nd}-D {pad} {mode} {dtype} C={BC} grads={grads}"
+                        m = torch.rand(BC, BC, *size, dtype=dtype).requires_grad_(grads[0])
+                        u = torch.randn(BC, nd, *size).requires_grad_(grads[1])
+                        out = warp_dense(m, u, padding_mode=pad, mode=mode, backend="triton")
+                        out.backward(torch.ones_like(out))
+            for dtype in labels:
+                rec.label = f"warp_dense {nd}-D {pad} nearest {dtype}"
+                x = torch.randint(0, 2, (2, 2, *(9, 10, 11)[:nd])).to(dtype)
+                warp_dense(x, torch.randn(2, nd, *(9, 10, 11)[:nd]), padding_mode=pad, mode="nearest",
+                           backend="triton")
 
 
 def kernels_in_modules() -> set[str]:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, reference
+from .warp_dense import warp_dense
 
 
 @torch.library.custom_op("coopseg::warp", mutates_args=())
@@ -114,6 +115,9 @@ def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_
     """
     _checks.warp_inputs(moving, coarse, padding_mode, align_corners, mode)
     be = _backend.resolve(backend, moving.device)
+    # a full-resolution field (coarse size == image size: upsampling is the identity) has its own kernels
+    if be != "reference" and tuple(coarse.shape[2:]) == tuple(moving.shape[2:]):
+        return warp_dense(moving, coarse, padding_mode=padding_mode, mode=mode, backend=be)
     if be == "reference":
         return reference.warp(moving, coarse, align_corners=align_corners, padding_mode=padding_mode, mode=mode)
     moving, coarse_k = _prepare(be, moving, coarse)
