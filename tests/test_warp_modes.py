@@ -152,6 +152,8 @@ KERNEL_CASES = [((5, 6, 7), (2, 1, 3)), ((3, 4, 5), (1, 1, 1)), ((7, 9), (3, 1))
 @pytest.mark.parametrize("padding_mode,mode", [(p, "nearest") for p in PADS] + [("reflection", "bilinear")])
 @pytest.mark.parametrize("size,coarse_size", KERNEL_CASES)
 def test_kernel_modes_match_reference(backend, size, coarse_size, align_corners, padding_mode, mode, dtype):
+    if backend == "triton" and (not align_corners or dtype == torch.float32) and size != KERNEL_CASES[0][0]:
+        pytest.skip("interpreted Triton: align_corners=False and fp32 on the first case only (test time)")
     moving, coarse = _inputs(size, coarse_size, dtype)
     grad_out = torch.randn(moving.shape, dtype=dtype)
     kw = dict(align_corners=align_corners, padding_mode=padding_mode, mode=mode)
@@ -186,6 +188,8 @@ def test_kernel_labels_bit_exact(backend, size, coarse_size, padding_mode, dtype
 
 @pytest.mark.parametrize("size,coarse_size", [((3, 4, 5), (2, 1, 3)), ((4, 5), (2, 3))])
 def test_gradcheck_reflection(backend, size, coarse_size):
+    if backend == "triton" and len(size) == 3:
+        pytest.skip("interpreted Triton: the 2-D case only (test time; 3-D is compared with the reference)")
     moving, coarse = _inputs(size, coarse_size, torch.float64, C=2, scale=4.0)
     fn = lambda m, c: ck.warp(m, c, padding_mode="reflection", backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (moving, coarse), fast_mode=backend == "triton")
