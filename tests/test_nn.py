@@ -324,6 +324,27 @@ def test_dense_input_errors():
         warp_dense(moving.detach().to(torch.int8), ddf, mode="nearest")
 
 
+def test_dense_raw_op_errors():
+    """The raw C++ ops are public schemas: they check what their kernels rely on themselves."""
+    if not ck.HAS_CPP:
+        pytest.skip("C++ extension not built")
+    moving, ddf = _inputs(3, torch.float32)
+    moving, ddf = moving.detach(), ddf.detach()
+    fwd, bwd = torch.ops.coopseg.warp_dense_fwd, torch.ops.coopseg.warp_dense_bwd
+    with pytest.raises(RuntimeError, match="warp_dense_fwd: ddf must have the spatial size of moving"):
+        fwd(moving, ddf[..., :-1].contiguous(), "zeros", "bilinear")
+    with pytest.raises(RuntimeError, match="warp_dense_fwd: ddf must be Float"):
+        fwd(moving, ddf.double(), "zeros", "bilinear")
+    with pytest.raises(RuntimeError, match="label maps need mode='nearest'"):
+        fwd(_labels(3, torch.uint8), ddf, "zeros", "bilinear")
+    with pytest.raises(RuntimeError, match="padding_mode must be"):
+        fwd(moving, ddf, "wrap", "bilinear")
+    with pytest.raises(RuntimeError, match="warp_dense_bwd: mode must be"):
+        bwd(moving, moving, ddf, "zeros", "cubic", True, True)
+    with pytest.raises(RuntimeError, match="warp_dense_bwd: grad_out must have the shape of moving"):
+        bwd(moving[:1], moving, ddf, "zeros", "bilinear", True, True)
+
+
 def test_dense_int64_offsets(backend, monkeypatch):
     """The 64-bit offset instantiations (a volume of 2^31 voxels or more), run on a small volume
     through the test-only switch COOPSEG_FORCE_INT64=1."""
