@@ -54,7 +54,8 @@ def _labels(nd, dtype, B=2, C=1, seed=1):
 
 
 def _grads(out, inputs, seed=2):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(out.dtype)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    g = g.to(device=out.device, dtype=out.dtype)
     return torch.autograd.grad(out, inputs, g)
 
 
@@ -323,6 +324,27 @@ def test_dense_input_errors():
         warp_dense(moving.detach().to(torch.int8), ddf, mode="nearest")
 
 
+def test_dense_raw_op_errors():
+    """The raw C++ ops are public schemas: they check what their kernels rely on themselves."""
+    if not ck.HAS_CPP:
+        pytest.skip("C++ extension not built")
+    moving, ddf = _inputs(3, torch.float32)
+    moving, ddf = moving.detach(), ddf.detach()
+    fwd, bwd = torch.ops.coopseg.warp_dense_fwd, torch.ops.coopseg.warp_dense_bwd
+    with pytest.raises(RuntimeError, match="warp_dense_fwd: ddf must have the spatial size of moving"):
+        fwd(moving, ddf[..., :-1].contiguous(), "zeros", "bilinear")
+    with pytest.raises(RuntimeError, match="warp_dense_fwd: ddf must be Float"):
+        fwd(moving, ddf.double(), "zeros", "bilinear")
+    with pytest.raises(RuntimeError, match="label maps need mode='nearest'"):
+        fwd(_labels(3, torch.uint8), ddf, "zeros", "bilinear")
+    with pytest.raises(RuntimeError, match="padding_mode must be"):
+        fwd(moving, ddf, "wrap", "bilinear")
+    with pytest.raises(RuntimeError, match="warp_dense_bwd: mode must be"):
+        bwd(moving, moving, ddf, "zeros", "cubic", True, True)
+    with pytest.raises(RuntimeError, match="warp_dense_bwd: grad_out must have the shape of moving"):
+        bwd(moving[:1], moving, ddf, "zeros", "bilinear", True, True)
+
+
 def test_dense_int64_offsets(backend, monkeypatch):
     """The 64-bit offset instantiations (a volume of 2^31 voxels or more), run on a small volume
     through the test-only switch COOPSEG_FORCE_INT64=1."""
@@ -336,3 +358,55 @@ def test_dense_int64_offsets(backend, monkeypatch):
     labels = _labels(3, torch.int16)
     got = warp_dense(labels, ddf.detach(), mode="nearest", backend=backend)
     assert torch.equal(got, _oracle(labels.float(), ddf.detach(), "zeros", "nearest").to(torch.int16))
+
+
+# ------------------------------------------------------------------------- CUDA (make gpu-check)
+# The compiled Triton dense kernels on a CUDA device (skipped without one): odd shapes, every mode
+# and padding, fp32 / fp16 / bf16 images against grid_sample in fp32 on the same rounded inputs,
+# label maps bit-exact, and MONAI's Warp on the GPU.
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("padding_mode", PADS)
+@pytest.mark.parametrize("size", [(17, 19, 23), (33, 47)])
+def test_cuda_dense_matches_grid_sample(size, mode, padding_mode, dtype):
+    g = torch.Generator().manual_seed(7)
+    nd = len(size)
+    moving = torch.randn(2, 2, *size, generator=g).cuda().to(dtype).requires_grad_()
+    ddf = (3.0 * torch.randn(2, nd, *size, generator=g)).cuda().requires_grad_()
+    got = warp_dense(moving, ddf, padding_mode=padding_mode, mode=mode)
+    m32 = moving.detach().float().requires_grad_()
+    u32 = ddf.detach().clone().requires_grad_()
+    want = _oracle(m32, u32, padding_mode, mode)
+    assert got.dtype == dtype
+    gout = torch.randn(got.shape, generator=g).cuda().to(dtype)
+    gm, gu = torch.autograd.grad(got, (moving, ddf), gout)
+    wm, wu = torch.autograd.grad(want, (m32, u32), gout.float())
+    if mode == "nearest":
+        assert torch.equal(got.float(), want.to(dtype).float())
+    else:
+        torch.testing.assert_close(got.float(), want, **tol(dtype))
+    torch.testing.assert_close(gm.float(), wm, **tol(dtype))
+    scale = max(float(wu.abs().max()), 1.0)
+    torch.testing.assert_close(gu / scale, wu / scale, **tol(dtype))
+    labels = torch.randint(0, 7, (2, 1, *size), generator=g).to(torch.uint8).cuda()
+    out = warp_dense(labels, ddf.detach(), padding_mode=padding_mode, mode="nearest")
+    assert out.dtype == torch.uint8
+    assert torch.equal(out, _oracle(labels.float(), ddf.detach(), padding_mode, "nearest").to(torch.uint8))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+def test_cuda_warp_matches_monai(mode):
+    MonaiWarp = _monai_warp()
+    g = torch.Generator().manual_seed(8)
+    moving = torch.randn(1, 2, 21, 22, 23, generator=g).cuda().requires_grad_()
+    ddf = (2.0 * torch.randn(1, 3, 21, 22, 23, generator=g)).cuda().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = MonaiWarp(mode=mode)(moving, ddf)
+    got = ck.nn.Warp(mode=mode)(moving, ddf)
+    _assert_same((got, *_grads(got, (moving, ddf))), (want, *_grads(want, (moving, ddf))), torch.float32,
+                 mode == "nearest")
