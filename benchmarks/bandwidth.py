@@ -81,9 +81,11 @@ def kernel_cases(device: torch.device, size, dtype=torch.float32):
     idx, wt = blur_tables(size, (1.0, 2.0, 1.0), "zeros", False, dtype, device)
     cs = list(coarse.shape[2:])
     return be, [
-        ("warp_fwd", lambda: k("warp_fwd")(x, coarse, True, "zeros"), 2 * vol),
-        ("warp_bwd (image + coarse grads)", lambda: k("warp_bwd")(y, x, coarse, True, "zeros", True, True), 3 * vol),
-        ("warp_bwd (coarse grad)", lambda: k("warp_bwd")(y, x, coarse, True, "zeros", False, True), 2 * vol),
+        ("warp_fwd", lambda: k("warp_fwd")(x, coarse, True, "zeros", "bilinear"), 2 * vol),
+        ("warp_bwd (image + coarse grads)",
+         lambda: k("warp_bwd")(y, x, coarse, True, "zeros", "bilinear", True, True), 3 * vol),
+        ("warp_bwd (coarse grad)",
+         lambda: k("warp_bwd")(y, x, coarse, True, "zeros", "bilinear", False, True), 2 * vol),
         ("upsample_field_fwd", lambda: k("upsample_field_fwd")(coarse, list(size), True), nd * vol),
         ("upsample_field_bwd", lambda: k("upsample_field_bwd")(field_grad, cs, True), nd * vol),
         ("similarity_step_fwd (D_S step)", lambda: k("similarity_step_fwd")(x, y, coarse, True), 2 * vol),

@@ -8,18 +8,17 @@ tests/helpers.py's tolerances; nearest label maps bit-exact.
 """
 from __future__ import annotations
 
-import inspect
 import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import tol
 
 import coopseg_kernels as ck
 from coopseg_kernels import reference
 from coopseg_kernels.convert import field_to_grid
 from coopseg_kernels.ops.warp_dense import warp_dense
+from helpers import tol
 
 SIZES = {2: (7, 9), 3: (5, 6, 7)}
 PADS = ("zeros", "border", "reflection")
@@ -74,10 +73,6 @@ def _oracle(moving, ddf, padding_mode, mode):
     dt = reference.math_dtype(moving.dtype)
     grid = field_to_grid(ddf.to(dt), align_corners=True)
     return F.grid_sample(moving.to(dt), grid, mode=mode, padding_mode=padding_mode, align_corners=True)
-
-
-def _reference_has_modes() -> bool:
-    return "mode" in inspect.signature(reference.warp).parameters
 
 
 # ---------------------------------------------------------------------------------------- MONAI
@@ -194,7 +189,6 @@ def test_dense_matches_grid_sample(backend, nd, mode, padding_mode):
                      mode == "nearest")
 
 
-@pytest.mark.skipif(not _reference_has_modes(), reason="reference.warp has no mode argument yet")
 @pytest.mark.parametrize("nd", [2, 3])
 @pytest.mark.parametrize("mode", ["bilinear", "nearest"])
 @pytest.mark.parametrize("padding_mode", PADS)

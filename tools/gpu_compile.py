@@ -75,8 +75,8 @@ class Recorder:
 
     @contextlib.contextmanager
     def active(self):
-        from coopseg_kernels import _backend
         import coopseg_kernels.triton as kt
+        from coopseg_kernels import _backend
 
         rec = self
         orig_run, orig_interp = JITFunction.run, _backend._triton_interpreted
@@ -385,8 +385,9 @@ def compile_all(specs: list[dict], jobs: int, ptxas: bool = False, progress: boo
         futs = {pool.submit(compile_spec, a, ptxas): i for i, a in enumerate(args)}
         it = futs
         try:
-            from tqdm import tqdm
             from concurrent.futures import as_completed
+
+            from tqdm import tqdm
             it = tqdm(as_completed(futs), total=len(futs), desc="compiling", file=sys.stderr,
                       disable=not progress)
         except ImportError:

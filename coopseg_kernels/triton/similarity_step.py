@@ -26,7 +26,7 @@ def similarity_step_fwd_kernel(s1_ptr, s2_ptr, crs_ptr, part_ptr, loss_ptr,
                                C, D, H, W, sd, sh, sw, T, scale,
                                ND: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
     # the image gradient is not formed (NEED_MOVING False), so its pointer is never read; called
-    # through its module so that this module holds one *_kernel (benchmarks/gpu_resources.py)
+    # through its module so that this module holds one *_kernel (tools/gpu_compile.py)
     warp.warp_bwd_kernel(s2_ptr, s1_ptr, crs_ptr, part_ptr, part_ptr, loss_ptr,
                          i0d, l1d, cbd, i0h, l1h, cbh, i0w, l1w, cbw,
                          C, D, H, W, sd, sh, sw, T, scale,

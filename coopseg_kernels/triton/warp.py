@@ -119,13 +119,17 @@ def _field_vec(cptr, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1,
     """Displacement of one channel at voxels with per-voxel nodes (gathers)."""
     r00 = (id0 * sh + ih0) * sw
     r01 = (id0 * sh + ih1) * sw
-    u = lh0 * (lw0 * tl.load(cptr + r00 + iw0, mask=m, other=0.0) + lw1 * tl.load(cptr + r00 + iw1, mask=m, other=0.0)) \
-        + lh1 * (lw0 * tl.load(cptr + r01 + iw0, mask=m, other=0.0) + lw1 * tl.load(cptr + r01 + iw1, mask=m, other=0.0))
+    u = lh0 * (lw0 * tl.load(cptr + r00 + iw0, mask=m, other=0.0)
+               + lw1 * tl.load(cptr + r00 + iw1, mask=m, other=0.0)) \
+        + lh1 * (lw0 * tl.load(cptr + r01 + iw0, mask=m, other=0.0)
+                 + lw1 * tl.load(cptr + r01 + iw1, mask=m, other=0.0))
     if ND == 3:
         r10 = (id1 * sh + ih0) * sw
         r11 = (id1 * sh + ih1) * sw
-        u1 = lh0 * (lw0 * tl.load(cptr + r10 + iw0, mask=m, other=0.0) + lw1 * tl.load(cptr + r10 + iw1, mask=m, other=0.0)) \
-            + lh1 * (lw0 * tl.load(cptr + r11 + iw0, mask=m, other=0.0) + lw1 * tl.load(cptr + r11 + iw1, mask=m, other=0.0))
+        u1 = lh0 * (lw0 * tl.load(cptr + r10 + iw0, mask=m, other=0.0)
+                    + lw1 * tl.load(cptr + r10 + iw1, mask=m, other=0.0)) \
+            + lh1 * (lw0 * tl.load(cptr + r11 + iw0, mask=m, other=0.0)
+                     + lw1 * tl.load(cptr + r11 + iw1, mask=m, other=0.0))
         u = ld0 * u + ld1 * u1
     return u
 
@@ -346,7 +350,7 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
             if NEED_MOVING:
                 # the image-gradient scatter first, from g and the weights alone, so that
                 # its addresses and weights are dead before the eight corner values below
-                # are loaded (3-D, both gradients, sm_90: 191 -> 154 registers; README)
+                # are loaded (3-D, both gradients: docs/gpu.md#registers-spills-and-shared-memory)
                 tl.static_assert(not SIMILARITY, "the D_S step has no image gradient")
                 _scatter_plane(gmb, row, W, mg & okd0, okh0, okh1, okw0, okw1, g * (1.0 - fd), fh, fw)
                 if ND == 3:
