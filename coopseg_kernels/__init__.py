@@ -7,11 +7,13 @@ F.interpolate(align_corners=...); sampling like grid_sample(align_corners=True).
 """
 from . import convert, nn, reference
 from ._backend import BACKENDS, HAS_CPP
+from ._backend import resolve as resolve_backend
 from .ops.blur import blur, blur_adjoint
 from .ops.similarity_step import similarity_step
 from .ops.warp import upsample_field, warp
 from .similarity import SimilarityResult, dice, relative_similarity, translation_search
 
 __all__ = ["warp", "upsample_field", "blur", "blur_adjoint", "similarity_step", "relative_similarity", "dice",
-           "translation_search", "SimilarityResult", "reference", "convert", "nn", "BACKENDS", "HAS_CPP"]
+           "translation_search", "SimilarityResult", "reference", "convert", "nn", "BACKENDS", "HAS_CPP",
+           "resolve_backend"]
 __version__ = "0.1.0"

@@ -188,6 +188,17 @@ def test_kernels_do_not_import_coopseg():
     assert not bad, "coopseg_kernels must not import coopseg:\n" + "\n".join(bad)
 
 
+# what coopseg may use of the kernels: the package's public API and its public modules
+KERNELS_PUBLIC = {KERNELS, f"{KERNELS}.nn", f"{KERNELS}.reference", f"{KERNELS}.convert"}
+
+
+def test_coopseg_uses_only_the_public_kernel_api():
+    bad = [f"{MODULES[m].relative_to(ROOT)}:{line} imports {t}"
+           for m in MODULES if m.split(".")[0] == "coopseg"
+           for t, line, _ in imports(m) if t.split(".")[0] == KERNELS and t not in KERNELS_PUBLIC]
+    assert not bad, "coopseg imports only coopseg_kernels' public API:\n" + "\n".join(bad)
+
+
 def upward(mod: str, found) -> list[tuple[str, int]]:
     """(target, line) of the imports of a coopseg module that point to a higher layer."""
     if mod.split(".")[0] != "coopseg" or layer(mod) is None:

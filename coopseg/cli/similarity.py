@@ -14,7 +14,6 @@ import torch
 from tqdm import tqdm
 
 import coopseg_kernels as ck
-from coopseg_kernels import _backend
 
 from ..data.tables import atomic_output, check_output_file, read_rows, resolve_path
 from ..data.volumes import VolumeError, load_nifti
@@ -72,7 +71,7 @@ GRID_SPACING = positive_float("--grid-spacing", minimum=1.0,
 def check_backend(backend: str) -> None:
     """Fail fast (before reading any mask) when this machine cannot run the backend."""
     try:
-        _backend.resolve(backend, torch.device("cpu"))
+        ck.resolve_backend(backend, torch.device("cpu"))
     except (ValueError, RuntimeError) as exc:
         raise CliError(str(exc).splitlines()[0]) from None
 
