@@ -15,6 +15,10 @@ warp_bwd_kernel   one program per (batch item, coarse cell, tile of the cell's
                   nodes in a fixed order (deterministic, no atomics). The image
                   gradient is an atomic scatter.
 
+Over 500 lines on purpose: one algorithm, whose forward and backward kernels share the
+@triton.jit position, padding (zeros / border / reflection) and sampling (bilinear /
+nearest) helpers of this file; split, the helpers would sit apart from their users.
+
 A 2-D problem runs as 3-D with D = 1 (ND = 2 prunes the d taps at compile time).
 Offsets inside one volume are int32 unless the volume has 2^31 voxels or more
 (INT64); batch/channel bases are always int64.
