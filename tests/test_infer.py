@@ -202,7 +202,7 @@ def test_cli_errors(pair_case, fake_checkpoint, capsys, tmp_path):
     nomask = write_manifest(tmp / "nomask.csv", [dict(t1=tmp / "t1_0.nii.gz", t2=tmp / "t2_0.nii.gz")])
     err(["evaluate", "--manifest", str(nomask), "--checkpoint", str(fake_checkpoint), "--out", str(tmp / "r.csv")],
         "no mask given")
-    err(["demo-data", str(tmp / "d"), "--pairs", "2", "--test", "2"], "need 1 <= test < pairs")
+    err(["demo-data", str(tmp / "d"), "--pairs", "2", "--test", "2"], "--test must be >= 1 and below --pairs")
 
 
 def test_missing_checkpoint_is_a_clear_error(pair_case, capsys):
