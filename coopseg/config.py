@@ -17,9 +17,10 @@ import torch
 import coopseg_kernels as ck
 
 from .data import TOY_PAIRS_MAX
+from .data.toy import TARGETS as TOY_TARGETS
 from .errors import ConfigError
 from .losses import BLUR_SIGMA_MAX
-from .models import NORMS, OMEGAS, POOLS, WIDTH_MAX
+from .models import NORMS, OMEGAS, POOLS, SEGMENTORS, UNET_CONTEXTS, UNET_LEVELS_MAX, WIDTH_MAX
 
 CROP_MULTIPLE = 16  # the registor pools 4 times
 SEED_LIMIT = 2**40  # seeds are ints in [0, 2**40): the toy data and every generator of the loop take them
@@ -46,12 +47,16 @@ class Config:
     toy_size: int = _doc("data='toy': image size in pixels (the paper: 240)", 240)
     toy_max_shift: Any = _doc("data='toy': largest translation of s2 vs s1, pixels per axis; null = "
                               "32 * toy_size / 240 (the paper's 32 px)", None)
+    toy_target: str = _doc("data='toy': s2 (the annotation) | oracle (s1 translated by the pair's shift: "
+                           "the oracle gate, docs/toy.md#the-oracle-gate)", "s2")
     steps_segmentor: int = _doc("stage 1: steps of the segmentor alone with L_r", 300)
     steps_registor: int = _doc("stage 2: steps of the registor alone with L_g on the annotation masks", 300)
     steps_joint: int = _doc("stage 3: steps of both with lambda_r L_r + lambda_g L_g + lambda_p L_p", 300)
     lambda_r: float = _doc("weight of the segmentation loss L_r in stage 3 (paper, liver: 0.1)", 0.1)
     lambda_g: float = _doc("weight of the registration loss L_g in stage 3 (paper: 1)", 1.0)
     lambda_p: float = _doc("weight of the similarity loss L_p in stage 3 (paper, liver: 1)", 1.0)
+    inside_only: bool = _doc("L_p and L_g ignore the voxels whose sampled position lies outside the moving crop "
+                             "(docs/training.md#losses)", True)
     sim_to_s1: bool = _doc("ablation: L_p also trains through the first mask (paper: false)", False)
     sim_to_registor: bool = _doc("ablation: L_p also trains the registor (paper: false)", False)
     crop_min: Any = _doc("smallest crop side (int, or one per axis); a multiple of 16", 64)
@@ -60,6 +65,11 @@ class Config:
     lr: float = _doc("Adam learning rate", 1e-3)
     registor_lr: float = _doc("Adam learning rate of the registor's parameters (0 = lr)", 0.0)
     width: float = _doc("segmentor channel multiplier (1 = Models Genesis, needed to load its weights)", 0.25)
+    segmentor: str = _doc("genesis (Models Genesis U-Net, 3 pools; the paper's) | unet (coopseg.models.ToyUNet, "
+                          "2-D: more pools, unet_* keys)", "genesis")
+    unet_levels: int = _doc("segmentor unet: number of 2x max-pools", 5)
+    unet_context: str = _doc("segmentor unet: none | dilated (convs of dilation 1, 2, 4 at the bottleneck)", "none")
+    unet_coords: bool = _doc("segmentor unet: append (y, x) coordinate channels to the input", False)
     norm: str = _doc("segmentor normalisation: cont_bn (Genesis) | batch | instance", "cont_bn")
     omega: str = _doc("registor output: elastic (1/16 grid) | translation (one vector; the toy task)",
                       "translation")
@@ -145,19 +155,26 @@ class Config:
                               f"steps_joint > 0 (all 0 would still move the weights through Adam's momentum), "
                               f"got {_show(self.lambda_r)}, {_show(self.lambda_g)}, {_show(self.lambda_p)}; "
                               f"set steps_joint: 0 to skip the joint stage")
-        for key in ("sim_to_s1", "sim_to_registor", "checkpointing", "bf16", "progress"):
+        for key in ("sim_to_s1", "sim_to_registor", "checkpointing", "bf16", "progress", "inside_only",
+                    "unet_coords"):
             if not isinstance(getattr(self, key), bool):
                 fail(key, "true or false")
         for key, options in (("norm", NORMS), ("omega", OMEGAS), ("registor_pool", POOLS),
-                             ("backend", ck.BACKENDS)):
+                             ("backend", ck.BACKENDS), ("toy_target", TOY_TARGETS), ("segmentor", SEGMENTORS),
+                             ("unet_context", UNET_CONTEXTS)):
             if getattr(self, key) not in options:
                 fail(key, "one of " + " | ".join(options))
+        int_in("unet_levels", 1, UNET_LEVELS_MAX, f"an int in [1, {UNET_LEVELS_MAX}]")
+        if self.segmentor == "unet" and self.spatial_dims != 2:
+            fail("segmentor", "genesis with spatial_dims: 3 (the unet segmentor is 2-D)")
         if self.registor_pool != "mean" and self.omega != "translation":
             fail("registor_pool", "mean with omega: elastic (only the translation registor is pooled)")
         if not isinstance(self.genesis, str):
             fail("genesis", "a path or ''")
         if self.genesis and self.spatial_dims != 3:
             fail("genesis", "'' with spatial_dims: 2 (Models Genesis weights are 3-D)")
+        if self.genesis and self.segmentor != "genesis":
+            fail("genesis", "'' with segmentor: unet (Models Genesis weights fit the genesis segmentor)")
         if self.genesis and self.width != 1:
             raise ConfigError(f"{source}: genesis: Models Genesis weights need width: 1 (their channel counts), "
                               f"got width: {_show(self.width)}")

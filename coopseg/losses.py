@@ -4,9 +4,15 @@ With ŝ = sigmoid(logits) and ŝ2' = warp(detach(ŝ1), coarse) (one fused warp,
 coopseg_kernels.warp: the full-resolution field is never stored):
 
     L_r = BCE(ŝ1, s1) + BCE(ŝ2, s2)                 (from logits) -> segmentor
-    L_g = MSE(blur(ŝ2'), blur(s2))                   (fused blur)  -> registor only
-    L_p = MSE(detach(ŝ2'), ŝ2)                                     -> segmentor, through ŝ2 only
+    L_g = MSE(blur(v ŝ2'), blur(v s2))               (fused blur)  -> registor only
+    L_p = Σ v (detach(ŝ2') - ŝ2)² / Σ v                            -> segmentor, through ŝ2 only
     total = λ_r L_r + λ_g L_g + λ_p L_p
+
+v (`inside_only=True`, the default) is 1 where the sampled position x + u(x) lies inside
+the moving crop and 0 elsewhere: there ŝ2' reads the zero padding, not ŝ1, and without v
+L_p would push ŝ2 to empty and L_g teach the registor the truncation. v is the warp of a
+volume of ones through the same fused kernel (no full-resolution field is stored), no
+gradient. `inside_only=False` gives the paper's plain means (v = 1).
 
 The stop-gradients are the diodes of the paper's Fig. 1: L_g must not move the
 segmentor (it would learn to predict twice the same mask), and "the similarity loss
@@ -78,17 +84,35 @@ def blur_kernel(sigma: float) -> tuple[float, ...]:
     return tuple(v / total for v in k)
 
 
+INSIDE_TOL = 1e-3  # voxels: a position this far past the last voxel centre still counts as inside
+
+
+def inside_mask(coarse: torch.Tensor, size: Sequence[int], *, backend: str = "auto") -> torch.Tensor:
+    """v (B, 1, *size), float32: 1 where x + u(x) (u = the upsampled `coarse`) lies inside the
+    volume [0, n - 1] on every axis (up to INSIDE_TOL voxels), else 0. The bilinear warp of
+    ones with zero padding is 1 exactly there and < 1 elsewhere; no gradient."""
+    with torch.no_grad():
+        ones = torch.ones((coarse.shape[0], 1, *size), dtype=torch.float32, device=coarse.device)
+        return (ck.warp(ones, coarse.detach().float(), backend=backend) > 1.0 - INSIDE_TOL).float()
+
+
 def registration_loss(moved: torch.Tensor, s2: torch.Tensor, *, kernel: Sequence[float] = (1.0, 2.0, 1.0),
-                      backend: str = "auto") -> torch.Tensor:
-    """L_g = MSE(blur(moved), blur(s2)): `moved` is ŝ2' (or a warped annotation in stage 2)."""
+                      backend: str = "auto", inside: torch.Tensor | None = None) -> torch.Tensor:
+    """L_g = MSE(blur(moved), blur(s2)): `moved` is ŝ2' (or a warped annotation in stage 2).
+    `inside` (inside_mask): both sides are multiplied by it before the blur, so what the
+    warp read from outside the moving volume is compared with nothing."""
+    if inside is not None:
+        moved, s2 = moved * inside, s2 * inside
     return F.mse_loss(ck.blur(moved, kernel=kernel, backend=backend), ck.blur(s2, kernel=kernel, backend=backend))
 
 
 def cooperative_loss(outputs, s1: torch.Tensor, s2: torch.Tensor, *, lambda_r: float, lambda_g: float,
                      lambda_p: float, backend: str = "auto", sim_to_s1: bool = False,
-                     sim_to_registor: bool = False, kernel: Sequence[float] = (1.0, 2.0, 1.0)) -> LossTerms:
+                     sim_to_registor: bool = False, kernel: Sequence[float] = (1.0, 2.0, 1.0),
+                     inside_only: bool = True) -> LossTerms:
     """outputs = CooperativeNet(x1, x2) = (logits1, logits2, coarse); s1, s2: annotation
-    masks (B, 1, *S) in {0, 1}. Returns LossTerms(total, seg, reg, sim) of 0-d tensors."""
+    masks (B, 1, *S) in {0, 1}. Returns LossTerms(total, seg, reg, sim) of 0-d tensors.
+    inside_only: L_p and L_g ignore the voxels whose sample lies outside the moving volume."""
     if not (isinstance(outputs, (tuple, list)) and len(outputs) == 3):
         raise TypeError("outputs must be the (logits1, logits2, coarse) tuple of CooperativeNet")
     logits1, logits2, coarse = (t.float() for t in outputs)
@@ -97,17 +121,23 @@ def cooperative_loss(outputs, s1: torch.Tensor, s2: torch.Tensor, *, lambda_r: f
     lambda_r = _check_lambda("lambda_r", lambda_r)
     lambda_g = _check_lambda("lambda_g", lambda_g)
     lambda_p = _check_lambda("lambda_p", lambda_p)
+    if not isinstance(inside_only, bool):
+        raise TypeError(f"inside_only must be True or False, got {inside_only!r}")
     s1, s2 = s1.float(), s2.float()
+    inside = inside_mask(coarse, s1.shape[2:], backend=backend) if inside_only else None
 
     seg = segmentation_loss(logits1, logits2, s1, s2)
     p1, p2 = torch.sigmoid(logits1), torch.sigmoid(logits2)
     moved = ck.warp(p1.detach(), coarse, backend=backend)          # ŝ2': grad to the registor only
-    reg = registration_loss(moved, s2, kernel=kernel, backend=backend)
+    reg = registration_loss(moved, s2, kernel=kernel, backend=backend, inside=inside)
     if sim_to_s1 or sim_to_registor:                                # ablation: a second warp, other diodes
         target = ck.warp(p1 if sim_to_s1 else p1.detach(), coarse if sim_to_registor else coarse.detach(),
                          backend=backend)
     else:
         target = moved.detach()
-    sim = F.mse_loss(p2, target)
+    if inside is None:
+        sim = F.mse_loss(p2, target)
+    else:  # the mean over the voxels inside (0 when there are none)
+        sim = (inside * (p2 - target) ** 2).sum() / inside.sum().clamp_min(1.0) / p2.shape[1]
     total = lambda_r * seg + lambda_g * reg + lambda_p * sim
     return LossTerms(total, seg, reg, sim)

@@ -46,6 +46,7 @@ import coopseg_kernels as ck
 from .checkpoint import atomic_write_text, folder_lock, load_checkpoint, remove_stale_temporaries
 from .config import TOY_PAIRS_MAX
 from .data import build_dataset
+from .data.toy import toy_shift, translate
 from .errors import CheckpointError, ConfigError
 from .train import Config, load_model, train
 
@@ -73,6 +74,10 @@ class ToySettings:
     # a departure from the spec's global average, which diluted the shift
     # (docs/toy.md#departure-mask-weighted-registor)
     registor_pool: str = "mask"
+    segmentor: str = "genesis"    # the 2-D segmentor: genesis (3 pools) | unet (coopseg.models.ToyUNet)
+    unet_levels: int = 5
+    unet_context: str = "none"
+    unet_coords: bool = False
     seed: int = 0
     device: str = "cpu"
 
@@ -100,7 +105,9 @@ def base_config(s: ToySettings):
                   steps_segmentor=s.steps_segmentor, steps_registor=s.steps_registor,
                   steps_joint=s.steps_joint, crop_min=s.crop_min, crop_max=s.crop_max, lr=s.lr,
                   blur_sigma=s.blur_sigma, registor_lr=s.registor_lr, registor_pool=s.registor_pool,
-                  toy_max_shift=s.max_shift, lambda_g=1.0, lambda_r=1.0, lambda_p=0.0, checkpointing=False,
+                  toy_max_shift=s.max_shift, segmentor=s.segmentor, unet_levels=s.unet_levels,
+                  unet_context=s.unet_context, unet_coords=s.unet_coords, lambda_g=1.0, lambda_r=1.0, lambda_p=0.0,
+                  checkpointing=False,
                   device=s.device)
 
 
@@ -141,7 +148,11 @@ def test_set(n: int, seed: int = 0, size: int = 240, max_shift: int = PAPER_SHIF
     the toy data's test split (seeds disjoint from the training split's)."""
     ds = build_dataset("toy", spatial_dims=2, seed=seed, split="test", n=n, size=size, max_shift=max_shift)
     pairs = [ds[i] for i in range(n)]
-    return {k: torch.stack([p[k] for p in pairs]).float() for k in ("x1", "x2", "s1", "s2")}
+    data = {k: torch.stack([p[k] for p in pairs]).float() for k in ("x1", "x2", "s1", "s2")}
+    # s2* = s1 moved by each pair's translation: the oracle gate's target
+    data["s2_oracle"] = torch.stack([translate(p["s1"], toy_shift(ds.seed + i, size, ds.max_shift))
+                                     for i, p in enumerate(pairs)]).float()
+    return data
 
 
 @torch.no_grad()
@@ -383,3 +394,66 @@ def _run_shift_sweep(out: Path, settings: ToySettings, shifts: list, log) -> lis
     log(f"wrote {out / 'shifts.md'}, {out / 'shifts.png'}")
     return rows
 
+
+
+# ----------------------------------------------------------------------------- the oracle gate
+
+def oracle_table(rows: list[dict]) -> str:
+    return _markdown(["pairs", "Dice(ŝ2, s2*)", "Dice(ŝ2, s2)", "Dice(s2, s2*)", "Dice(ŝ1, s1)", "median gain",
+                      "gain IQR", "gain > 0"],
+                     [[str(r["n"]), f"{r['dice_oracle']:.3f}", f"{r['dice2']:.3f}", f"{r['dice_truth']:.3f}",
+                       f"{r['dice1']:.3f}", *_gain_cells(r)] for r in rows])
+
+
+def run_oracle(out: Path, settings: ToySettings, *, log=print) -> dict:
+    """The oracle gate: the segmentor alone, trained with L_r on (s1, s2*) where s2* is s1
+    moved by the pair's true translation -- what L_p converges to with a perfect registor --
+    for the sweep's segmentor budget (steps_segmentor + steps_joint steps), then evaluated
+    on the test pairs: Dice(ŝ2, s2*) (did it learn the copy), Dice(ŝ2, s2), and the D_S
+    gain D_S(ŝ1, ŝ2) - D_S(s1, s2): the ceiling any lambda can reach with this segmentor
+    and budget. Written: DIR/oracle.md (and .csv); resumes like run_toy."""
+    if not 1 <= settings.test_pairs <= TOY_PAIRS_MAX:
+        raise ConfigError(f"test_pairs must be in [1, {TOY_PAIRS_MAX}], got {settings.test_pairs!r}")
+    out = _make_dir(out)
+    with folder_lock(out, "coopseg toy --oracle"):
+        remove_stale_temporaries(out)
+        t0 = time.perf_counter()
+        cfg = dataclasses.replace(base_config(settings), toy_target="oracle",
+                                  steps_segmentor=settings.steps_segmentor + settings.steps_joint,
+                                  steps_registor=0, steps_joint=0)
+        stages = ("segmentor",)
+        ckpt = out / "segmentor" / "last.pt"
+        have = _existing(ckpt, cfg, stages)
+        if have != "finished":
+            log(f"oracle gate: segmentor on (s1, s2*), {cfg.steps_segmentor} steps -> {ckpt.parent}")
+            ckpt = train(cfg, ckpt.parent, resume=have == "partial", stages=stages)
+        device = torch.device(settings.device)
+        model, _ = load_model(ckpt, map_location=device)
+        data = test_set(settings.test_pairs, seed=settings.seed, max_shift=settings.max_shift)
+        m1, m2 = predict(model, data, device)
+        s1, s2, s2o = (data[k] > 0.5 for k in ("s1", "s2", "s2_oracle"))
+        gain = (ds_translation(m1, m2) - ds_translation(s1, s2)).tolist()
+        per_pair = dict(dice_oracle=ck.dice(m2, s2o).flatten().tolist(), dice2=ck.dice(m2, s2).flatten().tolist(),
+                        dice_truth=ck.dice(s2, s2o).flatten().tolist(), dice1=ck.dice(m1, s1).flatten().tolist())
+        g = sorted(gain)
+        q = statistics.quantiles(g, n=4) if len(g) > 1 else [g[0]] * 3
+        row = dict(n=len(g), gain_median=q[1], gain_q1=q[0], gain_q3=q[2],
+                   gain_positive=sum(v > 0 for v in g) / len(g),
+                   **{k: statistics.fmean(v) for k, v in per_pair.items()})
+        f = io.StringIO(newline="")
+        w = csv.writer(f)
+        w.writerow(["pair", "gain", *per_pair])
+        for i in range(len(gain)):
+            w.writerow([i, f"{gain[i]:.6f}", *(f"{per_pair[k][i]:.6f}" for k in per_pair)])
+        atomic_write_text(out / "oracle.csv", f.getvalue())
+        md = oracle_table([row])
+        minutes = (time.perf_counter() - t0) / 60
+        what = (f"oracle gate: segmentor {settings.segmentor}"
+                + (f" (levels {settings.unet_levels}, context {settings.unet_context}, coords {settings.unet_coords})"
+                   if settings.segmentor == "unet" else "")
+                + f", width {settings.width:g}, {cfg.steps_segmentor} steps, crops {settings.crop_min}-"
+                  f"{settings.crop_max}, shifts <= {settings.max_shift} px, {settings.test_pairs} test pairs")
+        atomic_write_text(out / "oracle.md", md + f"\n\n{what}; {minutes:.1f} min on {settings.device}\n")
+        log(md)
+        log(f"{what}; wrote {out / 'oracle.md'} ({minutes:.1f} min)")
+        return row

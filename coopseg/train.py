@@ -64,8 +64,8 @@ from .checkpoint import (
 from .config import CROP_MULTIPLE, Config, load_config, write_default_config  # noqa: F401 (re-exported)
 from .data import build_dataset
 from .errors import CheckpointError, ConfigError, CoopsegError
-from .losses import blur_kernel, cooperative_loss, registration_loss, segmentation_loss
-from .models import CooperativeNet, Registor, Segmentor, load_genesis
+from .losses import blur_kernel, cooperative_loss, inside_mask, registration_loss, segmentation_loss
+from .models import CooperativeNet, Registor, Segmentor, ToyUNet, load_genesis
 
 STAGES = ("segmentor", "registor", "joint")
 LOG_HEADER = ["step", "stage", "total", "seg", "reg", "sim", "seconds"]
@@ -90,7 +90,11 @@ class Diverged(CoopsegError):
 def build_model(config: Config) -> CooperativeNet:
     """The CooperativeNet described by `config` (freshly initialised from torch's RNG;
     the segmentor from Models Genesis weights if config.genesis is set)."""
-    seg = Segmentor(config.spatial_dims, in_channels=2, out_channels=2, width=config.width, norm=config.norm)
+    if config.segmentor == "unet":
+        seg = ToyUNet(in_channels=2, out_channels=2, width=config.width, levels=config.unet_levels,
+                      norm=config.norm, context=config.unet_context, coords=config.unet_coords)
+    else:
+        seg = Segmentor(config.spatial_dims, in_channels=2, out_channels=2, width=config.width, norm=config.norm)
     if config.genesis:
         load_genesis(seg, config.genesis)
     reg = Registor(config.spatial_dims, omega=config.omega, in_channels=2, scale=config.registor_scale,
@@ -151,7 +155,7 @@ def random_crop(sample: dict, crop_min, crop_max, gen: torch.Generator, shift: f
 def build_training_data(config: Config):
     if config.data == "toy":
         return build_dataset("toy", spatial_dims=2, seed=config.seed, split="train", n=config.toy_pairs,
-                             size=config.toy_size, max_shift=config.toy_max_shift)
+                             size=config.toy_size, max_shift=config.toy_max_shift, target=config.toy_target)
     return build_dataset(config.data, spatial_dims=config.spatial_dims, seed=config.seed, split="train")
 
 
@@ -328,14 +332,15 @@ def _train(config: Config, out: Path, rank: int, world: int, device: torch.devic
                 terms = dict(total=seg, seg=seg)
             elif stage == "registor":
                 coarse = net(torch.cat((s1, s2), 1)).float()
+                inside = inside_mask(coarse, s1.shape[2:], backend=config.backend) if config.inside_only else None
                 reg = registration_loss(ck.warp(s1, coarse, backend=config.backend), s2, kernel=kernel,
-                                        backend=config.backend)
+                                        backend=config.backend, inside=inside)
                 terms = dict(total=reg, reg=reg)
             else:
                 t = cooperative_loss(net(x1, x2), s1, s2, lambda_r=config.lambda_r, lambda_g=config.lambda_g,
                                      lambda_p=config.lambda_p, backend=config.backend,
                                      sim_to_s1=config.sim_to_s1, sim_to_registor=config.sim_to_registor,
-                                     kernel=kernel)
+                                     kernel=kernel, inside_only=config.inside_only)
                 terms = t._asdict()
         optimizer.zero_grad(set_to_none=True)
         terms["total"].backward()  # also when not finite: under DDP every rank joins the all-reduce

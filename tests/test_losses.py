@@ -33,24 +33,41 @@ def _nonzero(grads):
     return {n for n, g in grads.items() if g is not None and g.abs().sum() > 0}
 
 
-def test_values_match_plain_torch_restatement():
+def _inside_brute_force(coarse, size):
+    """1 where voxel + displacement lies in [0, n - 1] on every axis (the positions themselves)."""
+    field = ck.reference.upsample_field(coarse.detach().double(), size)
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float64) for n in size], indexing="ij")
+    ok = torch.ones(field.shape[0], *size, dtype=torch.bool)
+    for k, n in enumerate(size):
+        p = grids[k] + field[:, k]
+        ok &= (p >= -1e-6) & (p <= n - 1 + 1e-6)
+    return ok[:, None].float()
+
+
+@pytest.mark.parametrize("inside_only", [True, False])
+def test_values_match_plain_torch_restatement(inside_only):
     net = _net()
     x1, x2, s1, s2 = _pair()
     out = net(x1, x2)
-    t = cooperative_loss(out, s1, s2, lambda_r=0.1, lambda_g=1.0, lambda_p=0.7, backend="cpp")
+    t = cooperative_loss(out, s1, s2, lambda_r=0.1, lambda_g=1.0, lambda_p=0.7, backend="cpp",
+                         inside_only=inside_only)
     l1, l2, coarse = out
     p1, p2 = torch.sigmoid(l1), torch.sigmoid(l2)
     seg = F.binary_cross_entropy(p1, s1) + F.binary_cross_entropy(p2, s2)
     moved = ck.reference.warp(p1, coarse)
     blur = ck.reference.blur
-    reg = ((blur(moved) - blur(s2)) ** 2).mean()
-    sim = ((moved - p2) ** 2).mean()
+    v = _inside_brute_force(coarse, s1.shape[2:]) if inside_only else torch.ones_like(s1)
+    if inside_only:  # the registration reads outside the crop somewhere, else the test would not tell
+        assert 0 < v.mean() < 1
+    reg = ((blur(v * moved) - blur(v * s2)) ** 2).mean()
+    sim = (v * (moved - p2) ** 2).sum() / v.sum()
     torch.testing.assert_close(t.seg, seg, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(t.reg, reg, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(t.sim, sim, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(t.total, 0.1 * seg + reg + 0.7 * sim, rtol=1e-5, atol=1e-6)
     assert t.reg > 0 and t.sim > 0
-    ref = cooperative_loss(out, s1, s2, lambda_r=0.1, lambda_g=1.0, lambda_p=0.7, backend="reference")
+    ref = cooperative_loss(out, s1, s2, lambda_r=0.1, lambda_g=1.0, lambda_p=0.7, backend="reference",
+                           inside_only=inside_only)
     for a, b in zip(t, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
@@ -140,3 +157,32 @@ def test_blur_kernel_sigma():
     for bad in (-1, float("nan"), float("inf"), 1e308, 1001, True, "2"):
         with pytest.raises(ValueError, match=r"sigma must be a number in \[0, 1000\]"):
             blur_kernel(bad)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_ones_translated_10_px_give_zero_lp_and_lg_inside_only(dims):
+    """Masks of ones everywhere, a translation of 10 px: what the warp reads from outside the
+    crop is ignored, so L_p = L_g = 0; the paper's plain means are not 0 there."""
+    size = (40, 37) if dims == 2 else (24, 21, 19)
+    logits = torch.full((1, 1, *size), 30.0)     # sigmoid = 1
+    coarse = torch.zeros(1, dims, *([3] * dims))
+    coarse[:, -1] = 10.0                          # 10 px along the last axis
+    ones = torch.ones(1, 1, *size)
+    kernel = tuple([1.0] * 9)
+    t = cooperative_loss((logits, logits, coarse), ones, ones, lambda_r=1.0, lambda_g=1.0, lambda_p=1.0,
+                         kernel=kernel)
+    assert t.sim.item() == 0.0 and t.reg.item() == 0.0
+    plain = cooperative_loss((logits, logits, coarse), ones, ones, lambda_r=1.0, lambda_g=1.0, lambda_p=1.0,
+                             kernel=kernel, inside_only=False)
+    assert plain.sim.item() > 0.1 and plain.reg.item() > 0.05
+
+
+def test_inside_mask_matches_positions():
+    g = torch.Generator().manual_seed(3)
+    coarse = torch.randn(2, 2, 4, 5, generator=g) * 6
+    from coopseg.losses import inside_mask
+    v = inside_mask(coarse, (23, 30), backend="cpp")
+    assert torch.equal(v, _inside_brute_force(coarse, (23, 30)))
+    with pytest.raises(TypeError, match="inside_only"):
+        cooperative_loss((torch.zeros(1, 1, 8, 8),) * 2 + (torch.zeros(1, 2, 1, 1),), torch.zeros(1, 1, 8, 8),
+                         torch.zeros(1, 1, 8, 8), lambda_r=1, lambda_g=1, lambda_p=1, inside_only="yes")

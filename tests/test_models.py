@@ -1,5 +1,7 @@
 """The segmentor (Models Genesis UNet3D), the registor, the cooperative pair,
 activation checkpointing, and loading a Models Genesis checkpoint."""
+import re
+
 import pytest
 import torch
 
@@ -526,3 +528,49 @@ def test_checkpointing_3d_bf16_autocast_same_as_plain():
     assert not bad, bad
     for k in s0:
         torch.testing.assert_close(s1[k], s0[k], rtol=0, atol=0)
+
+
+def test_toy_unet_any_size_and_options():
+    from coopseg.models import ToyUNet
+
+    torch.manual_seed(0)
+    for kw in (dict(levels=3), dict(levels=4, context="dilated"), dict(levels=2, coords=True, norm="instance")):
+        net = ToyUNet(width=0.125, **kw)
+        x = torch.rand(2, 2, 37, 50, requires_grad=True)
+        y = net(x)
+        assert y.shape == (2, 2, 37, 50)
+        y.sum().backward()
+        assert x.grad.abs().sum() > 0
+    # the deeper net sees farther: pixels 40+ px away reach the output with 5 levels, not with 1
+    for levels, reaches in ((1, False), (5, True)):
+        torch.manual_seed(1)
+        net = ToyUNet(width=0.125, levels=levels, norm="batch").eval()
+        x = torch.rand(1, 2, 96, 96, requires_grad=True)
+        net(x)[..., 48, 44].sum().backward()
+        assert bool(x.grad[..., 84:].abs().sum() > 0) is reaches
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(levels=0), "levels must be an int in [1, 7]"),
+    (dict(levels=True), "levels must be an int"),
+    (dict(width=0), "width must be a number in (0, 16]"),
+    (dict(norm="group"), "norm must be one of"),
+    (dict(context="attention"), "context must be one of none, dilated"),
+])
+def test_toy_unet_bad_arguments(kw, message):
+    from coopseg.models import ToyUNet
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ToyUNet(**kw)
+
+
+def test_toy_unet_bad_inputs():
+    from coopseg.models import ToyUNet
+
+    net = ToyUNet(width=0.125, levels=5)
+    with pytest.raises(ValueError, match=r"must be \(B, C, H, W\) with C=2"):
+        net(torch.rand(1, 1, 64, 64))
+    with pytest.raises(ValueError, match="too small for cont_bn normalisation at the innermost level"):
+        net(torch.rand(1, 2, 32, 32))
+    with pytest.raises(TypeError, match="coords must be True or False"):
+        ToyUNet(coords=1)

@@ -139,3 +139,33 @@ def test_shift_sweep_trains_and_tests_on_each_shift(tmp_path):
     table = (tmp_path / "shifts.md").read_text()
     assert "| 0 | 1.00 |" in table and "| 3 | 1.00 |" in table
     assert (tmp_path / "shifts.png").stat().st_size > 1000
+
+
+def test_oracle_gate_trains_on_s2_star_and_reports_the_ceiling(tmp_path):
+    """`coopseg toy --oracle`: the segmentor alone on (s1, s2*), the toy's segmentor budget,
+    evaluated against s2* and s2, with the D_S gain over the annotations' own."""
+    import yaml
+
+    settings = toy.ToySettings(**{**TINY.__dict__, "max_shift": 32, "segmentor": "unet", "unet_levels": 3})
+    row = toy.run_oracle(tmp_path, settings, log=lambda m: None)
+    cfg = yaml.safe_load((tmp_path / "segmentor" / "config.yaml").read_text())
+    assert cfg["toy_target"] == "oracle" and cfg["segmentor"] == "unet" and cfg["unet_levels"] == 3
+    assert cfg["steps_segmentor"] == TINY.steps_segmentor + TINY.steps_joint and cfg["steps_registor"] == 0
+    data = toy.test_set(TINY.test_pairs, max_shift=32)
+    s1, s2, s2o = (data[k] > 0.5 for k in ("s1", "s2", "s2_oracle"))
+    assert row["dice_truth"] == pytest.approx(ck.dice(s2, s2o).mean().item(), abs=1e-6)
+    assert row["dice_truth"] < 0.99            # s2* is not s2: the gate measures the copy, not the annotation
+    with open(tmp_path / "oracle.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == TINY.test_pairs and set(rows[0]) >= {"gain", "dice_oracle", "dice2", "dice1"}
+    assert "Dice(ŝ2, s2*)" in (tmp_path / "oracle.md").read_text()
+
+
+def test_toy_cli_oracle(tmp_path, capsys):
+    code = cli.main(["toy", "--out", str(tmp_path / "o"), "--oracle", "--steps", "2", "0", "1", "--width", "0.125",
+                     "--crop", "64", "--test-pairs", "2", "--max-shift", "8", "--segmentor", "unet"])
+    assert code == 0
+    assert "Dice(ŝ2, s2*)" in capsys.readouterr().out
+    assert cli.main(["toy", "--out", str(tmp_path / "p"), "--oracle", "--max-shift", "0", "8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--oracle takes one --max-shift value" in err[0]

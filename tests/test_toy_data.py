@@ -66,3 +66,51 @@ def test_dataset_and_errors(tmp_path):
         ds[4]
     save_toy_figure(tmp_path / "toy.png", n=2, size=64)
     assert (tmp_path / "toy.png").stat().st_size > 1000
+
+
+def test_controlled_shift_sweep_same_seed_same_s1_and_blobs():
+    """A seed draws the same s1, x1 and blobs at every max_shift: s2 at shift m is s2 at
+    shift 0 translated by the pair's shift (where its source lies in the image)."""
+    from coopseg.data.toy import toy_shift, translate
+
+    shifts_seen = set()
+    for seed in range(12):
+        base = make_toy_pair(seed, 240, 0)
+        assert toy_shift(seed, 240, 0) == (0, 0)
+        for m in (4, 16, 32):
+            p = make_toy_pair(seed, 240, m)
+            assert torch.equal(p["s1"], base["s1"]) and torch.equal(p["x1"], base["x1"])
+            dy, dx = toy_shift(seed, 240, m)
+            assert max(abs(dy), abs(dx)) <= m
+            shifts_seen.add((m, dy, dx))
+            moved = translate(base["s2"], (dy, dx))
+            src = translate(torch.ones_like(base["s2"]), (dy, dx)).bool()  # pixels whose source is inside
+            assert torch.equal(p["s2"][src], moved[src])
+            assert p["s2"].sum() > 0
+            # x2 changes only through s2: the same textures where the foreground agrees
+            same = p["s2"] == base["s2"]
+            assert same.float().mean() > 0.5
+    assert len({s for s in shifts_seen if s[0] == 32}) >= 8   # the shifts themselves vary
+
+
+def test_oracle_target_is_s1_translated():
+    from coopseg.data.toy import toy_shift, translate
+
+    for seed in (0, 5, 9):
+        p = make_toy_pair(seed, 240, 32)
+        o = make_toy_pair(seed, 240, 32, target="oracle")
+        sh = toy_shift(seed, 240, 32)
+        assert sh != (0, 0)
+        assert torch.equal(o["s2"], translate(p["s1"], sh))
+        assert torch.equal(o["x2"], p["x2"]) and torch.equal(o["s1"], p["s1"])
+        # s2* and s2 are related but different (the blobs' own jitter)
+        inter = (o["s2"] * p["s2"]).sum()
+        dice = 2 * inter / (o["s2"].sum() + p["s2"].sum())
+        assert 0.6 < dice < 0.999
+    t = torch.arange(12.0).view(1, 3, 4)
+    assert torch.equal(translate(t, (1, -2)), torch.tensor([[[0, 0, 0, 0], [2, 3, 0, 0], [6, 7, 0, 0.]]]))
+    assert torch.equal(translate(t, (3, 0)), torch.zeros_like(t))
+    with pytest.raises(ValueError, match="target must be one of s2, oracle"):
+        make_toy_pair(0, 240, 32, target="s3")
+    with pytest.raises(ValueError, match="target must be one of"):
+        ToyPairs(2, seed=0, target="x")

@@ -75,6 +75,12 @@ def add_toy_parser(subparsers) -> None:
                         "in DIR/shift_<PX> and a table/plot of the gain against the shift (DIR/shifts.*)")
     p.add_argument("--crop", type=int, default=None, help="training crop size (a multiple of 16, <= 240)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cpu reduced, cuda full)")
+    p.add_argument("--segmentor", choices=("genesis", "unet"), default=None,
+                   help="the 2-D segmentor: genesis (Models Genesis U-Net, 3 pools) or unet (ToyUNet, more pools)")
+    p.add_argument("--oracle", action="store_true",
+                   help="the oracle gate: train the segmentor on (s1, s2* = s1 moved by the true shift) and report "
+                        "Dice(ŝ2, s2*), Dice(ŝ2, s2) and the D_S gain: the ceiling any lambda can reach "
+                        "(DIR/oracle.md)")
     p.set_defaults(fn=cmd_toy)
 
 
@@ -113,6 +119,8 @@ def settings_from_args(args) -> toy.ToySettings:
         if args.device not in ("cpu", "cuda"):
             raise CliError(f"--device: expected cpu or cuda, got {args.device!r}")
         changes["device"] = args.device
+    if args.segmentor is not None:
+        changes["segmentor"] = args.segmentor
     s = dataclasses.replace(s, **changes)
     if s.device == "cuda" and not torch.cuda.is_available():
         raise CliError("--device cuda (the --full default): no CUDA device; pass --device cpu to run it here")
@@ -124,7 +132,11 @@ def cmd_toy(args) -> int:
     out = out_dir(args.out)
     log = lambda m: print(m, file=sys.stdout, flush=True)  # noqa: E731
     try:
-        if args.max_shift is not None and len(args.max_shift) > 1:
+        if args.oracle:
+            if args.max_shift is not None and len(args.max_shift) > 1:
+                raise CliError("--oracle takes one --max-shift value")
+            toy.run_oracle(out, settings, log=log)
+        elif args.max_shift is not None and len(args.max_shift) > 1:
             toy.run_shift_sweep(out, settings, args.max_shift, log=log)
         else:
             toy.run_toy(out, settings, log=log)

@@ -17,12 +17,13 @@ TOY_PAIRS_MAX = 10**5  # pairs per split: more would run into the next split's b
 
 
 def build_dataset(spec, *, spatial_dims: int, seed: int, split: str = "train", n: int | None = None,
-                  size: int = 240, max_shift: int | None = None):
+                  size: int = 240, max_shift: int | None = None, target: str = "s2"):
     """The dataset named by `spec`:
 
     "toy"            coopseg.data.toy.ToyPairs (2-D only): `n` pairs (default 200 train,
                      20 val, 50 test) of `size`×`size`, disjoint seeds per split, s2
-                     translated by at most `max_shift` px per axis (None: 32 at 240 px).
+                     translated by at most `max_shift` px per axis (None: 32 at 240 px);
+                     target="oracle": s2 replaced by s1 translated (coopseg.data.toy.make_toy_pair).
     "*.csv"          coopseg.data.volumes.PairDataset(manifest, spatial_dims=..., split=...) (real volumes).
     """
     if not isinstance(spec, str) or not spec:
@@ -38,7 +39,7 @@ def build_dataset(spec, *, spatial_dims: int, seed: int, split: str = "train", n
         if isinstance(count, bool) or not isinstance(count, int) or not 1 <= count <= TOY_PAIRS_MAX:
             raise ConfigError(f"n must be an int in [1, {TOY_PAIRS_MAX}], got {count!r}")
         return ToyPairs(count, seed=seed * 10**6 + _TOY_SPLIT_OFFSET[split] * 10**5, size=size,
-                        max_shift=max_shift)
+                        max_shift=max_shift, target=target)
     if spec.endswith(".csv"):
         return PairDataset(spec, spatial_dims=spatial_dims, split=split)
     raise ConfigError(f"data must be 'toy' or the path of a .csv manifest, got {spec!r}")

@@ -45,12 +45,44 @@ def _stripes(yy, xx, angle, period, phase) -> np.ndarray:
     return 0.5 + 0.5 * np.sin(k * (xx * math.cos(angle) + yy * math.sin(angle)) + phase)
 
 
-def make_toy_pair(seed: int, size: int = 240, max_shift: int = 32) -> dict:
-    """One pair: dict(x1, x2, s1, s2), float32 tensors (1, size, size); x in [0, 1], s in {0, 1}."""
+def make_toy_pair(seed: int, size: int = 240, max_shift: int = 32, *, target: str = "s2") -> dict:
+    """One pair: dict(x1, x2, s1, s2), float32 tensors (1, size, size); x in [0, 1], s in {0, 1}.
+
+    The same seed draws the same s1, x1, blobs and textures at every max_shift: only the
+    translation (and what follows from it: where s2's blobs land, x2's foreground) changes.
+    target="oracle" replaces s2 by s2* = s1 translated by the pair's translation (zeros
+    where it comes from outside the image): what L_p converges to with a perfect registor,
+    the target of the oracle gate (docs/toy.md#the-oracle-gate). x2 is unchanged."""
     _check_args(seed, size, max_shift)
+    if target not in TARGETS:
+        raise ConfigError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
     rng = np.random.default_rng(int(seed))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    return _draw(rng, yy, xx, size, max_shift)
+    pair, shift = _draw(rng, yy, xx, size, max_shift)
+    if target == "oracle":
+        pair["s2"] = translate(pair["s1"], shift)
+    return pair
+
+
+TARGETS = ("s2", "oracle")
+
+
+def toy_shift(seed: int, size: int = 240, max_shift: int = 32) -> tuple[int, int]:
+    """The pair's translation (dy, dx) in pixels: s2's blobs sit at s1's plus this (and their jitter)."""
+    _check_args(seed, size, max_shift)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    return _draw(np.random.default_rng(int(seed)), yy, xx, size, max_shift)[1]
+
+
+def translate(mask: torch.Tensor, shift) -> torch.Tensor:
+    """mask (..., H, W) moved by the integer shift (dy, dx): out[y, x] = mask[y - dy, x - dx], 0 outside."""
+    dy, dx = (int(v) for v in shift)
+    out = torch.zeros_like(mask)
+    H, W = mask.shape[-2:]
+    if abs(dy) < H and abs(dx) < W:
+        out[..., max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = \
+            mask[..., max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+    return out
 
 
 def _check_args(seed, size, max_shift) -> None:
@@ -62,19 +94,23 @@ def _check_args(seed, size, max_shift) -> None:
         raise ConfigError(f"max_shift must be an int in [0, size/4) = [0, {size // 4}), got {max_shift!r}")
 
 
-def _draw(rng, yy, xx, size: int, max_shift: int) -> dict:
-
+def _draw(rng, yy, xx, size: int, max_shift: int) -> tuple[dict, tuple[int, int]]:
+    # Every draw is made in the same order and number whatever max_shift is (the shift's
+    # own draw is a uniform scaled afterwards), so a seed's s1, blobs and textures do not
+    # depend on it. Blobs keep clear of the image's edge by their own size only; with a
+    # large shift part of s2 may leave the image (that follows from the shift).
     n = int(rng.integers(2, 5))
     scale = size / 240.0
-    radii = rng.uniform(12, 28, n) * scale
-    margin = max_shift + radii.max() * 1.3 + 2
-    centres = rng.uniform(margin, size - margin, (n, 2))
-    wobble = np.stack([rng.uniform(0.0, 0.2, n), rng.integers(2, 5, n), rng.uniform(0, 2 * math.pi, n)], 1)
-    shift = rng.integers(-max_shift, max_shift + 1, 2)
-    centres2 = centres + shift + rng.uniform(-3, 3, (n, 2)) * scale   # slightly different...
-    radii2 = radii * rng.uniform(0.9, 1.1, n)                          # ...and translated
+    radii = rng.uniform(12, 28, 4)[:n] * scale
+    margin = radii.max() * 1.3 + 2
+    centres = rng.uniform(margin, size - margin, (4, 2))[:n]
+    wobble = np.stack([rng.uniform(0.0, 0.2, 4), rng.integers(2, 5, 4), rng.uniform(0, 2 * math.pi, 4)], 1)[:n]
+    u = rng.uniform(0.0, 1.0, 2)
+    shift = (np.minimum(np.floor(u * (2 * max_shift + 1)), 2 * max_shift) - max_shift).astype(int)
+    centres2 = centres + rng.uniform(-3, 3, (4, 2))[:n] * scale   # slightly different...
+    radii2 = radii * rng.uniform(0.9, 1.1, 4)[:n]                 # ...and translated
     s1 = _blob_mask(yy, xx, centres, radii, wobble)
-    s2 = _blob_mask(yy, xx, centres2, radii2, wobble)
+    s2 = _blob_mask(yy - shift[0], xx - shift[1], centres2, radii2, wobble)  # exact integer translation
 
     jitter = rng.uniform(-math.radians(10), math.radians(10), 2)
     phase = rng.uniform(0, 2 * math.pi, 4)
@@ -89,20 +125,22 @@ def _draw(rng, yy, xx, size: int, max_shift: int) -> dict:
     def t(a):
         return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None]
 
-    return dict(x1=t(x1), x2=t(x2), s1=t(s1), s2=t(s2))
+    return dict(x1=t(x1), x2=t(x2), s1=t(s1), s2=t(s2)), (int(shift[0]), int(shift[1]))
 
 
 class ToyPairs(torch.utils.data.Dataset):
-    """n toy pairs; item i is make_toy_pair(seed + i, size, max_shift). max_shift
+    """n toy pairs; item i is make_toy_pair(seed + i, size, max_shift, target=target). max_shift
     defaults to 32 px at size 240 (the paper), scaled with size otherwise."""
 
-    def __init__(self, n: int, seed: int, size: int = 240, max_shift: int | None = None):
+    def __init__(self, n: int, seed: int, size: int = 240, max_shift: int | None = None, target: str = "s2"):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"n must be an int >= 1, got {n!r}")
         if max_shift is None and isinstance(size, int):
             max_shift = 32 * size // 240
         _check_args(seed, size, max_shift)
-        self.n, self.seed, self.size, self.max_shift = n, int(seed), size, max_shift
+        if target not in TARGETS:
+            raise ConfigError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+        self.n, self.seed, self.size, self.max_shift, self.target = n, int(seed), size, max_shift, target
 
     def __len__(self):
         return self.n
@@ -110,7 +148,7 @@ class ToyPairs(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         if not -self.n <= i < self.n:
             raise IndexError(f"index {i} out of range for {self.n} toy pairs")
-        return make_toy_pair(self.seed + (i % self.n), self.size, self.max_shift)
+        return make_toy_pair(self.seed + (i % self.n), self.size, self.max_shift, target=self.target)
 
 
 def save_toy_figure(path, seed: int = 0, n: int = 3, size: int = 240) -> None:
