@@ -68,7 +68,8 @@ class Config:
     segmentor: str = _doc("genesis (Models Genesis U-Net, 3 pools; the paper's) | unet (coopseg.models.ToyUNet, "
                           "2-D: more pools, unet_* keys)", "genesis")
     unet_levels: int = _doc("segmentor unet: number of 2x max-pools", 5)
-    unet_context: str = _doc("segmentor unet: none | dilated (convs of dilation 1, 2, 4 at the bottleneck)", "none")
+    unet_context: str = _doc("segmentor unet: none | dilated (convs of dilation 1, 2, 4 at the bottleneck) | "
+                             "attention (self-attention over the bottleneck)", "none")
     unet_coords: bool = _doc("segmentor unet: append (y, x) coordinate channels to the input", False)
     norm: str = _doc("segmentor normalisation: cont_bn (Genesis) | batch | instance", "cont_bn")
     omega: str = _doc("registor output: elastic (1/16 grid) | translation (one vector; the toy task)",

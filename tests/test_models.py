@@ -534,7 +534,8 @@ def test_toy_unet_any_size_and_options():
     from coopseg.models import ToyUNet
 
     torch.manual_seed(0)
-    for kw in (dict(levels=3), dict(levels=4, context="dilated"), dict(levels=2, coords=True, norm="instance")):
+    for kw in (dict(levels=3), dict(levels=4, context="dilated"), dict(levels=2, coords=True, norm="instance"),
+               dict(levels=3, context="attention")):
         net = ToyUNet(width=0.125, **kw)
         x = torch.rand(2, 2, 37, 50, requires_grad=True)
         y = net(x)

@@ -5,7 +5,8 @@ by the pair's translation: up to 32 px per axis in the paper, so a blob must be 
 to ~45 px away. The Models Genesis U-Net (three 2× pools) holds almost all of its effective
 receptive field within ~8 px after training (docs/toy.md#the-oracle-gate). This one has more
 pooling levels (the bottleneck of a 128-px crop is 4 px wide with 5 pools) and, optionally, a
-context block at the bottleneck (dilated convs, rates 1, 2, 4) and coordinate channels.
+context block at the bottleneck (dilated convs, rates 1, 2, 4, or global self-attention) and
+coordinate channels.
 
 Any spatial size works: the input is zero-padded at the end of each axis to a multiple of
 2**levels and the logits are cropped back.
@@ -19,7 +20,7 @@ from torch import nn
 from .inputs import check_float_input
 from .norm import NORMS, make_norm
 
-CONTEXTS = ("none", "dilated")
+CONTEXTS = ("none", "dilated", "attention")
 LEVELS_MAX = 7
 
 
@@ -28,12 +29,38 @@ def _block(cin: int, cout: int, norm: str, dilation: int = 1) -> nn.Sequential:
                          nn.ReLU(inplace=True))
 
 
+class GlobalAttention(nn.Module):
+    """A transformer block over the bottleneck's pixels (pre-norm, 4 heads, learned 2-D
+    position embedding added from the pixel's (y, x) in [-1, 1]): every bottleneck pixel can
+    read any other, so content can move across the whole crop in one layer."""
+
+    def __init__(self, channels: int, heads: int = 4):
+        super().__init__()
+        heads = max(1, min(heads, channels // 8))
+        self.pos = nn.Linear(2, channels)
+        self.norm1, self.norm2 = nn.LayerNorm(channels), nn.LayerNorm(channels)
+        self.attn = nn.MultiheadAttention(channels, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(channels, 2 * channels), nn.GELU(), nn.Linear(2 * channels, channels))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        ys = torch.linspace(-1, 1, H, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1, 1, W, device=x.device, dtype=x.dtype)
+        pos = torch.stack(torch.meshgrid(ys, xs, indexing="ij"), -1).view(1, H * W, 2)
+        t = x.flatten(2).transpose(1, 2) + self.pos(pos)
+        h = self.norm1(t)
+        t = t + self.attn(h, h, h, need_weights=False)[0]
+        t = t + self.mlp(self.norm2(t))
+        return t.transpose(1, 2).reshape(B, C, H, W)
+
+
 class ToyUNet(nn.Module):
     """(B, in_channels, H, W) images → (B, out_channels, H, W) logits; 2-D only.
 
     levels:  number of 2× max-pools (the Genesis U-Net has 3);
     width:   channels 32·width at the top, doubled per level, at most 256·width;
     context: "dilated" adds three 3×3 convs with dilation 1, 2, 4 at the bottleneck;
+             "attention" a transformer block over the bottleneck's pixels (GlobalAttention);
     coords:  appends two channels holding the pixel's (y, x) position in [-1, 1] of the input.
     """
 
@@ -61,8 +88,12 @@ class ToyUNet(nn.Module):
         for i in range(levels + 1):
             self.down.append(nn.Sequential(_block(cin, ch[i], norm), _block(ch[i], ch[i], norm)))
             cin = ch[i]
-        self.bottleneck = (nn.Sequential(*[_block(ch[-1], ch[-1], norm, d) for d in (1, 2, 4)])
-                           if context == "dilated" else nn.Identity())
+        if context == "dilated":
+            self.bottleneck = nn.Sequential(*[_block(ch[-1], ch[-1], norm, d) for d in (1, 2, 4)])
+        elif context == "attention":
+            self.bottleneck = GlobalAttention(ch[-1])
+        else:
+            self.bottleneck = nn.Identity()
         self.up = nn.ModuleList()
         self.up_blocks = nn.ModuleList()
         for i in reversed(range(levels)):
