@@ -556,7 +556,7 @@ def test_toy_unet_any_size_and_options():
     (dict(levels=True), "levels must be an int"),
     (dict(width=0), "width must be a number in (0, 16]"),
     (dict(norm="group"), "norm must be one of"),
-    (dict(context="attention"), "context must be one of none, dilated"),
+    (dict(context="transformer"), "context must be one of none, dilated, attention"),
 ])
 def test_toy_unet_bad_arguments(kw, message):
     from coopseg.models import ToyUNet
