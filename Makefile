@@ -3,7 +3,8 @@
 #   make bench  same setup, print the fused-vs-naive table (appended to benchmarks/results.jsonl)
 # Other targets: bench-pytest (pytest-benchmark), bench-train (memory/time of one training step),
 # toy (the toy lambda sweep, TOY_OUT=toy-out, TOY_ARGS=--full on a GPU), toy-shifts (its gain
-# against the pairs' largest translation, 0-32 px, about 35 min here),
+# against the pairs' largest translation, 0-32 px, about 35 min here), toy-oracle (the oracle gate
+# at 32 px: the ceiling of the gain for a segmentor and budget; TOY_ARGS picks the segmentor),
 # demo (offline real-anatomy demo: demo-data -> train -> evaluate, CPU minutes),
 # gpu-compile (every Triton specialisation compiled for sm_80/sm_90 without a GPU),
 # gpu-resources (their registers/spills/smem table), gpu-check (on a CUDA machine),
@@ -17,7 +18,7 @@ STAMP  := $(VENV)/.installed
 TORCH  := torch==2.13.0
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h)
 
-.PHONY: lint test bench bench-pytest bench-train toy toy-shifts demo gpu-compile gpu-resources gpu-check sanitize \
+.PHONY: lint test bench bench-pytest bench-train toy toy-shifts toy-oracle demo gpu-compile gpu-resources gpu-check sanitize \
         warp-phases clean
 
 $(VPY):
@@ -65,6 +66,11 @@ toy: $(STAMP)
 # paper's): DIR/shift_<px>/ per shift, DIR/shifts.md and DIR/shifts.png side by side.
 toy-shifts: $(STAMP)
 	$(VPY) -m coopseg toy --out $(TOY_OUT)-shifts --max-shift 0 4 8 16 32 --lambda-r 0.1 0.3 1.0 $(TOY_ARGS)
+
+# The oracle gate at the paper's 32 px (docs/toy.md#the-oracle-gate): the segmentor trained on
+# s2* = s1 moved by the true shift; e.g. TOY_ARGS="--segmentor unet --width 0.5 --crop 240 --steps 3000 0 0".
+toy-oracle: $(STAMP)
+	$(VPY) -m coopseg toy --out $(TOY_OUT)-oracle --oracle --max-shift 32 $(TOY_ARGS)
 
 # Every flag x dtype x arch specialisation of the Triton kernels (and the covering
 # set of integer specialisations), compiled for sm_80 and sm_90 on this CPU-only
