@@ -75,7 +75,7 @@ def test_default_config_round_trip(tmp_path):
     ("toy_target: s1\n", r"toy_target: expected one of s2 \| oracle"),
     ("segmentor: resnet\n", r"segmentor: expected one of genesis \| unet"),
     ("unet_levels: 0\n", r"unet_levels: expected an int in \[1, 7\]"),
-    ("unet_context: attention\n", r"unet_context: expected one of none \| dilated"),
+    ("unet_context: transformer\n", r"unet_context: expected one of none \| dilated \| attention"),
     ("unet_coords: 1\n", r"unet_coords: expected true or false"),
     ("inside_only: 'no'\n", r"inside_only: expected true or false"),
     ("blur_sigma: 1.0e+308\n", r"blur_sigma: expected a number in \[0, 1000\]"),
