@@ -93,7 +93,9 @@ def itk_bspline_geometry(size: Sequence[int], mesh_size: Sequence[int]) -> tuple
     """(control_origin, control_spacing) in voxels, per axis of `size`, of the grid that
     SimpleITK's BSplineTransformInitializer(image, mesh_size) lays over an image of `size`
     voxels (same axis order as `size`): the domain [-0.625, S - 0.375] split into M intervals
-    of h = (S + 0.25) / M voxels, control point j at -0.625 + (j - 1) h.
+    of h = (S + 0.25) / M voxels, control point j at -0.625 + (j - 1) h. (The initializer computes
+    the domain's corners in float32: its grid differs from this one by ~1e-7 relative; use
+    bspline_from_sitk on its transform for ITK's grid exactly.)
 
     This holds along every image axis that the initializer's grid follows; with a direction
     matrix that permutes or flips axes the initializer assigns the mesh sizes to the physical
