@@ -1,0 +1,154 @@
+"""warp / upsample_field with upsample="bspline" (cubic B-spline FFD): the spec in the reference
+(partition of unity, linear precision, the weights against a per-voxel formula, the geometry),
+the input checks, and the fused kernels against the reference."""
+import math
+
+import pytest
+import torch
+
+import coopseg_kernels as ck
+from coopseg_kernels import reference
+from helpers import assert_matches_reference
+
+
+def _beta3(x: float) -> float:
+    """The centred cubic B-spline (the oracle's own formula, not the kernels' piecewise weights)."""
+    a = abs(x)
+    if a < 1:
+        return 2.0 / 3.0 - a * a + a ** 3 / 2.0
+    if a < 2:
+        return (2.0 - a) ** 3 / 6.0
+    return 0.0
+
+
+def _brute_force_field(coarse, size, origin, spacing):
+    """u(x) = sum over every control point j in the array of prod_k beta3(u_k - j_k) coarse[j], per voxel."""
+    B, nd = coarse.shape[:2]
+    out = torch.zeros(B, nd, *size, dtype=torch.float64)
+    for x in torch.cartesian_prod(*[torch.arange(n) for n in size]).view(-1, nd).tolist():
+        u = [(xk - o) / h for xk, o, h in zip(x, origin, spacing)]
+        for j in torch.cartesian_prod(*[torch.arange(n) for n in coarse.shape[2:]]).view(-1, nd).tolist():
+            w = math.prod(_beta3(uk - jk) for uk, jk in zip(u, j))
+            if w:
+                out[(slice(None), slice(None), *x)] += w * coarse[(slice(None), slice(None), *j)].double()
+    return out
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+@pytest.mark.parametrize("size,coarse_size", [((5, 7, 6), (4, 5, 6)), ((9, 8), (6, 4))])
+def test_reference_reproduces_constant_and_linear_fields(size, coarse_size, align_corners):
+    nd = len(size)
+    const = torch.randn(2, nd, *[1] * nd, dtype=torch.float64).expand(2, nd, *coarse_size)
+    field = reference.upsample_field(const, size, upsample="bspline", align_corners=align_corners)
+    torch.testing.assert_close(field, const[(...,) + (slice(0, 1),) * nd].expand_as(field), rtol=1e-12, atol=1e-12)
+    # linear precision: control point j displaced by A p_j + b gives the displacement A x + b at voxel x
+    origin, spacing = reference.bspline_geometry(size, coarse_size, align_corners=align_corners)
+    A, b = torch.randn(nd, nd, dtype=torch.float64), torch.randn(nd, dtype=torch.float64)
+    p = torch.stack(torch.meshgrid(*[o + h * torch.arange(n, dtype=torch.float64)
+                                     for o, h, n in zip(origin, spacing, coarse_size)], indexing="ij"))
+    coarse = (torch.einsum("ij,j...->i...", A, p) + b.view(nd, *[1] * nd)).unsqueeze(0)
+    x = ck.convert.identity_positions(size, torch.float64)
+    want = (torch.einsum("ij,j...->i...", A, x) + b.view(nd, *[1] * nd)).unsqueeze(0)
+    got = reference.upsample_field(coarse, size, upsample="bspline", align_corners=align_corners)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("size,coarse_size,geometry", [
+    ((5, 4, 6), (4, 5, 4), {}),
+    ((7, 5), (5, 4), {"align_corners": False}),
+    # an explicit grid that does not cover the image: points beyond the array contribute 0
+    ((6, 7), (4, 5), {"control_origin": (1.25, -2.0), "control_spacing": (1.5, 0.75)}),
+])
+def test_reference_weights_equal_the_per_voxel_formula(size, coarse_size, geometry):
+    coarse = torch.randn(2, len(size), *coarse_size, dtype=torch.float64)
+    got = reference.upsample_field(coarse, size, upsample="bspline", **geometry)
+    origin, spacing = reference.bspline_geometry(size, coarse_size, **geometry)
+    torch.testing.assert_close(got, _brute_force_field(coarse, size, origin, spacing), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("align_corners", [True, False])
+def test_four_points_span_the_domain_with_one_point_margin(align_corners):
+    S = 9
+    origin, spacing = reference.bspline_geometry((S, S), (4, 7), align_corners=align_corners)
+    start, end = (0.0, S - 1.0) if align_corners else (-0.5, S - 0.5)
+    assert spacing == (end - start, (end - start) / 4)
+    assert origin == (start - spacing[0], start - spacing[1])
+    # s = 4: the first and last domain ends sit on control points 1 and 2 (t = 0)
+    c = torch.randn(1, 1, 4, dtype=torch.float64).expand(1, 2, 4).reshape(1, 2, 4, 1).expand(1, 2, 4, 4).clone()
+    field = reference.upsample_field(c, (S, S), upsample="bspline", align_corners=align_corners)
+    col = c[0, 0, :, 0]
+    if align_corners:
+        torch.testing.assert_close(field[0, 0, 0, 0], (col[0] + 4 * col[1] + col[2]) / 6)
+        torch.testing.assert_close(field[0, 0, -1, 0], (col[1] + 4 * col[2] + col[3]) / 6)
+    # explicit values override the defaults; a spacing alone keeps the one-point margin
+    assert reference.bspline_geometry((S, S), (4, 4), control_spacing=2.0) == ((-2.0, -2.0), (2.0, 2.0))
+    assert reference.bspline_geometry((S, S), (4, 4), control_origin=(1, 2), control_spacing=(3, 4)) == \
+        ((1.0, 2.0), (3.0, 4.0))
+
+
+def test_public_op_takes_the_geometry_and_skips_the_dense_path():
+    moving = torch.randn(1, 2, 6, 5, 7, dtype=torch.float64)
+    coarse = torch.randn(1, 3, 6, 5, 7, dtype=torch.float64)  # the image's size: still a B-spline grid
+    kw = dict(upsample="bspline", control_origin=(-1.0, -0.5, -2.0), control_spacing=[1.0, 1.5, 2.0])
+    assert_matches_reference(ck.warp(moving, coarse, **kw), reference.warp(moving, coarse, **kw))
+    assert_matches_reference(ck.upsample_field(coarse, (6, 5, 7), **kw),
+                             reference.upsample_field(coarse, (6, 5, 7), **kw))
+    assert not torch.allclose(ck.warp(moving, coarse, upsample="bspline"), ck.warp(moving, coarse))
+
+
+BAD = [
+    (dict(upsample="cubic"), ValueError, "upsample must be one of"),
+    (dict(upsample="bspline", coarse_size=(4, 3)), ValueError, ">= 4 control points"),
+    (dict(control_origin=0.0), ValueError, "only used with upsample='bspline'"),
+    (dict(upsample="bspline", control_origin=float("nan")), ValueError, "control_origin must be a finite"),
+    (dict(upsample="bspline", control_origin=(1.0, 2.0, 3.0)), ValueError, "control_origin must be"),
+    (dict(upsample="bspline", control_origin="0"), TypeError, "control_origin must be"),
+    (dict(upsample="bspline", control_origin=True), TypeError, "control_origin must be"),
+    (dict(upsample="bspline", control_spacing=(1.0, 0.0)), ValueError, "control_spacing must be a finite number > 0"),
+    (dict(upsample="bspline", control_spacing=-1), ValueError, "control_spacing must be"),
+    (dict(upsample="bspline", control_spacing=[1.0, float("inf")]), ValueError, "control_spacing must be"),
+    (dict(upsample="bspline", control_spacing=torch.ones(2, 2)), TypeError, "control_spacing must be"),
+]
+
+
+@pytest.mark.parametrize("kw,exc,match", BAD)
+def test_bad_bspline_arguments(kw, exc, match):
+    kw = dict(kw)
+    coarse = torch.zeros(1, 2, *kw.pop("coarse_size", (4, 5)))
+    with pytest.raises(exc, match=match):
+        ck.warp(torch.zeros(1, 1, 6, 7), coarse, **kw)
+    with pytest.raises(exc, match=match):
+        ck.upsample_field(coarse, (6, 7), **kw)
+
+
+def _support_mask(size, coarse_size, origin, spacing, node):
+    """(S) bool: voxels whose 4^nd support {floor(u_k) - 1, ..., floor(u_k) + 2} holds the point `node`."""
+    masks = []
+    for S, o, h, j in zip(size, origin, spacing, node):
+        i = torch.floor((torch.arange(S, dtype=torch.float64) - o) / h)
+        masks.append((i - 1 <= j) & (j <= i + 2))
+    out = masks[0]
+    for m in masks[1:]:
+        out = out.unsqueeze(-1) & m
+    return out
+
+
+def test_reference_nonfinite_point_spreads_over_its_support():
+    size, coarse_size, node = (9, 7, 8), (5, 4, 6), (1, 2, 4)
+    moving = torch.randn(1, 2, *size, dtype=torch.float64, requires_grad=True)
+    coarse = torch.randn(1, 3, *coarse_size, dtype=torch.float64)
+    coarse[(0, 1, *node)] = float("nan")
+    coarse.requires_grad_()
+    out = reference.warp(moving, coarse, upsample="bspline", padding_mode="border")
+    origin, spacing = reference.bspline_geometry(size, coarse_size)
+    bad = _support_mask(size, coarse_size, origin, spacing, node)
+    assert 0 < bad.sum() < bad.numel()
+    assert torch.equal(out[0, 0].isnan(), bad) and torch.equal(out[0, 1].isnan(), bad)
+    gm, gc = torch.autograd.grad(out, (moving, coarse), torch.ones_like(out))
+    assert gm.isfinite().all()  # the NaN voxels add nothing to the image gradient
+    assert gc[(0, slice(None), *node)].isnan().all()
+    labels = (moving.detach() > 0).to(torch.uint8)
+    lab = reference.warp(labels, coarse.detach(), upsample="bspline", mode="nearest")
+    assert lab.dtype == torch.uint8 and (lab[0, 0][bad] == 0).all()
+    want = reference.warp(labels.double(), coarse.detach(), upsample="bspline", mode="nearest")
+    assert torch.equal(lab[0][:, ~bad], want[0][:, ~bad].to(torch.uint8))
