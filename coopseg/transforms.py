@@ -171,22 +171,25 @@ def warp_like_itk(tensor: torch.Tensor, coarse: torch.Tensor, origin, spacing, *
     out = ck.warp(x, coarse_m, mode=mode, padding_mode="border", **kw)[0].to(torch.float32)
     # the inside test in float64, as ITK's: in float32 a position within rounding of -0.5 or
     # S - 0.5 could land on the other side (one voxel in 8.4 M on the 1/16-grid benchmark)
-    outside = _outside(coarse.to(x.device), shape, origin, spacing, backend)
+    coarse = coarse.to(x.device)
+    fill = defaults.to(out).view(-1, *(1,) * len(shape))
+    regions = list(_outside_slabs(coarse, shape, origin, spacing, backend))
     for c in flat_components:  # a size-1 axis: inside iff its displacement is in [-0.5, 0.5)
         if float(c.abs().max()) >= 0.5:
             c2 = torch.cat([c, torch.zeros_like(coarse[:, 1:])], 1).to(device=x.device)
             u = ck.upsample_field(c2, shape, **kw)[0, 0]
-            outside |= (u < -0.5) | (u >= 0.5)
-    if outside is not None and outside.any():
-        out = torch.where(outside, defaults.to(out).view(-1, *(1,) * len(shape)), out)
+            regions.append(((slice(None),) * len(shape), (u < -0.5) | (u >= 0.5)))
+    for index, outside in regions:
+        view = out[(slice(None), *index)]
+        view.copy_(torch.where(outside, fill, view))
     return out.reshape(tensor.shape)
 
 
-def _outside(coarse: torch.Tensor, shape, origin, spacing, backend) -> torch.Tensor:
-    """Bool (*shape): voxels whose sampled position leaves [-0.5, S - 0.5) along some axis. Since
-    the B-spline weights are >= 0 and sum to 1, |u_k| <= max |coarse_k|: only slabs of that
-    thickness at the faces can leave, and only those are evaluated."""
-    outside = torch.zeros(shape, dtype=torch.bool, device=coarse.device)
+def _outside_slabs(coarse: torch.Tensor, shape, origin, spacing, backend):
+    """(index, bool mask) per slab at the faces: the voxels of out[:, index] whose sampled position
+    leaves [-0.5, S - 0.5) along that slab's axis. Since the B-spline weights are >= 0 and sum to 1,
+    |u_k| <= max |coarse_k|: only slabs of that thickness can leave, and only they are evaluated
+    (their field by upsample_field, float64)."""
     for k, n in enumerate(shape):
         reach = float(coarse[:, k].abs().max())
         if reach < 0.5:
@@ -205,8 +208,7 @@ def _outside(coarse: torch.Tensor, shape, origin, spacing, backend) -> torch.Ten
             pos = pos.view(*(1,) * k, length, *(1,) * (len(shape) - k - 1)) + u
             index = [slice(None)] * len(shape)
             index[k] = slice(start, start + length)
-            outside[tuple(index)] |= (pos < -0.5) | (pos >= n - 0.5)
-    return outside
+            yield tuple(index), (pos < -0.5) | (pos >= n - 0.5)
 
 
 def _weights_at(x: float, s: int, origin: float, spacing: float) -> torch.Tensor:
