@@ -149,7 +149,7 @@ def warp_like_itk(tensor: torch.Tensor, coarse: torch.Tensor, origin, spacing, *
     for k in reversed(range(len(size))):
         if size[k] != 1:
             continue
-        w = _weights_at(0.0, coarse.shape[2 + k], origin[k], spacing[k]).to(coarse)
+        w = _weight_matrix(torch.zeros(1, dtype=torch.float64), coarse.shape[2 + k], origin[k], spacing[k])[0]
         coarse = torch.tensordot(coarse, w, dims=([2 + k], [0]))
         flat_components.append(coarse[:, k:k + 1])
         coarse = torch.cat([coarse[:, :k], coarse[:, k + 1:]], 1)
@@ -173,11 +173,10 @@ def warp_like_itk(tensor: torch.Tensor, coarse: torch.Tensor, origin, spacing, *
     # S - 0.5 could land on the other side (one voxel in 8.4 M on the 1/16-grid benchmark)
     coarse = coarse.to(x.device)
     fill = defaults.to(out).view(-1, *(1,) * len(shape))
-    regions = list(_outside_slabs(coarse, shape, origin, spacing, backend))
+    regions = list(_outside_slabs(coarse, shape, origin, spacing))
     for c in flat_components:  # a size-1 axis: inside iff its displacement is in [-0.5, 0.5)
         if float(c.abs().max()) >= 0.5:
-            c2 = torch.cat([c, torch.zeros_like(coarse[:, 1:])], 1).to(device=x.device)
-            u = ck.upsample_field(c2, shape, **kw)[0, 0]
+            u = _field_component(c[0, 0].to(x.device), [(0, n) for n in shape], origin, spacing)
             regions.append(((slice(None),) * len(shape), (u < -0.5) | (u >= 0.5)))
     for index, outside in regions:
         view = out[(slice(None), *index)]
@@ -185,42 +184,48 @@ def warp_like_itk(tensor: torch.Tensor, coarse: torch.Tensor, origin, spacing, *
     return out.reshape(tensor.shape)
 
 
-def _outside_slabs(coarse: torch.Tensor, shape, origin, spacing, backend):
+def _outside_slabs(coarse: torch.Tensor, shape, origin, spacing):
     """(index, bool mask) per slab at the faces: the voxels of out[:, index] whose sampled position
     leaves [-0.5, S - 0.5) along that slab's axis. Since the B-spline weights are >= 0 and sum to 1,
     |u_k| <= max |coarse_k|: only slabs of that thickness can leave, and only they are evaluated
-    (their field by upsample_field, float64)."""
+    (u_k by separable contraction with per-axis weight matrices, float64)."""
     for k, n in enumerate(shape):
         reach = float(coarse[:, k].abs().max())
         if reach < 0.5:
             continue
         t = min(n, int(np.ceil(reach)) + 1)
-        starts = [0] if 2 * t >= n else [0, n - t]
-        length = n if 2 * t >= n else t
-        for start in starts:
-            o = list(origin)
-            o[k] -= start
-            slab = list(shape)
-            slab[k] = length
-            u = ck.upsample_field(coarse, slab, upsample="bspline", control_origin=tuple(o),
-                                  control_spacing=tuple(spacing), backend=backend)[0, k]
-            pos = torch.arange(start, start + length, dtype=u.dtype, device=u.device)
-            pos = pos.view(*(1,) * k, length, *(1,) * (len(shape) - k - 1)) + u
-            index = [slice(None)] * len(shape)
-            index[k] = slice(start, start + length)
-            yield tuple(index), (pos < -0.5) | (pos >= n - 0.5)
+        for start, stop in ([(0, n)] if 2 * t >= n else [(0, t), (n - t, n)]):
+            ranges = [(start, stop) if a == k else (0, m) for a, m in enumerate(shape)]
+            u = _field_component(coarse[0, k], ranges, origin, spacing)
+            pos = torch.arange(start, stop, dtype=u.dtype, device=u.device)
+            pos = pos.view(*(1,) * k, stop - start, *(1,) * (len(shape) - k - 1)) + u
+            index = tuple(slice(a, b) for a, b in ranges)
+            yield index, (pos < -0.5) | (pos >= n - 0.5)
 
 
-def _weights_at(x: float, s: int, origin: float, spacing: float) -> torch.Tensor:
-    """The s cubic B-spline weights of the control points at voxel coordinate x (0 beyond the grid)."""
+def _field_component(c: torch.Tensor, ranges, origin, spacing) -> torch.Tensor:
+    """One displacement component of the B-spline grid `c` (*s), float64, at the voxels
+    [a_k, b_k) of every axis: c contracted with one (b_k - a_k, s_k) weight matrix per axis."""
+    u = c.to(torch.float64)
+    for k, (a, b) in enumerate(ranges):
+        w = _weight_matrix(torch.arange(a, b, dtype=torch.float64), c.shape[k], origin[k], spacing[k]).to(u.device)
+        u = torch.movedim(torch.tensordot(u, w, dims=([k], [1])), -1, k)
+    return u
+
+
+def _weight_matrix(x: torch.Tensor, s: int, origin: float, spacing: float) -> torch.Tensor:
+    """(len(x), s) cubic B-spline weights of the s control points at voxel coordinates x (the
+    spec's B(-1..2) at t = u - floor(u), u = (x - origin) / spacing; 0 beyond the grid)."""
     u = (x - origin) / spacing
-    i = int(np.floor(u))
+    i = torch.floor(u)
     t = u - i
     b = ((1 - t) ** 3 / 6, (3 * t ** 3 - 6 * t ** 2 + 4) / 6, (-3 * t ** 3 + 3 * t ** 2 + 3 * t + 1) / 6, t ** 3 / 6)
-    w = torch.zeros(s, dtype=torch.float64)
+    w = torch.zeros(len(x), s, dtype=torch.float64)
+    rows = torch.arange(len(x))
     for m, bm in zip(range(-1, 3), b):
-        if 0 <= i + m < s:
-            w[i + m] = bm
+        j = i.long() + m
+        ok = (j >= 0) & (j < s)
+        w[rows[ok], j[ok]] = bm[ok]
     return w
 
 
