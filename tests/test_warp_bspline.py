@@ -152,3 +152,148 @@ def test_reference_nonfinite_point_spreads_over_its_support():
     assert lab.dtype == torch.uint8 and (lab[0, 0][bad] == 0).all()
     want = reference.warp(labels.double(), coarse.detach(), upsample="bspline", mode="nearest")
     assert torch.equal(lab[0][:, ~bad], want[0][:, ~bad].to(torch.uint8))
+
+
+# ----------------------------------------------------------------------------- the fused kernels
+
+# (image size, control grid, geometry): 3-D and 2-D, odd sizes, both align_corners defaults, and an
+# explicit grid that leaves part of the image without control points (taps beyond the array read 0)
+KCASES = [
+    ((5, 6, 7), (4, 5, 4), {}),
+    ((7, 9), (5, 4), {"align_corners": False}),
+    ((6, 7), (4, 5), {"control_origin": (1.25, -2.0), "control_spacing": (1.5, 0.75)}),
+]
+
+
+def _kinputs(size, coarse_size, dtype, B=2, C=2, scale=None):
+    nd = len(size)
+    scale = max(size) / 3 if scale is None else scale
+    moving = torch.randn(B, C, *size, dtype=dtype).requires_grad_()
+    coarse = (torch.randn(B, nd, *coarse_size, dtype=dtype) * scale).requires_grad_()
+    return moving, coarse
+
+
+def _out_and_grads(fn, moving, coarse, grad_out):
+    out = fn(moving, coarse)
+    return (out, *torch.autograd.grad(out, (moving, coarse), grad_out))
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "nearest"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
+@pytest.mark.parametrize("size,coarse_size,geometry", KCASES)
+def test_kernels_match_reference(backend, size, coarse_size, geometry, padding_mode, mode):
+    moving, coarse = _kinputs(size, coarse_size, torch.float64)
+    grad_out = torch.randn(moving.shape, dtype=torch.float64)
+    kw = dict(padding_mode=padding_mode, mode=mode, upsample="bspline", **geometry)
+    got = _out_and_grads(lambda m, c: ck.warp(m, c, backend=backend, **kw), moving, coarse, grad_out)
+    want = _out_and_grads(lambda m, c: reference.warp(m, c, **kw), moving, coarse, grad_out)
+    assert_matches_reference(got, want, names=("out", "grad_moving", "grad_coarse"))
+    assert "warp_bspline" in got[0].grad_fn.name()
+
+
+@pytest.mark.parametrize("size,coarse_size,geometry", KCASES[:2])
+def test_kernels_match_reference_fp32(backend, size, coarse_size, geometry):
+    moving, coarse = _kinputs(size, coarse_size, torch.float32)
+    grad_out = torch.randn(moving.shape)
+    for padding_mode in ("zeros", "reflection"):
+        kw = dict(padding_mode=padding_mode, upsample="bspline", **geometry)
+        got = _out_and_grads(lambda m, c: ck.warp(m, c, backend=backend, **kw), moving, coarse, grad_out)
+        want = _out_and_grads(lambda m, c: reference.warp(m, c, **kw), moving, coarse, grad_out)
+        # the control-point gradient sums over every voxel of a support: relative to its largest element
+        assert_matches_reference(got[:2], want[:2], names=("out", "grad_moving"), what=padding_mode)
+        assert_matches_reference(got[2], want[2], scale="max", what=f"{padding_mode}: grad_coarse")
+
+
+@pytest.mark.parametrize("size,coarse_size,geometry", KCASES)
+def test_upsample_kernels_match_reference(backend, size, coarse_size, geometry):
+    coarse = torch.randn(2, len(size), *coarse_size, dtype=torch.float64, requires_grad=True)
+    got = ck.upsample_field(coarse, size, upsample="bspline", backend=backend, **geometry)
+    want = reference.upsample_field(coarse, size, upsample="bspline", **geometry)
+    assert_matches_reference(got, want, wrt=(coarse, coarse), grad_out=torch.randn_like(want))
+
+
+@pytest.mark.parametrize("size,coarse_size", [((3, 4, 5), (4, 4, 5)), ((5, 4), (4, 6))])
+def test_gradcheck(backend, size, coarse_size):
+    moving, coarse = _kinputs(size, coarse_size, torch.float64, B=1, C=2, scale=1.0)
+    fast = backend == "triton"
+    for padding_mode in ("zeros", "reflection"):
+        fn = lambda m, c: ck.warp(m, c, padding_mode=padding_mode, upsample="bspline", backend=backend)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (moving, coarse), fast_mode=fast)
+    up = lambda c: ck.upsample_field(c, size, upsample="bspline", backend=backend)  # noqa: E731
+    assert torch.autograd.gradcheck(up, (coarse,), fast_mode=fast)
+
+
+def test_opcheck(backend):
+    moving, coarse = _kinputs((3, 4, 5), (4, 5, 4), torch.float64, B=1)
+    geometry = ([-1.5, -1.0, -2.0], [1.5, 1.0, 2.0])
+    for mode in ("bilinear", "nearest"):
+        torch.library.opcheck(torch.ops.coopseg.warp_bspline.default,
+                              (moving, coarse, *geometry, "reflection", mode, backend))
+    g = torch.randn(moving.shape, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.coopseg.warp_bspline_backward.default,
+                          (g, moving.detach(), coarse.detach(), *geometry, "border", "bilinear", backend, True, True))
+    torch.library.opcheck(torch.ops.coopseg.upsample_bspline.default, (coarse, [3, 4, 5], *geometry, backend))
+    labels = (moving.detach() > 0).to(torch.uint8)
+    torch.library.opcheck(torch.ops.coopseg.warp_bspline.default,
+                          (labels, coarse.detach().float(), *geometry, "zeros", "nearest", backend))
+
+
+def test_control_point_gradient_is_deterministic(backend, set_threads):
+    moving, coarse = _kinputs((9, 8, 7), (5, 4, 6), torch.float32, B=1)
+    grad_out = torch.randn(moving.shape)
+    fn = lambda m, c: ck.warp(m, c, upsample="bspline", backend=backend)  # noqa: E731
+    first = _out_and_grads(fn, moving, coarse, grad_out)
+    again = _out_and_grads(fn, moving, coarse, grad_out)
+    assert torch.equal(first[2], again[2]) and torch.equal(first[0], again[0])
+    if backend == "cpp":  # C++: bitwise the same for any thread count, the image gradient too
+        set_threads(1)
+        one = _out_and_grads(fn, moving, coarse, grad_out)
+        assert all(torch.equal(a, b) for a, b in zip(first, one))
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_kernels_nonfinite_control_point(backend, padding_mode):
+    size, coarse_size = (7, 6, 5), (5, 4, 4)
+    moving, coarse = _kinputs(size, coarse_size, torch.float64, B=1)
+    with torch.no_grad():
+        coarse[0, 2, 1, 2, 3] = float("nan")
+        coarse[0, 0, 3, 0, 0] = float("inf")
+    grad_out = torch.randn(moving.shape, dtype=torch.float64)
+    kw = dict(padding_mode=padding_mode, upsample="bspline")
+    got = _out_and_grads(lambda m, c: ck.warp(m, c, backend=backend, **kw), moving, coarse, grad_out)
+    want = _out_and_grads(lambda m, c: reference.warp(m, c, **kw), moving, coarse, grad_out)
+    assert got[0].isnan().any() and not got[0].isnan().all()
+    for name, g, w in zip(("out", "grad_moving", "grad_coarse"), got, want):
+        assert torch.equal(g.isnan(), w.isnan()), name
+        assert_matches_reference(g.nan_to_num(), w.nan_to_num(), what=name)
+    assert got[1].isfinite().all()
+    # label maps: 0 at those voxels, the rest as the floating image
+    labels = (moving.detach() > 0).to(torch.uint8)
+    lab = ck.warp(labels, coarse.detach(), mode="nearest", backend=backend, **kw)
+    assert torch.equal(lab, reference.warp(labels, coarse.detach(), mode="nearest", **kw))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.bool])
+def test_label_maps_with_nearest(backend, dtype):
+    moving, coarse = _kinputs((5, 7, 6), (4, 4, 5), torch.float32, B=2, C=1)
+    labels = (moving.detach() * 3).round().clamp(0, 5).to(dtype)
+    for padding_mode in ("zeros", "reflection"):
+        kw = dict(mode="nearest", padding_mode=padding_mode, upsample="bspline")
+        got = ck.warp(labels, coarse.detach(), backend=backend, **kw)
+        assert got.dtype == dtype
+        assert torch.equal(got, reference.warp(labels, coarse.detach(), **kw))
+
+
+def test_raw_op_errors():
+    if not ck.HAS_CPP:
+        pytest.skip("C++ extension not built")
+    m, c = torch.zeros(1, 1, 6, 7), torch.zeros(1, 2, 4, 5)
+    op = torch.ops.coopseg.warp_bspline_fwd
+    with pytest.raises(RuntimeError, match="coarse sizes must be >= 4"):
+        op(m, torch.zeros(1, 2, 3, 5), [0.0, 0.0], [1.0, 1.0], "zeros", "bilinear")
+    with pytest.raises(RuntimeError, match="spacing entries must be finite and > 0"):
+        op(m, c, [0.0, 0.0], [1.0, 0.0], "zeros", "bilinear")
+    with pytest.raises(RuntimeError, match="origin must have 2 entries"):
+        op(m, c, [0.0], [1.0, 1.0], "zeros", "bilinear")
+    with pytest.raises(RuntimeError, match="padding_mode"):
+        op(m, c, [0.0, 0.0], [1.0, 1.0], "wrap", "bilinear")
