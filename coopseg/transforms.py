@@ -29,6 +29,7 @@ computed in float64, as ITK's.
 """
 from __future__ import annotations
 
+import math
 from numbers import Number
 
 import numpy as np
@@ -193,14 +194,18 @@ def _outside_slabs(coarse: torch.Tensor, shape, origin, spacing):
         reach = float(coarse[:, k].abs().max())
         if reach < 0.5:
             continue
-        t = min(n, int(np.ceil(reach)) + 1)
-        for start, stop in ([(0, n)] if 2 * t >= n else [(0, t), (n - t, n)]):
+        # x + u < -0.5 needs x < reach - 0.5; x + u >= n - 0.5 needs x >= n - 0.5 - reach
+        low, high = min(n, math.ceil(reach - 0.5)), max(0, math.ceil(n - 0.5 - reach))
+        slabs = [(0, n)] if low >= high else [(0, low), (high, n)]
+        for start, stop in slabs:
+            if stop <= start:
+                continue
             ranges = [(start, stop) if a == k else (0, m) for a, m in enumerate(shape)]
             u = _field_component(coarse[0, k], ranges, origin, spacing)
-            pos = torch.arange(start, stop, dtype=u.dtype, device=u.device)
-            pos = pos.view(*(1,) * k, stop - start, *(1,) * (len(shape) - k - 1)) + u
+            x = torch.arange(start, stop, dtype=u.dtype, device=u.device)
+            x = x.view(*(1,) * k, stop - start, *(1,) * (len(shape) - k - 1))
             index = tuple(slice(a, b) for a, b in ranges)
-            yield index, (pos < -0.5) | (pos >= n - 0.5)
+            yield index, (u < -0.5 - x) | (u >= (n - 0.5) - x)
 
 
 def _field_component(c: torch.Tensor, ranges, origin, spacing) -> torch.Tensor:
