@@ -297,6 +297,20 @@ def test_kernels_nonfinite_control_point(backend, size, coarse_size, nan_at, inf
     assert torch.equal(lab, reference.warp(labels, coarse.detach(), mode="nearest", **kw))
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_fp32_rows_with_nonfinite_control_points(backend, padding_mode):
+    """float 3-D zeros/border rows take the C++ AVX-512 rows when finite; rows with a NaN take the exact path."""
+    _slow_for_triton(backend, (1, 1, 1), padding_mode, "fp32 3-D")
+    moving, coarse = _kinputs((6, 5, 33), (4, 5, 6), torch.float32, B=1)
+    with torch.no_grad():
+        coarse[0, 1, 2, 1, 3] = float("nan")
+    kw = dict(padding_mode=padding_mode, upsample="bspline")
+    got = ck.warp(moving.detach(), coarse.detach(), backend=backend, **kw)
+    want = reference.warp(moving.detach(), coarse.detach(), **kw)
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any() and not got.isnan().all()
+    assert_matches_reference(got.nan_to_num(), want.nan_to_num())
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.bool])
 def test_label_maps_with_nearest(backend, dtype):
     size, coarse_size = ((6, 7), (4, 5)) if backend == "triton" else ((5, 7, 6), (4, 4, 5))
