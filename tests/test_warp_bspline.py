@@ -336,3 +336,13 @@ def test_raw_op_errors():
         op(m, c, [0.0], [1.0, 1.0], "zeros", "bilinear")
     with pytest.raises(RuntimeError, match="padding_mode"):
         op(m, c, [0.0, 0.0], [1.0, 1.0], "wrap", "bilinear")
+    with pytest.raises(RuntimeError, match="moving must be float32 or float64 \\(label maps need mode='nearest'\\)"):
+        op(m.to(torch.uint8), c, [0.0, 0.0], [1.0, 1.0], "zeros", "bilinear")
+    with pytest.raises(RuntimeError, match="warp_bspline_bwd: grad_out must have the shape of moving"):
+        torch.ops.coopseg.warp_bspline_bwd(m[..., :3], m, c, [0.0, 0.0], [1.0, 1.0], "zeros", "bilinear", True, True)
+    with pytest.raises(RuntimeError, match="upsample_bspline_fwd: coarse sizes must be >= 4"):
+        torch.ops.coopseg.upsample_bspline_fwd(torch.zeros(1, 2, 4, 2), [6, 7], [0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(RuntimeError, match="upsample_bspline_bwd: coarse_size entries must be >= 4"):
+        torch.ops.coopseg.upsample_bspline_bwd(torch.zeros(1, 2, 6, 7), [4, 3], [0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(RuntimeError, match="origin entries must be finite"):
+        torch.ops.coopseg.upsample_bspline_fwd(c, [6, 7], [float("nan"), 0.0], [1.0, 1.0])
