@@ -163,6 +163,14 @@ KCASES = [
     ((7, 9), (5, 4), {"align_corners": False}),
     ((6, 7), (4, 5), {"control_origin": (1.25, -2.0), "control_spacing": (1.5, 0.75)}),
 ]
+# The interpreter runs the Triton kernels' 4^nd taps per voxel through numpy, slowly: Triton gets the
+# 2-D problems and, in 3-D, these (padding_mode, mode) pairs only.
+TRITON_3D = (("zeros", "bilinear"), ("reflection", "nearest"))
+
+
+def _slow_for_triton(backend, size, padding_mode="zeros", mode="bilinear"):
+    if backend == "triton" and len(size) == 3 and (padding_mode, mode) not in TRITON_3D:
+        pytest.skip("interpreted Triton: 3-D runs only " + str(TRITON_3D))
 
 
 def _kinputs(size, coarse_size, dtype, B=2, C=2, scale=None):
@@ -182,7 +190,8 @@ def _out_and_grads(fn, moving, coarse, grad_out):
 @pytest.mark.parametrize("padding_mode", ["zeros", "border", "reflection"])
 @pytest.mark.parametrize("size,coarse_size,geometry", KCASES)
 def test_kernels_match_reference(backend, size, coarse_size, geometry, padding_mode, mode):
-    moving, coarse = _kinputs(size, coarse_size, torch.float64)
+    _slow_for_triton(backend, size, padding_mode, mode)
+    moving, coarse = _kinputs(size, coarse_size, torch.float64, B=1 if backend == "triton" else 2)
     grad_out = torch.randn(moving.shape, dtype=torch.float64)
     kw = dict(padding_mode=padding_mode, mode=mode, upsample="bspline", **geometry)
     got = _out_and_grads(lambda m, c: ck.warp(m, c, backend=backend, **kw), moving, coarse, grad_out)
@@ -193,6 +202,7 @@ def test_kernels_match_reference(backend, size, coarse_size, geometry, padding_m
 
 @pytest.mark.parametrize("size,coarse_size,geometry", KCASES[:2])
 def test_kernels_match_reference_fp32(backend, size, coarse_size, geometry):
+    _slow_for_triton(backend, size, mode="3-D fp32")
     moving, coarse = _kinputs(size, coarse_size, torch.float32)
     grad_out = torch.randn(moving.shape)
     for padding_mode in ("zeros", "reflection"):
@@ -214,9 +224,10 @@ def test_upsample_kernels_match_reference(backend, size, coarse_size, geometry):
 
 @pytest.mark.parametrize("size,coarse_size", [((3, 4, 5), (4, 4, 5)), ((5, 4), (4, 6))])
 def test_gradcheck(backend, size, coarse_size):
-    moving, coarse = _kinputs(size, coarse_size, torch.float64, B=1, C=2, scale=1.0)
+    _slow_for_triton(backend, size, mode="3-D gradcheck")
+    moving, coarse = _kinputs(size, coarse_size, torch.float64, B=1, C=1, scale=1.0)
     fast = backend == "triton"
-    for padding_mode in ("zeros", "reflection"):
+    for padding_mode in ("zeros",) if len(size) == 3 else ("reflection",) if fast else ("border", "reflection"):
         fn = lambda m, c: ck.warp(m, c, padding_mode=padding_mode, upsample="bspline", backend=backend)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (moving, coarse), fast_mode=fast)
     up = lambda c: ck.upsample_field(c, size, upsample="bspline", backend=backend)  # noqa: E731
@@ -224,22 +235,30 @@ def test_gradcheck(backend, size, coarse_size):
 
 
 def test_opcheck(backend):
-    moving, coarse = _kinputs((3, 4, 5), (4, 5, 4), torch.float64, B=1)
-    geometry = ([-1.5, -1.0, -2.0], [1.5, 1.0, 2.0])
+    size = (4, 5) if backend == "triton" else (3, 4, 5)
+    moving, coarse = _kinputs(size, (4, 5, 4)[:len(size)], torch.float64, B=1)
+    geometry = ([-1.5, -1.0, -2.0][:len(size)], [1.5, 1.0, 2.0][:len(size)])
+    torch.library.opcheck(torch.ops.coopseg.upsample_bspline.default, (coarse, list(size), *geometry, backend),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    if backend == "triton":  # the registrations are the same for both backends: the slow interpreter runs one op
+        torch.library.opcheck(torch.ops.coopseg.warp_bspline.default,
+                              (moving, coarse, *geometry, "reflection", "bilinear", backend),
+                              test_utils=("test_schema", "test_faketensor"))
+        return
     for mode in ("bilinear", "nearest"):
         torch.library.opcheck(torch.ops.coopseg.warp_bspline.default,
                               (moving, coarse, *geometry, "reflection", mode, backend))
     g = torch.randn(moving.shape, dtype=torch.float64)
     torch.library.opcheck(torch.ops.coopseg.warp_bspline_backward.default,
                           (g, moving.detach(), coarse.detach(), *geometry, "border", "bilinear", backend, True, True))
-    torch.library.opcheck(torch.ops.coopseg.upsample_bspline.default, (coarse, [3, 4, 5], *geometry, backend))
     labels = (moving.detach() > 0).to(torch.uint8)
     torch.library.opcheck(torch.ops.coopseg.warp_bspline.default,
                           (labels, coarse.detach().float(), *geometry, "zeros", "nearest", backend))
 
 
 def test_control_point_gradient_is_deterministic(backend, set_threads):
-    moving, coarse = _kinputs((9, 8, 7), (5, 4, 6), torch.float32, B=1)
+    size, coarse_size = ((9, 8), (5, 4)) if backend == "triton" else ((9, 8, 7), (5, 4, 6))
+    moving, coarse = _kinputs(size, coarse_size, torch.float32, B=1)
     grad_out = torch.randn(moving.shape)
     fn = lambda m, c: ck.warp(m, c, upsample="bspline", backend=backend)  # noqa: E731
     first = _out_and_grads(fn, moving, coarse, grad_out)
@@ -251,13 +270,18 @@ def test_control_point_gradient_is_deterministic(backend, set_threads):
         assert all(torch.equal(a, b) for a, b in zip(first, one))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered")  # the Triton interpreter's numpy, on NaN
 @pytest.mark.parametrize("padding_mode", ["zeros", "border"])
-def test_kernels_nonfinite_control_point(backend, padding_mode):
-    size, coarse_size = (7, 6, 5), (5, 4, 4)
+@pytest.mark.parametrize("size,coarse_size,nan_at,inf_at", [
+    ((7, 6, 5), (5, 4, 4), (2, 1, 2, 3), (0, 3, 0, 0)),
+    ((9, 7), (5, 6), (1, 1, 4), (0, 3, 0)),
+])
+def test_kernels_nonfinite_control_point(backend, size, coarse_size, nan_at, inf_at, padding_mode):
+    _slow_for_triton(backend, size, padding_mode, "non-finite 3-D")
     moving, coarse = _kinputs(size, coarse_size, torch.float64, B=1)
     with torch.no_grad():
-        coarse[0, 2, 1, 2, 3] = float("nan")
-        coarse[0, 0, 3, 0, 0] = float("inf")
+        coarse[(0, *nan_at)] = float("nan")
+        coarse[(0, *inf_at)] = float("inf")
     grad_out = torch.randn(moving.shape, dtype=torch.float64)
     kw = dict(padding_mode=padding_mode, upsample="bspline")
     got = _out_and_grads(lambda m, c: ck.warp(m, c, backend=backend, **kw), moving, coarse, grad_out)
@@ -273,9 +297,24 @@ def test_kernels_nonfinite_control_point(backend, padding_mode):
     assert torch.equal(lab, reference.warp(labels, coarse.detach(), mode="nearest", **kw))
 
 
+@pytest.mark.parametrize("padding_mode", ["zeros", "border"])
+def test_fp32_rows_with_nonfinite_control_points(backend, padding_mode):
+    """float 3-D zeros/border rows take the C++ AVX-512 rows when finite; rows with a NaN take the exact path."""
+    _slow_for_triton(backend, (1, 1, 1), padding_mode, "fp32 3-D")
+    moving, coarse = _kinputs((6, 5, 33), (4, 5, 6), torch.float32, B=1)
+    with torch.no_grad():
+        coarse[0, 1, 2, 1, 3] = float("nan")
+    kw = dict(padding_mode=padding_mode, upsample="bspline")
+    got = ck.warp(moving.detach(), coarse.detach(), backend=backend, **kw)
+    want = reference.warp(moving.detach(), coarse.detach(), **kw)
+    assert torch.equal(got.isnan(), want.isnan()) and got.isnan().any() and not got.isnan().all()
+    assert_matches_reference(got.nan_to_num(), want.nan_to_num())
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.bool])
 def test_label_maps_with_nearest(backend, dtype):
-    moving, coarse = _kinputs((5, 7, 6), (4, 4, 5), torch.float32, B=2, C=1)
+    size, coarse_size = ((6, 7), (4, 5)) if backend == "triton" else ((5, 7, 6), (4, 4, 5))
+    moving, coarse = _kinputs(size, coarse_size, torch.float32, B=2, C=1)
     labels = (moving.detach() * 3).round().clamp(0, 5).to(dtype)
     for padding_mode in ("zeros", "reflection"):
         kw = dict(mode="nearest", padding_mode=padding_mode, upsample="bspline")
@@ -297,3 +336,13 @@ def test_raw_op_errors():
         op(m, c, [0.0], [1.0, 1.0], "zeros", "bilinear")
     with pytest.raises(RuntimeError, match="padding_mode"):
         op(m, c, [0.0, 0.0], [1.0, 1.0], "wrap", "bilinear")
+    with pytest.raises(RuntimeError, match="moving must be float32 or float64 \\(label maps need mode='nearest'\\)"):
+        op(m.to(torch.uint8), c, [0.0, 0.0], [1.0, 1.0], "zeros", "bilinear")
+    with pytest.raises(RuntimeError, match="warp_bspline_bwd: grad_out must have the shape of moving"):
+        torch.ops.coopseg.warp_bspline_bwd(m[..., :3], m, c, [0.0, 0.0], [1.0, 1.0], "zeros", "bilinear", True, True)
+    with pytest.raises(RuntimeError, match="upsample_bspline_fwd: coarse sizes must be >= 4"):
+        torch.ops.coopseg.upsample_bspline_fwd(torch.zeros(1, 2, 4, 2), [6, 7], [0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(RuntimeError, match="upsample_bspline_bwd: coarse_size entries must be >= 4"):
+        torch.ops.coopseg.upsample_bspline_bwd(torch.zeros(1, 2, 6, 7), [4, 3], [0.0, 0.0], [1.0, 1.0])
+    with pytest.raises(RuntimeError, match="origin entries must be finite"):
+        torch.ops.coopseg.upsample_bspline_fwd(c, [6, 7], [float("nan"), 0.0], [1.0, 1.0])

@@ -11,7 +11,9 @@
 //   taps along w -- the order of the reference's separable gathers. A non-finite
 //   control point reaches every voxel whose 4^nd support holds it (0 * NaN).
 // Sampling: the taps and gathers of grid.h (bilinear; reflection folds the
-//   positions first, as warp_dense.cpp) or warp_modes.h's nearest voxel.
+//   positions first, as warp_dense.cpp) or warp_modes.h's nearest voxel; float
+//   3-D zeros/border rows take the coarse warp's AVX-512 rows (warp_avx512.h)
+//   on the row's displacements, as warp_dense.cpp.
 // warp_bspline_bwd: one pass over slabs of the image gradient along the
 //   outermost axis (d in 3-D, h in 2-D), as warp_dense.cpp: a task zeroes its
 //   slab and visits the output planes that can reach it (bounded by the control
@@ -26,6 +28,7 @@
 //   same rows and partials.
 #include "checks.h"
 #include "grid.h"
+#include "warp_avx512.h"
 #include "warp_modes.h"
 
 #include <torch/library.h>
@@ -362,12 +365,29 @@ void forward_bilinear(const at::Tensor& moving, const at::Tensor& coarse, const 
   const T* mp = moving.data_ptr<T>();
   const T* cp = coarse.data_ptr<T>();
   T* op = out.data_ptr<T>();
+#if defined(__AVX512F__)
+  const AxisInterp<T> Iw(S.w, S.w, true);  // the identity: a row of displacements read as a coarse row
+#endif
   at::parallel_for(0, B * S.d * S.h, std::max<int64_t>(1, 2048 / S.w), [&](int64_t r0, int64_t r1) {
     RowTaps<T, I> R(S.w);
     BScratch<T> X(ND, G.s);
     std::vector<T> u(ND * S.w), sign(P == Pad::kReflection ? 3 * S.w : 0);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t h = r % S.h, d = (r / S.h) % S.d, b = r / (S.h * S.d);
+#if defined(__AVX512F__)
+      // float 3-D zeros/border rows with finite displacements: the coarse warp's AVX-512 rows on the
+      // row's displacements with identity tables, as warp_dense.cpp (the upper node enters as
+      // 0 * node, exact for finite rows); a row whose output is not finite takes the generic path
+      if constexpr (avx512::kRows<T, I, ND> && P != Pad::kReflection) {
+        if (S.w >= 2) {
+          bspline_row<T, ND>(cp + b * ND * G.s.numel(), G, d, h, X, u.data());
+          if (all_finite(u.data(), ND * S.w) &&
+              avx512::row_forward<P == Pad::kBorder>(mp + b * C * N, u.data(), Iw, S, C, N, d, h,
+                                                     op + b * C * N + (d * S.h + h) * S.w))
+            continue;
+        }
+      }
+#endif
       row_positions<T, I, ND>(cp, G, b, d, h, X, R, u);
       row_taps_from_positions<T, I, ND, P, false>(S, R, sign);
       const int64_t row = (d * S.h + h) * S.w;
