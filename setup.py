@@ -58,9 +58,12 @@ setup(
         "io": ["nibabel", "scipy", "pydicom", "pillow", "tqdm", "matplotlib"],
         "toy": ["matplotlib"],  # coopseg toy's box plot
         "demo": ["nibabel", "scipy", "tqdm", "matplotlib", "nilearn"],  # MNI152 templates (coopseg demo-data)
+        "augment": ["torchio"],  # coopseg.transforms: TorchIO's elastic deformation on the fused warp
         # monai / voxelmorph: tests/test_nn.py checks coopseg_kernels.nn against their own modules
         "test": ["pytest", "pytest-benchmark", "scipy", "triton", "nibabel", "pydicom", "pillow", "tqdm",
-                 "matplotlib", "monai", "voxelmorph==0.3.4"],
+                 "matplotlib", "monai", "voxelmorph==0.3.4",
+                 # SimpleITK / torchio: tests/test_bspline_sitk.py and tests/test_transforms.py
+                 "SimpleITK", "torchio"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

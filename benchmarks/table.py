@@ -10,7 +10,9 @@ by this version's optimizer and by the single-level one it replaced
 skipped, with the reason, without git or that commit), alternately in one process. A third
 ("translation search bounds", skipped by --quick; select it alone with --ops
 "translation search bounds") times translation_search's methods at growing bounds
-with their peak memory in input volumes.
+with their peak memory in input volumes. A fourth ("bspline ffd", CPU, skipped by --quick;
+select it alone with --ops "bspline ffd") is benchmarks/bspline.py: cubic B-spline FFD of a
+256x256x128 image by SimpleITK, TorchIO, deepali and coopseg.
 
 Prints a Markdown table and appends the run (machine, torch version, commit, date, rows)
 as one line to benchmarks/results.jsonl (--out: another file, or a folder's results.jsonl).
@@ -31,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import coopseg_kernels as ck  # noqa: E402
 import coopseg_kernels.similarity.translation as S  # noqa: E402
+from benchmarks import bspline  # noqa: E402
 from benchmarks.cases import (  # noqa: E402
     Case,
     all_cases,
@@ -163,6 +166,7 @@ def ds_markdown(rows: list[dict]) -> str:
 
 
 TSEARCH = "translation search bounds"
+BSPLINE = "bspline ffd"
 
 
 def tsearch_rows(device: torch.device, repeats: int) -> list[dict]:
@@ -234,6 +238,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--ds-repeats", type=int, default=3, help="runs of each optimizer in the D_S-per-pair table")
     ap.add_argument("--ts-repeats", type=int, default=3, help="runs of each method in the translation-search table")
+    ap.add_argument("--bspline-repeats", type=int, default=3, help="calls of each row in the B-spline FFD table")
     ap.add_argument("--out", default=None,
                     help="JSON-lines file to append the run to, or a folder (its results.jsonl); "
                          "default benchmarks/results.jsonl")
@@ -264,10 +269,18 @@ def main(argv=None) -> int:
         if not rows and not ds_rows:
             table += (f"\n\n{info.get('gpu', info['cpu'])}, {info['cpu_threads']} CPU threads, "
                       f"torch {info['torch']}, {info['date']}")
+    bs_rows = []
+    if not args.quick and device.type == "cpu" and (args.ops is None or BSPLINE in args.ops):
+        print(f"{BSPLINE} ({args.bspline_repeats} calls of each row, each in its own process) ...", file=sys.stderr,
+              flush=True)
+        bs_rows = bspline.rows(args.bspline_repeats, torch.get_num_threads())
+        table += "\n\n" + bspline.markdown(bs_rows)
+        if not rows and not ds_rows and not ts_rows:
+            table += f"\n\n{info['cpu']}, {info['cpu_threads']} CPU threads, torch {info['torch']}, {info['date']}"
     print(table)
     path = append_result(args.out, __file__, argv, info, {
         "machine": info, "copy_bandwidth_bytes_per_s": bandwidth, "rows": rows, "ds_pair_rows": ds_rows,
-        "tsearch_rows": ts_rows, "table": table})
+        "tsearch_rows": ts_rows, "bspline_rows": bs_rows, "table": table})
     print(f"\nappended to {path}", file=sys.stderr)
     return 0
 

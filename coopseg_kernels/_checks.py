@@ -312,3 +312,51 @@ def dense_warp_inputs(moving, ddf, padding_mode: str, mode: str) -> int:
     same_device(moving=moving, ddf=ddf)
     not_meta("moving", moving)
     return nd
+
+
+UPSAMPLE_MODES = ("linear", "bspline")
+BSPLINE_MIN_SIZE = 4  # control points per axis of a cubic B-spline grid (one interval and its margin)
+
+
+def real_sequence(name: str, value, nd: int, *, positive: bool = False) -> tuple[float, ...]:
+    """A finite real number (used for every axis) or a sequence (list, tuple, 1-D tensor/array) of nd
+    of them; each > 0 where `positive`."""
+    what = "finite numbers > 0" if positive else "finite numbers"
+    expected = f"a finite number{' > 0' if positive else ''} or a sequence of {nd} {what} (one per spatial axis)"
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):  # a 0-d tensor or array: its scalar
+        value = value.item()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        items = [value] * nd
+    else:
+        if isinstance(value, (str, bytes, set, frozenset, dict, bool)) or not hasattr(value, "__len__") or \
+                getattr(value, "ndim", 1) != 1:
+            raise TypeError(f"{name} must be {expected}, got {value!r}")
+        items = value.tolist() if hasattr(value, "tolist") else list(value)
+        if len(items) != nd:
+            raise ValueError(f"{name} must be {expected}, got {len(items)} values: {value!r}")
+    if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in items):
+        raise TypeError(f"{name} must be {expected}, got {value!r}")
+    out = tuple(float(v) for v in items)
+    if not all(math.isfinite(v) for v in out) or (positive and min(out) <= 0):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return out
+
+
+def upsample_args(upsample, coarse: torch.Tensor, nd: int, control_origin, control_spacing
+                  ) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
+    """upsample in UPSAMPLE_MODES; with "bspline" every coarse size >= 4 and the optional control-grid
+    geometry (origin, spacing: a float or nd floats, spacing > 0) normalised to nd-tuples; with
+    "linear" no geometry."""
+    choice("upsample", upsample, UPSAMPLE_MODES)
+    if upsample != "bspline":
+        for name, v in (("control_origin", control_origin), ("control_spacing", control_spacing)):
+            if v is not None:
+                raise ValueError(f"{name} is only used with upsample='bspline', got {v!r} with upsample={upsample!r}")
+        return None, None
+    if min(coarse.shape[2:]) < BSPLINE_MIN_SIZE:
+        raise ValueError(f"coarse must have >= {BSPLINE_MIN_SIZE} control points per axis with upsample='bspline' "
+                         f"(one interval and a point beyond each end), got shape {_shape(coarse)}")
+    origin = None if control_origin is None else real_sequence("control_origin", control_origin, nd)
+    spacing = None if control_spacing is None else real_sequence("control_spacing", control_spacing, nd,
+                                                                 positive=True)
+    return origin, spacing

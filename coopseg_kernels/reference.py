@@ -2,6 +2,7 @@
 oracle and the benchmark baseline. Plain torch ops, autograd by torch."""
 from __future__ import annotations
 
+import numbers
 from typing import Sequence
 
 import torch
@@ -19,13 +20,112 @@ def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def upsample_field(coarse: torch.Tensor, size: Sequence[int], *, align_corners: bool = True) -> torch.Tensor:
-    """Coarse displacement grid (B, nd, *s) -> full-resolution field (B, nd, *size), voxel units."""
+def upsample_field(coarse: torch.Tensor, size: Sequence[int], *, align_corners: bool = True,
+                   upsample: str = "linear", control_origin=None, control_spacing=None) -> torch.Tensor:
+    """Coarse displacement grid (B, nd, *s) -> full-resolution field (B, nd, *size), voxel units.
+
+    upsample="linear": F.interpolate(mode="bilinear"/"trilinear", align_corners=align_corners).
+    upsample="bspline": the uniform cubic B-spline of the control points (every s_k >= 4) placed by
+    `bspline_geometry` (control_origin / control_spacing, or the defaults of align_corners); see
+    `bspline_upsample`."""
+    if upsample == "bspline":
+        origin, spacing = bspline_geometry(size, coarse.shape[2:], align_corners=align_corners,
+                                           control_origin=control_origin, control_spacing=control_spacing)
+        return bspline_upsample(coarse, size, origin, spacing)
     return F.interpolate(coarse, size=tuple(size), mode=_MODES[coarse.dim() - 2], align_corners=align_corners)
 
 
+# ----------------------------------------------------------------------------- cubic B-spline (FFD)
+# The spec of upsample="bspline" (docs/conventions.md#cubic-b-spline-control-grids). The compiled
+# kernels compute the per-axis tables of `bspline_axis_table` in float64 exactly as here.
+
+BSPLINE_MIN_SIZE = 4  # control points per axis: one interval needs 4 (one beyond each end)
+
+
+def _per_axis(value, nd: int) -> tuple[float, ...]:
+    if isinstance(value, numbers.Real):
+        return (float(value),) * nd
+    return tuple(float(v) for v in value)
+
+
+def bspline_geometry(size: Sequence[int], coarse_size: Sequence[int], *, align_corners: bool = True,
+                     control_origin=None, control_spacing=None) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(origin, spacing) per spatial axis, in voxel coordinates: control point j of axis k sits at
+    origin[k] + j * spacing[k].
+
+    Defaults: the domain [0, S_k - 1] (align_corners=True) or [-0.5, S_k - 0.5] (align_corners=False)
+    is split into s_k - 3 equal intervals of length h_k, with one control point beyond each end:
+    spacing = h_k, origin = domain start - spacing. control_origin / control_spacing (a float, or one
+    per axis) override them; an explicit spacing alone keeps the one-point margin (origin = domain
+    start - spacing)."""
+    nd = len(size)
+    spacing = []
+    starts = []
+    for S, s in zip(size, coarse_size):
+        start, end = (0.0, S - 1.0) if align_corners else (-0.5, S - 0.5)
+        starts.append(start)
+        spacing.append((end - start) / (s - 3))
+    if control_spacing is not None:
+        spacing = list(_per_axis(control_spacing, nd))
+    origin = [a - h for a, h in zip(starts, spacing)]
+    if control_origin is not None:
+        origin = list(_per_axis(control_origin, nd))
+    return tuple(origin), tuple(spacing)
+
+
+def bspline_weights(t: torch.Tensor) -> torch.Tensor:
+    """(..., 4) uniform cubic B-spline weights of the control points i - 1, i, i + 1, i + 2 at the
+    fraction t in [0, 1) (ITK's BSplineKernelFunction of order 3); they sum to 1."""
+    s = 1.0 - t
+    t2 = t * t
+    t3 = t2 * t
+    return torch.stack([s * s * s / 6.0, (3.0 * t3 - 6.0 * t2 + 4.0) / 6.0,
+                        (-3.0 * t3 + 3.0 * t2 + 3.0 * t + 1.0) / 6.0, t3 / 6.0], -1)
+
+
+def bspline_axis_table(S: int, n: int, origin: float, spacing: float,
+                       device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The B-spline taps of one axis: for each voxel x in [0, S), u = (x - origin) / spacing
+    (float64), clamped to [-3, n + 2] (beyond, no tap lies in the array either way), i = floor(u),
+    t = u - i; returns (first, weights, valid): first = i - 1 (int64, (S,)), the float64 weights
+    (S, 4) of the control points first .. first + 3, and which of them lie in [0, n) (a point
+    beyond the array contributes 0)."""
+    x = torch.arange(S, dtype=torch.float64, device=device)
+    u = ((x - origin) / spacing).clamp(-3.0, n + 2.0)
+    i = u.floor()
+    w = bspline_weights(u - i)
+    first = i.long() - 1
+    idx = first.unsqueeze(1) + torch.arange(4, device=device)
+    return first, w, (idx >= 0) & (idx < n)
+
+
+def bspline_upsample(coarse: torch.Tensor, size: Sequence[int], origin: Sequence[float],
+                     spacing: Sequence[float]) -> torch.Tensor:
+    """The cubic B-spline field (B, nd, *size) of the control points `coarse` (B, nd, *s) at the
+    given geometry: u(x) = sum over m in {-1, 0, 1, 2}^nd of prod_k B_{m_k}(t_k) coarse[i + m],
+    computed as one 4-tap gather per axis in coarse's dtype (weights rounded to it). A control
+    point beyond the array contributes 0; a non-finite one makes the field non-finite at every
+    voxel whose 4^nd support holds it, weight 0 included (0 * NaN)."""
+    f = coarse
+    for k, S in enumerate(size):
+        ax = k + 2
+        n = f.shape[ax]
+        first, w, valid = bspline_axis_table(int(S), n, origin[k], spacing[k], device=coarse.device)
+        w = w.to(coarse.dtype)
+        shape = [1] * f.dim()
+        shape[ax] = int(S)
+        acc = None
+        for m in range(4):
+            taps = f.index_select(ax, (first + m).clamp(0, n - 1))
+            term = torch.where(valid[:, m].view(shape), taps * w[:, m].view(shape), 0.0)
+            acc = term if acc is None else acc + term
+        f = acc
+    return f
+
+
 def warp(moving: torch.Tensor, coarse: torch.Tensor, *, align_corners: bool = True,
-         padding_mode: str = "zeros", mode: str = "bilinear") -> torch.Tensor:
+         padding_mode: str = "zeros", mode: str = "bilinear", upsample: str = "linear",
+         control_origin=None, control_spacing=None) -> torch.Tensor:
     """Sample `moving` at voxel + upsampled displacement, as F.grid_sample(align_corners=True,
     mode, padding_mode) in voxel coordinates.
 
@@ -43,12 +143,16 @@ def warp(moving: torch.Tensor, coarse: torch.Tensor, *, align_corners: bool = Tr
     grid_sample itself is only ever given finite coordinates: such voxels sample
     at displacement 0 and are overwritten. Besides defining the rule, this guards
     against torch 2.13's grid_sample backward, which crashes the process
-    (segfault) on a NaN grid with padding_mode="border"."""
+    (segfault) on a NaN grid with padding_mode="border".
+
+    upsample="bspline": the field is the cubic B-spline of the control points (`upsample_field`,
+    geometry `bspline_geometry`); a non-finite control point makes NaN every voxel whose 4^nd
+    support holds it. Sampling, modes, padding and the rules above are the same."""
+    geometry = dict(upsample=upsample, control_origin=control_origin, control_spacing=control_spacing)
     if mode == "nearest":
-        return warp_nearest(moving, coarse, align_corners=align_corners, padding_mode=padding_mode)
+        return warp_nearest(moving, coarse, align_corners=align_corners, padding_mode=padding_mode, **geometry)
     dtype = math_dtype(moving.dtype)
-    field = upsample_field(coarse.to(dtype), moving.shape[2:], align_corners=align_corners)
-    bad = ~field.isfinite().all(1, keepdim=True) | _cells_with_nonfinite_node(coarse, moving.shape[2:], align_corners)
+    field, bad = _field_and_bad(coarse, moving.shape[2:], dtype, align_corners, geometry)
     if bad.any():
         if field.requires_grad:
             field.register_hook(lambda g: g.masked_fill(bad.expand_as(g), float("nan")))
@@ -88,7 +192,8 @@ class _NoFieldGrad(torch.autograd.Function):
 
 
 def warp_nearest(moving: torch.Tensor, coarse: torch.Tensor, *, align_corners: bool = True,
-                 padding_mode: str = "zeros") -> torch.Tensor:
+                 padding_mode: str = "zeros", upsample: str = "linear", control_origin=None,
+                 control_spacing=None) -> torch.Tensor:
     """Nearest-voxel warp, the spec of mode="nearest" (F.grid_sample(mode="nearest",
     align_corners=True) in voxel coordinates): the position p = x + u(x) (u upsampled in the
     math dtype, float32 for integer and bool images) goes through `pad_position`, is rounded
@@ -102,8 +207,9 @@ def warp_nearest(moving: torch.Tensor, coarse: torch.Tensor, *, align_corners: b
     size = moving.shape[2:]
     B, C = moving.shape[0], moving.shape[1]
     dtype = math_dtype(moving.dtype)
-    field = upsample_field(coarse.detach().to(dtype), size, align_corners=align_corners)
-    bad = ~field.isfinite().all(1) | _cells_with_nonfinite_node(coarse, size, align_corners)[:, 0]
+    geometry = dict(upsample=upsample, control_origin=control_origin, control_spacing=control_spacing)
+    field, bad = _field_and_bad(coarse.detach(), size, dtype, align_corners, geometry)
+    bad = bad[:, 0]
     pos = identity_positions(size, dtype, moving.device).unsqueeze(0) + field.masked_fill(bad.unsqueeze(1), 0.0)
     inside = ~bad
     flat = torch.zeros_like(bad, dtype=torch.long)
@@ -119,6 +225,18 @@ def warp_nearest(moving: torch.Tensor, coarse: torch.Tensor, *, align_corners: b
         if coarse.requires_grad and torch.is_grad_enabled():
             out = _NoFieldGrad.apply(out, coarse)
     return out
+
+
+def _field_and_bad(coarse: torch.Tensor, size: Sequence[int], dtype: torch.dtype, align_corners: bool,
+                   geometry: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The upsampled field in `dtype` and the (B, 1, *S) voxels whose displacement is not finite:
+    per cell for "linear" (`_cells_with_nonfinite_node`); for "bspline" the 4-tap gathers spread a
+    non-finite point over its support by themselves (0 * NaN is NaN)."""
+    field = upsample_field(coarse.to(dtype), size, align_corners=align_corners, **geometry)
+    bad = ~field.isfinite().all(1, keepdim=True)
+    if geometry["upsample"] != "bspline":
+        bad = bad | _cells_with_nonfinite_node(coarse, size, align_corners)
+    return field, bad
 
 
 def _cells_with_nonfinite_node(coarse: torch.Tensor, size: Sequence[int], align_corners: bool) -> torch.Tensor:

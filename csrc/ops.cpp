@@ -23,6 +23,16 @@ TORCH_LIBRARY(coopseg, m) {
   m.def(
       "warp_dense_bwd(Tensor grad_out, Tensor moving, Tensor ddf, str padding_mode, str mode, bool need_moving, "
       "bool need_ddf) -> (Tensor, Tensor)");
+  // cubic B-spline control grid (upsample="bspline"): control point j of axis k at origin[k] + j * spacing[k]
+  // voxels; coopseg_kernels/ops/warp_bspline.py
+  m.def(
+      "warp_bspline_fwd(Tensor moving, Tensor coarse, float[] origin, float[] spacing, str padding_mode, str mode) "
+      "-> Tensor");
+  m.def(
+      "warp_bspline_bwd(Tensor grad_out, Tensor moving, Tensor coarse, float[] origin, float[] spacing, "
+      "str padding_mode, str mode, bool need_moving, bool need_coarse) -> (Tensor, Tensor)");
+  m.def("upsample_bspline_fwd(Tensor coarse, int[] size, float[] origin, float[] spacing) -> Tensor");
+  m.def("upsample_bspline_bwd(Tensor grad_field, int[] coarse_size, float[] origin, float[] spacing) -> Tensor");
   m.def("upsample_field_fwd(Tensor coarse, int[] size, bool align_corners) -> Tensor");
   m.def("upsample_field_bwd(Tensor grad_field, int[] coarse_size, bool align_corners) -> Tensor");
   // separable banded operator: the blur and its adjoint (tables from coopseg_kernels/ops/blur.py)

@@ -63,6 +63,7 @@ ARCHS = (80, 90)
 KERNEL_MODULES = ("coopseg_kernels.triton.warp", "coopseg_kernels.triton.blur",
                   "coopseg_kernels.triton.similarity_step")
 KERNEL_MODULES += ("coopseg_kernels.triton.warp_dense",)
+KERNEL_MODULES += ("coopseg_kernels.triton.warp_bspline",)
 
 # ----------------------------------------------------------------------------- recording
 
@@ -156,6 +157,7 @@ def drive(rec: Recorder) -> None:
                         y.backward(torch.ones_like(y))
                         ck.blur_adjoint(x.detach(), kernel=kernel, boundary=boundary, backend="triton")
     drive_dense(rec, dtypes)
+    drive_bspline(rec, dtypes)
 
 
 def drive_dense(rec: Recorder, dtypes) -> None:
@@ -181,6 +183,38 @@ def drive_dense(rec: Recorder, dtypes) -> None:
                 x = torch.randint(0, 2, (2, 2, *(9, 10, 11)[:nd])).to(dtype)
                 warp_dense(x, torch.randn(2, nd, *(9, 10, 11)[:nd]), padding_mode=pad, mode="nearest",
                            backend="triton")
+
+
+def drive_bspline(rec: Recorder, dtypes) -> None:
+    """The cubic B-spline kernels (ops/warp_bspline.py, upsample="bspline"): every padding, mode,
+    dtype and requested gradients, B = C = 1 and 2, knot cells of a few voxels and cells bigger
+    than a tile with sizes divisible by 16; upsample_field; label maps (nearest)."""
+    import coopseg_kernels as ck
+
+    for nd in (2, 3):
+        shapes = [((9, 10, 11)[:nd], (5, 4, 6)[:nd]), ((32, 48, 32)[:nd], (4, 4, 4)[:nd])]
+        for pad in ("zeros", "border", "reflection"):
+            for mode in ("bilinear", "nearest"):
+                for dtype in dtypes:
+                    for size, coarse_size in shapes:
+                        for BC in (1, 2):
+                            for grads in ((True, True), (True, False), (False, True)):
+                                rec.label = f"warp bspline {nd}-D {pad} {mode} {dtype} C={BC} grads={grads}"
+                                m = torch.rand(BC, BC, *size, dtype=dtype).requires_grad_(grads[0])
+                                c = torch.randn(BC, nd, *coarse_size).requires_grad_(grads[1])
+                                out = ck.warp(m, c, padding_mode=pad, mode=mode, upsample="bspline", backend="triton")
+                                out.backward(torch.ones_like(out))
+            for dtype in (torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool):
+                rec.label = f"warp bspline {nd}-D {pad} nearest {dtype}"
+                x = torch.randint(0, 2, (2, 2, *(9, 10, 11)[:nd])).to(dtype)
+                ck.warp(x, torch.randn(2, nd, *(5, 4, 6)[:nd]), padding_mode=pad, mode="nearest", upsample="bspline",
+                        backend="triton")
+        for dtype in dtypes:
+            for size, coarse_size in shapes:
+                rec.label = f"upsample_field bspline {nd}-D {dtype}"
+                c = torch.randn(2, nd, *coarse_size, dtype=dtype, requires_grad=True)
+                f = ck.upsample_field(c, size, upsample="bspline", backend="triton")
+                f.backward(torch.ones_like(f))
 
 
 def kernels_in_modules() -> set[str]:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, reference
+from .warp_bspline import upsample_bspline, warp_bspline
 from .warp_dense import warp_dense
 
 
@@ -100,7 +101,8 @@ def _prepare(backend: str, moving: Tensor, coarse: Tensor) -> tuple[Tensor, Tens
 
 
 def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_mode: str = "zeros",
-         mode: str = "bilinear", backend: str = "auto") -> Tensor:
+         mode: str = "bilinear", upsample: str = "linear", control_origin=None, control_spacing=None,
+         backend: str = "auto") -> Tensor:
     """Warp `moving` (B, C, *S) by the coarse displacement grid `coarse` (B, nd, *s).
 
     The grid is upsampled to S as F.interpolate(..., align_corners=align_corners)
@@ -112,9 +114,19 @@ def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_
     a zero gradient. The full-resolution field is never stored. Differentiable w.r.t. both inputs.
     A NaN displacement yields NaN at the voxels that use it (0 for label maps;
     docs/conventions.md#non-finite-values).
+
+    upsample="bspline": `coarse` holds the control points of a uniform cubic B-spline (every
+    s_k >= 4) placed at control_origin + j * control_spacing voxels (defaults: the domain of
+    align_corners split into s_k - 3 intervals, one point beyond each end;
+    docs/conventions.md#cubic-b-spline-control-grids), fused with the sampling in the same way.
     """
-    _checks.warp_inputs(moving, coarse, padding_mode, align_corners, mode)
+    nd = _checks.warp_inputs(moving, coarse, padding_mode, align_corners, mode)
+    origin, spacing = _checks.upsample_args(upsample, coarse, nd, control_origin, control_spacing)
     be = _backend.resolve(backend, moving.device)
+    if upsample == "bspline":
+        origin, spacing = reference.bspline_geometry(moving.shape[2:], coarse.shape[2:], align_corners=align_corners,
+                                                     control_origin=origin, control_spacing=spacing)
+        return warp_bspline(moving, coarse, origin, spacing, padding_mode=padding_mode, mode=mode, backend=be)
     # a full-resolution field (coarse size == image size: upsampling is the identity) has its own kernels
     if be != "reference" and tuple(coarse.shape[2:]) == tuple(moving.shape[2:]):
         return warp_dense(moving, coarse, padding_mode=padding_mode, mode=mode, backend=be)
@@ -124,9 +136,10 @@ def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_
     return _warp(moving, coarse_k, bool(align_corners), padding_mode, mode, be)
 
 
-def upsample_field(coarse: Tensor, size: Sequence[int], *, align_corners: bool = True,
-                   backend: str = "auto") -> Tensor:
-    """Materialise the full-resolution displacement field (B, nd, *size) of a coarse grid."""
+def upsample_field(coarse: Tensor, size: Sequence[int], *, align_corners: bool = True, upsample: str = "linear",
+                   control_origin=None, control_spacing=None, backend: str = "auto") -> Tensor:
+    """Materialise the full-resolution displacement field (B, nd, *size) of a coarse grid
+    (upsample="linear") or of cubic B-spline control points (upsample="bspline", as in `warp`)."""
     _checks.tensor("coarse", coarse)
     if coarse.dim() not in (4, 5):
         raise ValueError(f"coarse must be (B, 2, h, w) or (B, 3, d, h, w), got shape {tuple(coarse.shape)}")
@@ -135,7 +148,12 @@ def upsample_field(coarse: Tensor, size: Sequence[int], *, align_corners: bool =
     _checks.not_meta("coarse", coarse)
     _checks.flag("align_corners", align_corners)
     size = _checks.size("size", size, nd)
+    origin, spacing = _checks.upsample_args(upsample, coarse, nd, control_origin, control_spacing)
     be = _backend.resolve(backend, coarse.device)
+    if upsample == "bspline":
+        origin, spacing = reference.bspline_geometry(size, coarse.shape[2:], align_corners=align_corners,
+                                                     control_origin=origin, control_spacing=spacing)
+        return upsample_bspline(coarse, size, origin, spacing, backend=be)
     if be == "reference":
         return reference.upsample_field(coarse, size, align_corners=align_corners)
     _checks.kernel_dtype("coarse", coarse, be, _backend.kernel_dtypes(be))
