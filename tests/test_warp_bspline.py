@@ -191,6 +191,8 @@ def _out_and_grads(fn, moving, coarse, grad_out):
 @pytest.mark.parametrize("size,coarse_size,geometry", KCASES)
 def test_kernels_match_reference(backend, size, coarse_size, geometry, padding_mode, mode):
     _slow_for_triton(backend, size, padding_mode, mode)
+    if backend == "triton" and len(size) == 3:
+        size, coarse_size = (4, 5, 3), (4, 4, 5)  # fewer knot cells: fewer interpreted programs
     moving, coarse = _kinputs(size, coarse_size, torch.float64, B=1 if backend == "triton" else 2)
     grad_out = torch.randn(moving.shape, dtype=torch.float64)
     kw = dict(padding_mode=padding_mode, mode=mode, upsample="bspline", **geometry)
@@ -216,6 +218,8 @@ def test_kernels_match_reference_fp32(backend, size, coarse_size, geometry):
 
 @pytest.mark.parametrize("size,coarse_size,geometry", KCASES)
 def test_upsample_kernels_match_reference(backend, size, coarse_size, geometry):
+    if backend == "triton" and len(size) == 3:
+        size, coarse_size = (4, 5, 3), (4, 4, 5)  # fewer knot cells: fewer interpreted programs
     coarse = torch.randn(2, len(size), *coarse_size, dtype=torch.float64, requires_grad=True)
     got = ck.upsample_field(coarse, size, upsample="bspline", backend=backend, **geometry)
     want = reference.upsample_field(coarse, size, upsample="bspline", **geometry)
@@ -230,8 +234,9 @@ def test_gradcheck(backend, size, coarse_size):
     for padding_mode in ("zeros",) if len(size) == 3 else ("reflection",) if fast else ("border", "reflection"):
         fn = lambda m, c: ck.warp(m, c, padding_mode=padding_mode, upsample="bspline", backend=backend)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (moving, coarse), fast_mode=fast)
-    up = lambda c: ck.upsample_field(c, size, upsample="bspline", backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(up, (coarse,), fast_mode=fast)
+    if not fast:  # the interpreted Triton upsample is checked against the reference's gradient above
+        up = lambda c: ck.upsample_field(c, size, upsample="bspline", backend=backend)  # noqa: E731
+        assert torch.autograd.gradcheck(up, (coarse,))
 
 
 def test_opcheck(backend):
