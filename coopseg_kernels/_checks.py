@@ -312,3 +312,13 @@ def dense_warp_inputs(moving, ddf, padding_mode: str, mode: str) -> int:
     same_device(moving=moving, ddf=ddf)
     not_meta("moving", moving)
     return nd
+
+
+def deterministic(value) -> bool:
+    """The warps' `deterministic` keyword: True, False, or None for PyTorch's switch
+    (torch.are_deterministic_algorithms_enabled(), read now)."""
+    if value is None:
+        return torch.are_deterministic_algorithms_enabled()
+    if not isinstance(value, bool):
+        raise TypeError(f"deterministic must be True, False or None, got {value!r} ({type(value).__name__})")
+    return value

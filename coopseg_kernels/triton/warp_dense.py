@@ -110,15 +110,22 @@ def _nearest_axis(p, n, PAD: tl.constexpr, INT64: tl.constexpr):
 
 
 @triton.jit
-def _positions(u_ptr, b, N, offs, m, d, h, w, D, H, W, ND: tl.constexpr, like):
-    """Positions (d, h, w) of the block's voxels and their bad flag."""
-    ub = u_ptr + b * ND * N
+def _displaced(ub, N, offs, m, d, h, w, ND: tl.constexpr, like):
+    """Positions (d, h, w) of voxels `offs` of one batch item's field `ub` (d = 0 in 2-D)."""
     ph = h.to(like.dtype) + tl.load(ub + (ND - 2) * N + offs, mask=m, other=0.0)
     pw = w.to(like.dtype) + tl.load(ub + (ND - 1) * N + offs, mask=m, other=0.0)
     if ND == 3:
         pd = d.to(like.dtype) + tl.load(ub + offs, mask=m, other=0.0)
     else:
         pd = tl.zeros_like(ph)
+    return pd, ph, pw
+
+
+@triton.jit
+def _positions(u_ptr, b, N, offs, m, d, h, w, D, H, W, ND: tl.constexpr, like):
+    """Positions (d, h, w) of the block's voxels and their bad flag."""
+    ub = u_ptr + b * ND * N
+    pd, ph, pw = _displaced(ub, N, offs, m, d, h, w, ND, like)
     bad = _cell_bad(ub, N, d, h, w, D, H, W, m, ND)
     pd = tl.where(bad, 0.0, pd)
     ph = tl.where(bad, 0.0, ph)
@@ -295,14 +302,23 @@ def warp_dense_fwd(moving: torch.Tensor, ddf: torch.Tensor, padding_mode: str, m
     return out
 
 
-def warp_dense_bwd(grad_out, moving, ddf, padding_mode: str, mode: str, need_moving: bool, need_ddf: bool):
-    """Raw backward (the signature of torch.ops.coopseg.warp_dense_bwd): (grad_moving,
-    grad_ddf), each empty when not asked for."""
+def warp_dense_bwd(grad_out, moving, ddf, padding_mode: str, mode: str, need_moving: bool, need_ddf: bool,
+                   deterministic: bool = False):
+    """Raw backward (the signature of torch.ops.coopseg.warp_dense_bwd, plus `deterministic`:
+    the image gradient gathered per destination voxel by warp_gather.py, bitwise
+    reproducible; the C++ op always is): (grad_moving, grad_ddf), each empty when not
+    asked for."""
     nd = moving.dim() - 2
     D, H, W = _grid3(moving.shape[2:])
     N = D * H * W
     nearest = mode == "nearest"
     unused = torch.empty(1, dtype=ddf.dtype, device=ddf.device)
+    gathered = None
+    if need_moving and deterministic:
+        from .warp_gather import gather_image_grad  # (it imports this module's helpers)
+
+        gathered = gather_image_grad(grad_out, moving, ddf, padding_mode, mode)
+        need_moving = False
     if need_moving:
         # fp32 accumulation for half inputs; the atomics write the result in place otherwise
         acc = moving.dtype if moving.dtype in (torch.float32, torch.float64) else torch.float32
@@ -319,5 +335,5 @@ def warp_dense_bwd(grad_out, moving, ddf, padding_mode: str, mode: str, need_mov
                                     ND=nd, PAD=_PADS[padding_mode], NEAREST=nearest,
                                     NEED_MOVING=need_moving, NEED_FIELD=need_ddf and not nearest,
                                     INT64=needs_int64(N), BLOCK=_BLOCK)
-    gmov = gmov.to(moving.dtype) if need_moving else moving.new_empty(0)
+    gmov = gathered if gathered is not None else gmov.to(moving.dtype) if need_moving else moving.new_empty(0)
     return gmov, (gu if need_ddf else ddf.new_empty(0))
