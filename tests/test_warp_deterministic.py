@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_matches_reference
 
 import coopseg_kernels as ck
 from coopseg_kernels import nn, reference
 from coopseg_kernels.ops.warp_dense import warp_dense
+from helpers import assert_matches_reference
 
 pytest.importorskip("triton")
 
@@ -30,11 +30,14 @@ def _image_grad(moving, coarse, g, **kw):
 
 
 def _dyadic_inputs(size, coarse_size, dtype, scale=6.0):
-    """Displacements in 1/4 voxels up to +-scale (positions, weights and sums exact in fp32 and
-    in the halves' fp32 accumulation), integer output gradients."""
+    """Displacements up to +-scale that make every position, weight and sum exact in fp32 (and
+    in the halves' fp32 accumulation): a dense field in 1/4 voxels, a coarse grid in whole
+    voxels (its quarter interpolation weights give positions in 1/64 voxels in 3-D);
+    integer output gradients."""
     nd = len(size)
     moving = torch.randn(2, 2, *size).to(dtype)
-    coarse = (torch.randn(2, nd, *coarse_size) * scale * 4).round() / 4
+    q = 4 if tuple(coarse_size) == tuple(size) else 1
+    coarse = (torch.randn(2, nd, *coarse_size) * scale * q).round() / q
     g = torch.randint(-3, 4, (2, 2, *size)).to(dtype)
     return moving, coarse.to(reference.math_dtype(dtype)), g
 
@@ -174,3 +177,32 @@ def test_opcheck():
                           (g, moving.detach(), coarse.detach(), True, "zeros", "nearest", "triton", True, True, True))
     ddf = torch.randn(1, 3, 5, 6, 4, dtype=torch.float64, requires_grad=True)
     torch.library.opcheck(torch.ops.coopseg.warp_dense.default, (moving, ddf, "border", "bilinear", "triton", True))
+
+
+# ----------------------------------------------------------------------------- GPU (make gpu-check)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("size,coarse_size", [((41, 37, 35), (3, 4, 3)), ((41, 37, 35), (41, 37, 35)),
+                                              ((257, 129), (9, 5))])
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_gather_is_bitwise_repeatable_and_matches_atomic(size, coarse_size, mode, dtype):
+    nd = len(size)
+    moving = torch.randn(2, 2, *size, device="cuda").to(dtype)
+    coarse = torch.randn(2, nd, *coarse_size, device="cuda") * 4
+    g = torch.randn(2, 2, *size, device="cuda").to(dtype)
+    for pad in PADS:
+        runs = [_image_grad(moving, coarse, g, padding_mode=pad, mode=mode, deterministic=True) for _ in range(3)]
+        assert all(torch.equal(r, runs[0]) for r in runs[1:]), pad
+        atomic = _image_grad(moving, coarse, g, padding_mode=pad, mode=mode, deterministic=False)
+        assert_matches_reference(runs[0], atomic, dtype=dtype, scale="max", upcast=True, names="grad_moving")
+
+
+@pytest.mark.cuda
+def test_cuda_gather_gradcheck_fp64():
+    for coarse_size in ((2, 2, 3), (4, 3, 5)):
+        m = torch.randn(1, 2, 4, 3, 5, dtype=torch.float64, device="cuda", requires_grad=True)
+        c = (torch.randn(1, 3, *coarse_size, dtype=torch.float64, device="cuda") * 1.5).requires_grad_()
+        assert torch.autograd.gradcheck(lambda x, y: ck.warp(x, y, padding_mode="reflection", deterministic=True),
+                                        (m, c))

@@ -63,6 +63,7 @@ ARCHS = (80, 90)
 KERNEL_MODULES = ("coopseg_kernels.triton.warp", "coopseg_kernels.triton.blur",
                   "coopseg_kernels.triton.similarity_step")
 KERNEL_MODULES += ("coopseg_kernels.triton.warp_dense",)
+KERNEL_MODULES += ("coopseg_kernels.triton.warp_gather",)
 
 # ----------------------------------------------------------------------------- recording
 
@@ -156,6 +157,7 @@ def drive(rec: Recorder) -> None:
                         y.backward(torch.ones_like(y))
                         ck.blur_adjoint(x.detach(), kernel=kernel, boundary=boundary, backend="triton")
     drive_dense(rec, dtypes)
+    drive_deterministic(rec, dtypes)
 
 
 def drive_dense(rec: Recorder, dtypes) -> None:
@@ -181,6 +183,34 @@ def drive_dense(rec: Recorder, dtypes) -> None:
                 x = torch.randint(0, 2, (2, 2, *(9, 10, 11)[:nd])).to(dtype)
                 warp_dense(x, torch.randn(2, nd, *(9, 10, 11)[:nd]), padding_mode=pad, mode="nearest",
                            backend="triton")
+
+
+def drive_deterministic(rec: Recorder, dtypes) -> None:
+    """The deterministic image gradient (triton/warp_gather.py) of both warps: every mode,
+    padding and dtype, image gradient alone and with the field's; B = C = 1 and > 1; the
+    coarse shapes of _shapes and the dense sizes of drive_dense."""
+    import coopseg_kernels as ck
+    from coopseg_kernels.ops.warp_dense import warp_dense
+
+    for nd in (2, 3):
+        for mode in ("bilinear", "nearest"):
+            for pad in ("zeros", "border", "reflection"):
+                for dtype in dtypes:
+                    for grads in ((True, True), (True, False)):
+                        for B, C in ((1, 1), (2, 2)):
+                            for size, coarse_size in _shapes(nd):
+                                rec.label = f"warp {nd}-D {mode} {pad} {dtype} grads={grads} deterministic"
+                                m = torch.rand(B, C, *size, dtype=dtype).requires_grad_(grads[0])
+                                c = torch.randn(B, nd, *coarse_size).requires_grad_(grads[1])
+                                out = ck.warp(m, c, padding_mode=pad, mode=mode, backend="triton", deterministic=True)
+                                out.backward(torch.ones_like(out))
+                            for size in ((9, 10, 11)[:nd], (32, 16, 16)[:nd]):
+                                rec.label = f"warp_dense {nd}-D {mode} {pad} {dtype} grads={grads} deterministic"
+                                m = torch.rand(B, C, *size, dtype=dtype).requires_grad_(grads[0])
+                                u = torch.randn(B, nd, *size).requires_grad_(grads[1])
+                                out = warp_dense(m, u, padding_mode=pad, mode=mode, backend="triton",
+                                                 deterministic=True)
+                                out.backward(torch.ones_like(out))
 
 
 def kernels_in_modules() -> set[str]:
