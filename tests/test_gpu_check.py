@@ -72,7 +72,7 @@ def test_deterministic_benchmark_runs_on_cpu(tmp_path, capsys):
     pytest.importorskip("triton")
     from benchmarks import deterministic
 
-    assert deterministic.main(["--device", "cpu", "--size", "5", "4", "3", "--repeats", "1",
+    assert deterministic.main(["--device", "cpu", "--size", "5", "4", "--repeats", "1",
                                "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| warp_dense_bwd, bilinear, image + field grads |" in out and "| yes |" in out

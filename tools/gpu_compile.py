@@ -211,6 +211,22 @@ def drive_deterministic(rec: Recorder, dtypes) -> None:
                                 out = warp_dense(m, u, padding_mode=pad, mode=mode, backend="triton",
                                                  deterministic=True)
                                 out.backward(torch.ones_like(out))
+    # int64 keys, order and run starts (B * K >= 2^31 - 1): forced on small inputs, one launch per flag set
+    os.environ["COOPSEG_FORCE_INT64"] = "1"
+    try:
+        for nd in (2, 3):
+            for mode in ("bilinear", "nearest"):
+                for pad in ("zeros", "border", "reflection"):
+                    for dtype in dtypes:
+                        rec.label = f"warp {nd}-D {mode} {pad} {dtype} deterministic int64 keys"
+                        size, coarse_size = _shapes(nd)[0]
+                        for cs in (coarse_size, size):  # the coarse and the dense path
+                            m = torch.rand(2, 2, *size, dtype=dtype, requires_grad=True)
+                            out = ck.warp(m, torch.randn(2, nd, *cs), padding_mode=pad, mode=mode, backend="triton",
+                                          deterministic=True)
+                            out.backward(torch.ones_like(out))
+    finally:
+        os.environ.pop("COOPSEG_FORCE_INT64", None)
 
 
 def kernels_in_modules() -> set[str]:
