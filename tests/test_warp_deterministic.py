@@ -20,8 +20,9 @@ pytest.importorskip("triton")
 MODES = ["bilinear", "nearest"]
 PADS = ["zeros", "border", "reflection"]
 # (image size, coarse size): the coarse path (S = 9 / s = 3 and S = 5 / s = 2: interpolation
-# weights in quarters, exact arithmetic) and the dense path (coarse size = image size)
-COARSE2, COARSE3, DENSE2, DENSE3 = ((9, 5), (3, 2)), ((5, 9, 5), (2, 3, 2)), ((7, 6), (7, 6)), ((5, 6, 7), (5, 6, 7))
+# weights in quarters) and the dense path (coarse size = image size); sizes n with n - 1 a power
+# of two, so that the reference's grid_sample normalisation (x * 2 / (n - 1) - 1 and back) is exact
+COARSE2, COARSE3, DENSE2, DENSE3 = ((9, 5), (3, 2)), ((5, 5, 9), (2, 2, 3)), ((9, 5), (9, 5)), ((5, 5, 9), (5, 5, 9))
 # every (mode, padding) on each path, split between 2-D and 3-D (the interpreter is slow)
 EXACT_CASES = [(geom, mode, pad) for (a, b) in ((COARSE2, COARSE3), (DENSE2, DENSE3))
                for i, (mode, pad) in enumerate((m, p) for m in MODES for p in PADS) for geom in [(a, b)[i % 2]]]
@@ -37,7 +38,7 @@ def _reference_image_grad(moving, coarse, g, **kw):
     return torch.autograd.grad(reference.warp(m, coarse, **kw), m, g)[0]
 
 
-def _dyadic_inputs(size, coarse_size, dtype, scale=3.0, B=2):
+def _dyadic_inputs(size, coarse_size, dtype, scale=2.0, B=2):
     """Displacements up to about +-scale that make every position, weight and sum exact in
     fp32 (and in the halves' fp32 accumulation): a dense field in 1/4 voxels, a coarse grid in
     whole voxels (its quarter interpolation weights give positions in 1/64 voxels in 3-D);
@@ -62,9 +63,9 @@ def test_gather_equals_reference_exactly(geometry, mode, padding_mode):
 
 
 @pytest.mark.parametrize("geometry,mode,padding_mode,dtype", [
-    (COARSE3, "bilinear", "reflection", torch.float64), (DENSE3, "nearest", "border", torch.float16),
+    (COARSE2, "bilinear", "reflection", torch.float64), (DENSE3, "nearest", "border", torch.float16),
     (COARSE2, "nearest", "zeros", torch.bfloat16), (DENSE2, "bilinear", "reflection", torch.bfloat16),
-    (COARSE3, "bilinear", "border", torch.float32)])
+    (DENSE3, "bilinear", "border", torch.float32)])
 def test_gather_equals_atomic_scatter(geometry, mode, padding_mode, dtype):
     # halves accumulate in fp32 and round once, as the atomic path: exact here, so equal
     moving, coarse, g = _dyadic_inputs(*geometry, dtype, B=1)
@@ -73,8 +74,8 @@ def test_gather_equals_atomic_scatter(geometry, mode, padding_mode, dtype):
     assert det.dtype == dtype and torch.equal(det, atomic)
 
 
-@pytest.mark.parametrize("size,coarse_size,padding_mode", [((13, 11, 9), (3, 4, 2), "reflection"),
-                                                           ((37, 29), (37, 29), "zeros")])
+@pytest.mark.parametrize("size,coarse_size,padding_mode", [((37, 29), (5, 3), "reflection"),
+                                                           ((29, 37), (29, 37), "zeros")])
 def test_large_displacements_across_tiles(size, coarse_size, padding_mode):
     # displacements of about the volume's size (several programs of 256 voxels): outputs reach
     # image voxels of other programs; two runs bitwise equal
@@ -107,18 +108,18 @@ def test_non_finite_rules(geometry, mode, padding_mode):
     moving, coarse, g = _dyadic_inputs(*geometry, torch.float32)
     coarse[0, 1].view(-1)[3] = float("nan")
     coarse[1, 0].view(-1)[5] = float("inf")
-    g[0, 0].view(-1)[7] = float("nan")
-    g[1, 0].view(-1)[11] = float("-inf")
+    g[0, 0].view(-1)[::7] = float("nan")
+    g[1, 0].view(-1)[::11] = float("-inf")
     det = _image_grad(moving, coarse, g, padding_mode=padding_mode, mode=mode, deterministic=True)
     want = _reference_image_grad(moving, coarse, g, padding_mode=padding_mode, mode=mode)
     torch.testing.assert_close(det, want, rtol=0, atol=0, equal_nan=True)
     assert det.isnan().any()
 
 
-@pytest.mark.parametrize("geometry", [COARSE3, DENSE2])
+@pytest.mark.parametrize("geometry", [COARSE2, DENSE2])
 def test_gradcheck_fp64(geometry):
     size, coarse_size = geometry
-    m = torch.randn(1, 2, *size, dtype=torch.float64, requires_grad=True)
+    m = torch.randn(1, 1, *size, dtype=torch.float64, requires_grad=True)
     c = torch.randn(1, len(size), *coarse_size, dtype=torch.float64) * 1.5
     assert torch.autograd.gradcheck(
         lambda x: ck.warp(x, c, padding_mode="reflection", backend="triton", deterministic=True), (m,),
