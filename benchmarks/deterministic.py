@@ -14,7 +14,6 @@ benchmarks/results.jsonl (--out: another file, or a folder's results.jsonl).
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.bandwidth import time_ms  # noqa: E402
+from benchmarks.bandwidth import parse_args, time_ms  # noqa: E402
 from benchmarks.harness import append_result, machine  # noqa: E402
 from coopseg_kernels import triton as kt  # noqa: E402
 
@@ -79,16 +78,7 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--size", type=int, nargs="+", default=[256, 256, 128])
-    ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--out", default=None,
-                    help="JSON-lines file to append the run to, or a folder (its results.jsonl); "
-                         "default benchmarks/results.jsonl")
-    args = ap.parse_args(argv)
-    if len(args.size) not in (2, 3):
-        ap.error("--size takes 2 or 3 ints")
+    args = parse_args(__doc__, argv)
     res = measure(torch.device(args.device), args.size, args.repeats)
     text = markdown(res)
     print(text)

@@ -139,6 +139,54 @@ def _field_vec(cptr, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1,
 
 
 @triton.jit
+def _voxel_field(crs_ptr, b, d, h, w, m, i0d, l1d, i0h, l1h, i0w, l1w, sd, sh, sw, ND: tl.constexpr):
+    """Displacement (d, h, w) of voxels (d, h, w) of batch item b, interpolated from the
+    coarse grid through the axis tables (gathers); d stays 0 in 2-D."""
+    iw0, iw1, lw0, lw1 = _interp(i0w, l1w, w, sw, m)
+    ih0, ih1, lh0, lh1 = _interp(i0h, l1h, h, sh, m)
+    id0, id1, ld0, ld1 = _interp(i0d, l1d, d, sd, m)
+    sc = sd * sh * sw
+    cb = crs_ptr + b * ND * sc
+    uh = _field_vec(cb + (ND - 2) * sc, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
+    uw = _field_vec(cb + (ND - 1) * sc, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
+    if ND == 3:
+        ud = _field_vec(cb, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
+    else:
+        ud = tl.zeros_like(uh)
+    return ud, uh, uw
+
+
+@triton.jit
+def _displace(d, h, w, ud, uh, uw):
+    """Positions x + u of voxels (d, h, w); `nan` is NaN exactly where a coordinate is NaN or
+    infinite (x * 0 is NaN then), `bad` flags it."""
+    pd = d.to(uh.dtype) + ud
+    ph = h.to(uh.dtype) + uh
+    pw = w.to(uh.dtype) + uw
+    nan = pd * 0.0 + ph * 0.0 + pw * 0.0
+    return pd, ph, pw, nan, nan != nan
+
+
+@triton.jit
+def _bilinear_plane(base, row, W, md, okh0, okh1, okw0, okw1, fh, fw):
+    """The bilinear value of one d plane of the taps (corners outside read 0)."""
+    return (1.0 - fh) * ((1.0 - fw) * tl.load(base + row, mask=md & okh0 & okw0, other=0.0).to(fw.dtype)
+                         + fw * tl.load(base + row + 1, mask=md & okh0 & okw1, other=0.0).to(fw.dtype)) \
+        + fh * ((1.0 - fw) * tl.load(base + row + W, mask=md & okh1 & okw0, other=0.0).to(fw.dtype)
+                + fw * tl.load(base + row + W + 1, mask=md & okh1 & okw1, other=0.0).to(fw.dtype))
+
+
+@triton.jit
+def _bilinear(base, row, H, W, m, okd0, okd1, okh0, okh1, okw0, okw1, fd, fh, fw, ND: tl.constexpr):
+    """The multilinear sample at taps (row: flat index of the lower corner), in fw's dtype."""
+    v = _bilinear_plane(base, row, W, m & okd0, okh0, okh1, okw0, okw1, fh, fw)
+    if ND == 3:
+        v1 = _bilinear_plane(base, row + H * W, W, m & okd1, okh0, okh1, okw0, okw1, fh, fw)
+        v = (1.0 - fd) * v + fd * v1
+    return v
+
+
+@triton.jit
 def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
                     i0d, l1d, i0h, l1h, i0w, l1w,
                     C, D, H, W, sd, sh, sw,
@@ -147,19 +195,8 @@ def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
     b = tl.program_id(1).to(tl.int64)
     offs, m, d, h, w = block_voxels(tl.program_id(0), D, H, W, INT64, BLOCK)
     N = D * H * W
-
-    iw0, iw1, lw0, lw1 = _interp(i0w, l1w, w, sw, m)
-    ih0, ih1, lh0, lh1 = _interp(i0h, l1h, h, sh, m)
-    id0, id1, ld0, ld1 = _interp(i0d, l1d, d, sd, m)
-    sc = sd * sh * sw
-    cb = crs_ptr + b * ND * sc
     # displacement in (d, h, w) order; d stays 0 in 2-D
-    uh = _field_vec(cb + (ND - 2) * sc, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
-    uw = _field_vec(cb + (ND - 1) * sc, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
-    if ND == 3:
-        ud = _field_vec(cb, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
-    else:
-        ud = tl.zeros_like(uh)
+    ud, uh, uw = _voxel_field(crs_ptr, b, d, h, w, m, i0d, l1d, i0h, l1h, i0w, l1w, sd, sh, sw, ND)
 
     if WRITE_FIELD:
         ob = out_ptr + b * ND * N + offs
@@ -168,11 +205,7 @@ def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
         tl.store(ob + (ND - 2) * N, uh.to(out_ptr.dtype.element_ty), mask=m)
         tl.store(ob + (ND - 1) * N, uw.to(out_ptr.dtype.element_ty), mask=m)
     elif NEAREST:
-        pd = d.to(uh.dtype) + ud
-        ph = h.to(uh.dtype) + uh
-        pw = w.to(uh.dtype) + uw
-        nan = pd * 0.0 + ph * 0.0 + pw * 0.0  # NaN exactly where a coordinate is NaN or infinite
-        bad = nan != nan
+        pd, ph, pw, nan, bad = _displace(d, h, w, ud, uh, uw)
         zd, okd = _nearest(tl.where(bad, 0.0, pd), D, PAD, INT64)
         zh, okh = _nearest(tl.where(bad, 0.0, ph), H, PAD, INT64)
         zw, okw = _nearest(tl.where(bad, 0.0, pw), W, PAD, INT64)
@@ -184,28 +217,13 @@ def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
                 v = tl.where(bad, nan.to(v.dtype), v)
             tl.store(out_ptr + (b * C + c) * N + offs, v, mask=m)
     else:
-        pd = d.to(uh.dtype) + ud
-        ph = h.to(uh.dtype) + uh
-        pw = w.to(uh.dtype) + uw
-        nan = pd * 0.0 + ph * 0.0 + pw * 0.0  # NaN exactly where a coordinate is NaN or infinite
-        bad = nan != nan
+        pd, ph, pw, nan, bad = _displace(d, h, w, ud, uh, uw)
         zd, fd, okd0, okd1, _cd = _taps(tl.where(bad, 0.0, pd), D, PAD, INT64)
         zh, fh, okh0, okh1, _ch = _taps(tl.where(bad, 0.0, ph), H, PAD, INT64)
         zw, fw, okw0, okw1, _cw = _taps(tl.where(bad, 0.0, pw), W, PAD, INT64)
         row = (zd * H + zh) * W + zw  # corner (0, 0, 0); may be negative, masked
         for c in range(C):
-            base = mov_ptr + (b * C + c) * N
-            v = (1.0 - fh) * ((1.0 - fw) * tl.load(base + row, mask=m & okd0 & okh0 & okw0, other=0.0).to(fw.dtype)
-                              + fw * tl.load(base + row + 1, mask=m & okd0 & okh0 & okw1, other=0.0).to(fw.dtype)) \
-                + fh * ((1.0 - fw) * tl.load(base + row + W, mask=m & okd0 & okh1 & okw0, other=0.0).to(fw.dtype)
-                        + fw * tl.load(base + row + W + 1, mask=m & okd0 & okh1 & okw1, other=0.0).to(fw.dtype))
-            if ND == 3:
-                r1 = row + H * W
-                v1 = (1.0 - fh) * ((1.0 - fw) * tl.load(base + r1, mask=m & okd1 & okh0 & okw0, other=0.0).to(fw.dtype)
-                                   + fw * tl.load(base + r1 + 1, mask=m & okd1 & okh0 & okw1, other=0.0).to(fw.dtype)) \
-                    + fh * ((1.0 - fw) * tl.load(base + r1 + W, mask=m & okd1 & okh1 & okw0, other=0.0).to(fw.dtype)
-                            + fw * tl.load(base + r1 + W + 1, mask=m & okd1 & okh1 & okw1, other=0.0).to(fw.dtype))
-                v = (1.0 - fd) * v + fd * v1
+            v = _bilinear(mov_ptr + (b * C + c) * N, row, H, W, m, okd0, okd1, okh0, okh1, okw0, okw1, fd, fh, fw, ND)
             v = tl.where(bad, nan, v)
             tl.store(out_ptr + (b * C + c) * N + offs, v.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -299,18 +317,8 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
     elif NEAREST:
         # the image gradient is a scatter to the voxels read; the field gets none
         tl.static_assert(not SIMILARITY, "the D_S step is bilinear")
-        cb = crs_ptr + b * ND * sc
-        uh = _cell_field(cb + (ND - 2) * sc, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
-        uw = _cell_field(cb + (ND - 1) * sc, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
-        if ND == 3:
-            ud = _cell_field(cb, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
-        else:
-            ud = tl.zeros_like(uh)
-        pd = d.to(uh.dtype) + ud
-        ph = h.to(uh.dtype) + uh
-        pw = w.to(uh.dtype) + uw
-        nan = pd * 0.0 + ph * 0.0 + pw * 0.0
-        bad = nan != nan
+        pd, ph, pw, nan, bad = _cell_positions(crs_ptr + b * ND * sc, d, h, w, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1,
+                                               cw, cw1, lw0, lw1, sd, sh, sw, ND)
         gd = tl.zeros_like(pd)
         gh = tl.zeros_like(pd)
         gw = tl.zeros_like(pd)
@@ -325,18 +333,8 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
                 g = tl.load(gout_ptr + (b * C + c) * N + vox, mask=m, other=0.0)
                 tl.atomic_add(gmb + idx, g.to(gmb.dtype.element_ty), mask=mk, sem="relaxed")
     else:
-        cb = crs_ptr + b * ND * sc
-        uh = _cell_field(cb + (ND - 2) * sc, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
-        uw = _cell_field(cb + (ND - 1) * sc, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
-        if ND == 3:
-            ud = _cell_field(cb, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
-        else:
-            ud = tl.zeros_like(uh)
-        pd = d.to(uh.dtype) + ud
-        ph = h.to(uh.dtype) + uh
-        pw = w.to(uh.dtype) + uw
-        nan = pd * 0.0 + ph * 0.0 + pw * 0.0  # NaN exactly where a coordinate is NaN or infinite
-        bad = nan != nan
+        pd, ph, pw, nan, bad = _cell_positions(crs_ptr + b * ND * sc, d, h, w, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1,
+                                               cw, cw1, lw0, lw1, sd, sh, sw, ND)
         zd, fd, okd0, okd1, cld = _taps(tl.where(bad, 0.0, pd), D, PAD, INT64)
         zh, fh, okh0, okh1, clh = _taps(tl.where(bad, 0.0, ph), H, PAD, INT64)
         zw, fw, okw0, okw1, clw = _taps(tl.where(bad, 0.0, pw), W, PAD, INT64)
@@ -428,6 +426,19 @@ def _cell_field(cptr, d0, d1, ld0, ld1, h0, h1, lh0, lh1, w0, w1, lw0, lw1, sh, 
             + lh1 * (lw0 * _node(cptr, d1, h1, w0, sh, sw) + lw1 * _node(cptr, d1, h1, w1, sh, sw))
         u = ld0 * u + ld1 * u1
     return u
+
+
+@triton.jit
+def _cell_positions(cb, d, h, w, d0, d1, ld0, ld1, h0, h1, lh0, lh1, w0, w1, lw0, lw1, sd, sh, sw, ND: tl.constexpr):
+    """Positions (and _displace's nan / bad) of voxels of one cell of the grid cb (one batch item)."""
+    sc = sd * sh * sw
+    uh = _cell_field(cb + (ND - 2) * sc, d0, d1, ld0, ld1, h0, h1, lh0, lh1, w0, w1, lw0, lw1, sh, sw, ND)
+    uw = _cell_field(cb + (ND - 1) * sc, d0, d1, ld0, ld1, h0, h1, lh0, lh1, w0, w1, lw0, lw1, sh, sw, ND)
+    if ND == 3:
+        ud = _cell_field(cb, d0, d1, ld0, ld1, h0, h1, lh0, lh1, w0, w1, lw0, lw1, sh, sw, ND)
+    else:
+        ud = tl.zeros_like(uh)
+    return _displace(d, h, w, ud, uh, uw)
 
 
 @triton.jit

@@ -42,8 +42,8 @@ import triton
 import triton.language as tl
 
 from .geometry import block_voxels, needs_int64, new_output
-from .warp import _field_vec, _interp, _nearest, _taps
-from .warp_dense import _bilinear_axis, _cell_bad, _displaced, _nearest_axis
+from .warp import _displace, _nearest, _taps, _voxel_field
+from .warp_dense import _bilinear_taps, _cell_bad, _displaced, _nearest_source
 
 _BLOCK = 256
 
@@ -63,24 +63,9 @@ def _source_positions(u_ptr, b, N, offs, m, d, h, w, D, H, W, i0d, l1d, i0h, l1h
         else:
             bad = m & False
     else:
-        iw0, iw1, lw0, lw1 = _interp(i0w, l1w, w, sw, m)
-        ih0, ih1, lh0, lh1 = _interp(i0h, l1h, h, sh, m)
-        id0, id1, ld0, ld1 = _interp(i0d, l1d, d, sd, m)
-        sc = sd * sh * sw
-        cb = u_ptr + b * ND * sc
-        uh = _field_vec(cb + (ND - 2) * sc, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
-        uw = _field_vec(cb + (ND - 1) * sc, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
-        if ND == 3:
-            ud = _field_vec(cb, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
-        else:
-            ud = tl.zeros_like(uh)
-        pd = d.to(uh.dtype) + ud
-        ph = h.to(uh.dtype) + uh
-        pw = w.to(uh.dtype) + uw
-        if CHECK:
-            nan = pd * 0.0 + ph * 0.0 + pw * 0.0  # NaN exactly where a coordinate is NaN or infinite
-            bad = nan != nan
-        else:
+        ud, uh, uw = _voxel_field(u_ptr, b, d, h, w, m, i0d, l1d, i0h, l1h, i0w, l1w, sd, sh, sw, ND)
+        pd, ph, pw, _nan, bad = _displace(d, h, w, ud, uh, uw)
+        if not CHECK:
             bad = m & False
     pd = tl.where(bad, 0.0, pd)
     ph = tl.where(bad, 0.0, ph)
@@ -89,50 +74,31 @@ def _source_positions(u_ptr, b, N, offs, m, d, h, w, D, H, W, i0d, l1d, i0h, l1h
 
 
 @triton.jit
-def _axis_taps(p, n, PAD: tl.constexpr, DENSE: tl.constexpr, INT64: tl.constexpr):
-    """Lower tap, fraction and in-image masks of one axis, as the scatter of the path forms them."""
-    if DENSE:
-        i0, f, ok0, ok1, _clip = _bilinear_axis(p, n, PAD, INT64)
-    else:
-        i0, f, ok0, ok1, _clip = _taps(p, n, PAD, INT64)
-    return i0, f, ok0, ok1
-
-
-@triton.jit
-def _axis_nearest(p, n, PAD: tl.constexpr, DENSE: tl.constexpr, INT64: tl.constexpr):
-    if DENSE:
-        i, ok = _nearest_axis(p, n, PAD, INT64)
-    else:
-        i, ok = _nearest(p, n, PAD, INT64)
-    return i, ok
-
-
-@triton.jit
 def _source_taps(pd, ph, pw, D, H, W, ND: tl.constexpr, PAD: tl.constexpr, DENSE: tl.constexpr,
                  INT64: tl.constexpr):
-    """Bilinear taps of the three axes (d: one plane at 0 in 2-D, as both scatters)."""
-    zh, fh, okh0, okh1 = _axis_taps(ph, H, PAD, DENSE, INT64)
-    zw, fw, okw0, okw1 = _axis_taps(pw, W, PAD, DENSE, INT64)
-    if ND == 3:
-        zd, fd, okd0, okd1 = _axis_taps(pd, D, PAD, DENSE, INT64)
-    else:
-        zd = tl.zeros_like(zh)
-        fd = tl.zeros_like(fh)
-        okd0 = okh0 | True
-        okd1 = okh0 & False
+    """Bilinear taps of the three axes (lower tap, fraction, in-image masks), as the scatter of
+    the path forms them (2-D: one d plane at 0 of weight 1)."""
+    if DENSE:
+        zd, fd, okd0, okd1, _cd, zh, fh, okh0, okh1, _ch, zw, fw, okw0, okw1, _cw = _bilinear_taps(
+            pd, ph, pw, D, H, W, ND, PAD, INT64)
+    else:  # as warp_bwd_kernel, whose d axis in 2-D has one voxel and pd = 0
+        zd, fd, okd0, okd1, _cd = _taps(pd, D, PAD, INT64)
+        zh, fh, okh0, okh1, _ch = _taps(ph, H, PAD, INT64)
+        zw, fw, okw0, okw1, _cw = _taps(pw, W, PAD, INT64)
     return zd, fd, okd0, okd1, zh, fh, okh0, okh1, zw, fw, okw0, okw1
 
 
 @triton.jit
-def _source_nearest(pd, ph, pw, D, H, W, ND: tl.constexpr, PAD: tl.constexpr, DENSE: tl.constexpr,
+def _source_nearest(pd, ph, pw, D, H, W, m, ND: tl.constexpr, PAD: tl.constexpr, DENSE: tl.constexpr,
                     INT64: tl.constexpr):
-    """Flat index of the voxel read by nearest and whether it is inside."""
-    zh, okh = _axis_nearest(ph, H, PAD, DENSE, INT64)
-    zw, okw = _axis_nearest(pw, W, PAD, DENSE, INT64)
-    if ND == 3:
-        zd, okd = _axis_nearest(pd, D, PAD, DENSE, INT64)
-        return (zd * H + zh) * W + zw, okd & okh & okw
-    return zh * W + zw, okh & okw
+    """Flat index of the voxel read by nearest and whether it is read (m and inside), as the
+    scatter of the path forms them."""
+    if DENSE:
+        return _nearest_source(pd, ph, pw, D, H, W, m, ND, PAD, INT64)
+    zd, okd = _nearest(pd, D, PAD, INT64)  # 2-D: pd = 0 on an axis of one voxel, as warp_bwd_kernel
+    zh, okh = _nearest(ph, H, PAD, INT64)
+    zw, okw = _nearest(pw, W, PAD, INT64)
+    return (zd * H + zh) * W + zw, m & okd & okh & okw
 
 
 @triton.jit
@@ -145,7 +111,7 @@ def warp_keys_kernel(u_ptr, key_ptr, i0d, l1d, i0h, l1h, i0w, l1w, D, H, W, sd, 
     pd, ph, pw, bad = _source_positions(u_ptr, b, N, offs, m, d, h, w, D, H, W, i0d, l1d, i0h, l1h, i0w, l1w,
                                         sd, sh, sw, ND, DENSE, True)
     if NEAREST:
-        key, inside = _source_nearest(pd, ph, pw, D, H, W, ND, PAD, DENSE, INT64)
+        key, inside = _source_nearest(pd, ph, pw, D, H, W, m, ND, PAD, DENSE, INT64)
     else:
         zd, fd, okd0, okd1, zh, fh, okh0, okh1, zw, fw, okw0, okw1 = _source_taps(pd, ph, pw, D, H, W, ND, PAD,
                                                                                   DENSE, INT64)
