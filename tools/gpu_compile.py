@@ -17,7 +17,8 @@ Triton's JIT would specialise it on the device (its own binder: argument types,
 integers equal to 1 turned into constants, 16-divisibility attributes) and
 compiled with triton.compile(ASTSource(fn, signature, constexprs, attrs),
 target=GPUTarget("cuda", arch, 32)). The launchers choose INT64 by volume size
-alone, so every launch is compiled with INT64 False and True. The sweep fails
+alone, so every launch is compiled with INT64 False and True (but warp_gather's,
+whose INT64 comes with int64 index tensors: drive_deterministic records those). The sweep fails
 if a launcher of coopseg_kernels.triton or a *_kernel of its modules is never
 reached.
 
