@@ -120,8 +120,10 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(doc: str, argv=None) -> argparse.Namespace:
+    """The options of the device benchmarks (this one, deterministic.py): --device, --size,
+    --repeats, --out."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--size", type=int, nargs="+", default=[256, 256, 128])
     ap.add_argument("--repeats", type=int, default=10)
@@ -131,6 +133,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if len(args.size) not in (2, 3):
         ap.error("--size takes 2 or 3 ints")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(__doc__, argv)
     device = torch.device(args.device)
     res = measure(device, args.size, args.repeats)
     text = markdown(res)

@@ -360,3 +360,13 @@ def upsample_args(upsample, coarse: torch.Tensor, nd: int, control_origin, contr
     spacing = None if control_spacing is None else real_sequence("control_spacing", control_spacing, nd,
                                                                  positive=True)
     return origin, spacing
+
+
+def deterministic(value) -> bool:
+    """The warps' `deterministic` keyword: True, False, or None for PyTorch's switch
+    (torch.are_deterministic_algorithms_enabled(), read now)."""
+    if value is None:
+        return torch.are_deterministic_algorithms_enabled()
+    if not isinstance(value, bool):
+        raise TypeError(f"deterministic must be True, False or None, got {value!r} ({type(value).__name__})")
+    return value

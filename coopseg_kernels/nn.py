@@ -11,7 +11,9 @@
 - `CoarseWarp(mode="bilinear", padding_mode="zeros", align_corners=True)`: `forward(image,
   coarse)` = `coopseg_kernels.warp` (a coarse grid upsampled inside the kernel).
 
-Each takes a keyword-only `backend` ("auto" | "cpp" | "triton" | "reference"). A full-
+Each takes a keyword-only `backend` ("auto" | "cpp" | "triton" | "reference") and
+`deterministic` (None | True | False: the CUDA image gradient bitwise reproducible; None
+follows torch.are_deterministic_algorithms_enabled(), see `coopseg_kernels.warp`). A full-
 resolution field goes to the dense kernels (ops/warp_dense.py): same results as
 F.grid_sample(align_corners=True) to rounding, nearest label maps bit-exact, and with
 mode="nearest" integer and bool label maps are warped in their own dtype. See
@@ -38,6 +40,12 @@ def _choice(name: str, value, options) -> str:
     return value
 
 
+def _deterministic(value):
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"deterministic must be True, False or None, got {value!r} ({type(value).__name__})")
+    return value
+
+
 class Warp(torch.nn.Module):
     """Warp an image with a dense displacement field (DDF), as monai.networks.blocks.Warp.
 
@@ -47,8 +55,9 @@ class Warp(torch.nn.Module):
     """
 
     def __init__(self, mode: str = "bilinear", padding_mode: str = "border", jitter: bool = False, *,
-                 backend: str = "auto"):
+                 backend: str = "auto", deterministic: bool | None = None):
         super().__init__()
+        self.deterministic = _deterministic(deterministic)
         self.mode = _choice("mode", mode, _MONAI_MODES)
         self.padding_mode = _choice("padding_mode", padding_mode, _PADDINGS)
         if not isinstance(jitter, bool):
@@ -83,7 +92,8 @@ class Warp(torch.nn.Module):
             ddf = ddf + self._offsets(ddf)
         if self.mode == "bicubic":
             return _grid_sample_voxels(image, ddf, "bicubic", self.padding_mode, True)
-        return warp_dense(image, ddf, padding_mode=self.padding_mode, mode=self.mode, backend=self.backend)
+        return warp_dense(image, ddf, padding_mode=self.padding_mode, mode=self.mode, backend=self.backend,
+                          deterministic=self.deterministic)
 
 
 class SpatialTransformer(torch.nn.Module):
@@ -97,8 +107,9 @@ class SpatialTransformer(torch.nn.Module):
     """
 
     def __init__(self, interpolation_mode: str = "linear", align_corners: bool = True, device=None, *,
-                 backend: str = "auto"):
+                 backend: str = "auto", deterministic: bool | None = None):
         super().__init__()
+        self.deterministic = _deterministic(deterministic)
         self.interpolation_mode = _choice("interpolation_mode", interpolation_mode,
                                           ("linear", "bilinear", "trilinear", "nearest"))
         if not isinstance(align_corners, bool):
@@ -129,7 +140,8 @@ class SpatialTransformer(torch.nn.Module):
                 x = torch.arange(n, dtype=dtype, device=ddf.device).view((n,) + (1,) * (nd - 1 - k))
                 parts.append((x + ddf[:, k]) * (n / (n - 1)) - 0.5 - x)
             ddf = torch.stack(parts, 1)
-        return warp_dense(moving_image, ddf, padding_mode="zeros", mode=mode, backend=self.backend)
+        return warp_dense(moving_image, ddf, padding_mode="zeros", mode=mode, backend=self.backend,
+                          deterministic=self.deterministic)
 
 
 class CoarseWarp(torch.nn.Module):
@@ -138,8 +150,9 @@ class CoarseWarp(torch.nn.Module):
     F.interpolate(align_corners=align_corners), never stored at full resolution."""
 
     def __init__(self, mode: str = "bilinear", padding_mode: str = "zeros", align_corners: bool = True, *,
-                 backend: str = "auto"):
+                 backend: str = "auto", deterministic: bool | None = None):
         super().__init__()
+        self.deterministic = _deterministic(deterministic)
         self.mode = _choice("mode", mode, ("bilinear", "nearest"))
         self.padding_mode = _choice("padding_mode", padding_mode, _PADDINGS)
         if not isinstance(align_corners, bool):
@@ -152,7 +165,7 @@ class CoarseWarp(torch.nn.Module):
 
     def forward(self, image: Tensor, coarse: Tensor) -> Tensor:
         return warp(image, coarse, align_corners=self.align_corners, padding_mode=self.padding_mode, mode=self.mode,
-                    backend=self.backend)
+                    backend=self.backend, deterministic=self.deterministic)
 
 
 def _grid_sample_voxels(image: Tensor, ddf: Tensor, mode: str, padding_mode: str, align_corners: bool) -> Tensor:

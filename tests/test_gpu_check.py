@@ -44,7 +44,7 @@ def test_gpu_check_path_needs_no_nibabel_nor_network():
         import pytest
         rc = pytest.main(["--collect-only", "-q", "-m", "cuda", "-p", "no:cacheprovider", *{files!r}])
         assert rc == 0, rc
-        import benchmarks.table, benchmarks.bandwidth, benchmarks.cases  # noqa: F401
+        import benchmarks.table, benchmarks.bandwidth, benchmarks.cases, benchmarks.deterministic  # noqa: F401
         print("GPU-CHECK-PATH-OK")
     """)
     env = dict(os.environ, TRITON_INTERPRET="0",
@@ -65,3 +65,15 @@ def test_bandwidth_report_runs_on_cpu(tmp_path, capsys):
     lines = (tmp_path / "results.jsonl").read_text().splitlines()  # the run, appended as one JSON line
     assert len(lines) == 1
     assert json.loads(lines[0])["benchmark"] == "bandwidth" and json.loads(lines[0])["device"] == "cpu"
+
+
+def test_deterministic_benchmark_runs_on_cpu(tmp_path, capsys):
+    # the interpreted Triton kernels on a tiny volume: the code path of gpu-check's step, not its times
+    pytest.importorskip("triton")
+    from benchmarks import deterministic
+
+    assert deterministic.main(["--device", "cpu", "--size", "5", "4", "--repeats", "1",
+                               "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "| warp_dense_bwd, bilinear, image + field grads |" in out and "| yes |" in out
+    assert json.loads((tmp_path / "results.jsonl").read_text())["benchmark"] == "deterministic"

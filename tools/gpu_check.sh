@@ -3,7 +3,8 @@
 # scipy), no venv, no network, no nibabel. The package is used from this tree (PYTHONPATH; the
 # C++ extension is not needed). Runs the CUDA tests (only the files with cuda-marked tests, so
 # nothing imports nibabel), the fused-vs-naive table, the copy bandwidth and each kernel's
-# achieved bytes/s, and the training step's memory. Every step runs even if an earlier one
+# achieved bytes/s, the deterministic image gradient's cost against the atomic scatter, and the
+# training step's memory. Every step runs even if an earlier one
 # fails; outputs go to $GPU_OUT (their results lines to $GPU_OUT/results.jsonl) and are copied
 # to $OUT when set; the exit status is the first failure's.
 #   GPU_PY   python to use (default python3)
@@ -35,6 +36,7 @@ mapfile -t cuda_tests < <(grep -l "pytest.mark.cuda" tests/test_*.py)
 run cuda-tests.txt "$GPU_PY" -m pytest -m cuda -q -rs -p no:cacheprovider "${cuda_tests[@]}"
 run table.md "$GPU_PY" benchmarks/table.py --device cuda --out "$GPU_OUT"
 run bandwidth.md "$GPU_PY" benchmarks/bandwidth.py --device cuda --out "$GPU_OUT"
+run deterministic.md "$GPU_PY" benchmarks/deterministic.py --device cuda --out "$GPU_OUT"
 run train-memory.md "$GPU_PY" benchmarks/train_memory.py --device cuda --breakdown 64 --out "$GPU_OUT"
 if [ -n "${OUT:-}" ]; then cp -r "$GPU_OUT"/. "$OUT"/; fi
 exit $status

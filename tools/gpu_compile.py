@@ -17,7 +17,8 @@ Triton's JIT would specialise it on the device (its own binder: argument types,
 integers equal to 1 turned into constants, 16-divisibility attributes) and
 compiled with triton.compile(ASTSource(fn, signature, constexprs, attrs),
 target=GPUTarget("cuda", arch, 32)). The launchers choose INT64 by volume size
-alone, so every launch is compiled with INT64 False and True. The sweep fails
+alone, so every launch is compiled with INT64 False and True (but warp_gather's,
+whose INT64 comes with int64 index tensors: drive_deterministic records those). The sweep fails
 if a launcher of coopseg_kernels.triton or a *_kernel of its modules is never
 reached.
 
@@ -64,6 +65,10 @@ KERNEL_MODULES = ("coopseg_kernels.triton.warp", "coopseg_kernels.triton.blur",
                   "coopseg_kernels.triton.similarity_step")
 KERNEL_MODULES += ("coopseg_kernels.triton.warp_dense",)
 KERNEL_MODULES += ("coopseg_kernels.triton.warp_bspline",)
+KERNEL_MODULES += ("coopseg_kernels.triton.warp_gather",)
+# kernels whose INT64 comes with int64 index tensors (warp_gather's keys, order and run starts):
+# the sweep records both (drive_deterministic forces INT64 once), so INT64 is not flipped alone
+INT64_WITH_DTYPES = ("coopseg_kernels.triton.warp_gather",)
 
 # ----------------------------------------------------------------------------- recording
 
@@ -158,6 +163,7 @@ def drive(rec: Recorder) -> None:
                         ck.blur_adjoint(x.detach(), kernel=kernel, boundary=boundary, backend="triton")
     drive_dense(rec, dtypes)
     drive_bspline(rec, dtypes)
+    drive_deterministic(rec, dtypes)
 
 
 def drive_dense(rec: Recorder, dtypes) -> None:
@@ -215,6 +221,50 @@ def drive_bspline(rec: Recorder, dtypes) -> None:
                 c = torch.randn(2, nd, *coarse_size, dtype=dtype, requires_grad=True)
                 f = ck.upsample_field(c, size, upsample="bspline", backend="triton")
                 f.backward(torch.ones_like(f))
+
+
+def drive_deterministic(rec: Recorder, dtypes) -> None:
+    """The deterministic image gradient (triton/warp_gather.py) of both warps: every mode,
+    padding and dtype, image gradient alone and with the field's; B = C = 1 and > 1; the
+    coarse shapes of _shapes and the dense sizes of drive_dense."""
+    import coopseg_kernels as ck
+    from coopseg_kernels.ops.warp_dense import warp_dense
+
+    for nd in (2, 3):
+        for mode in ("bilinear", "nearest"):
+            for pad in ("zeros", "border", "reflection"):
+                for dtype in dtypes:
+                    for grads in ((True, True), (True, False)):
+                        for B, C in ((1, 1), (2, 2)):
+                            for size, coarse_size in _shapes(nd):
+                                rec.label = f"warp {nd}-D {mode} {pad} {dtype} grads={grads} deterministic"
+                                m = torch.rand(B, C, *size, dtype=dtype).requires_grad_(grads[0])
+                                c = torch.randn(B, nd, *coarse_size).requires_grad_(grads[1])
+                                out = ck.warp(m, c, padding_mode=pad, mode=mode, backend="triton", deterministic=True)
+                                out.backward(torch.ones_like(out))
+                            for size in ((9, 10, 11)[:nd], (32, 16, 16)[:nd]):
+                                rec.label = f"warp_dense {nd}-D {mode} {pad} {dtype} grads={grads} deterministic"
+                                m = torch.rand(B, C, *size, dtype=dtype).requires_grad_(grads[0])
+                                u = torch.randn(B, nd, *size).requires_grad_(grads[1])
+                                out = warp_dense(m, u, padding_mode=pad, mode=mode, backend="triton",
+                                                 deterministic=True)
+                                out.backward(torch.ones_like(out))
+    # int64 keys, order and run starts (B * K >= 2^31 - 1): forced on small inputs, one launch per flag set
+    os.environ["COOPSEG_FORCE_INT64"] = "1"
+    try:
+        for nd in (2, 3):
+            for mode in ("bilinear", "nearest"):
+                for pad in ("zeros", "border", "reflection"):
+                    for dtype in dtypes:
+                        rec.label = f"warp {nd}-D {mode} {pad} {dtype} deterministic int64 keys"
+                        size, coarse_size = _shapes(nd)[0]
+                        for cs in (coarse_size, size):  # the coarse and the dense path
+                            m = torch.rand(2, 2, *size, dtype=dtype, requires_grad=True)
+                            out = ck.warp(m, torch.randn(2, nd, *cs), padding_mode=pad, mode=mode, backend="triton",
+                                          deterministic=True)
+                            out.backward(torch.ones_like(out))
+    finally:
+        os.environ.pop("COOPSEG_FORCE_INT64", None)
 
 
 def kernels_in_modules() -> set[str]:
@@ -283,7 +333,7 @@ def collect() -> tuple[list[dict], list[str]]:
     specs: dict = {}
     for fn, args, kwargs, label in rec.launches:
         variants = [kwargs]
-        if "INT64" in kwargs:
+        if "INT64" in kwargs and fn.__module__ not in INT64_WITH_DTYPES:
             # the launchers pick INT64 from the volume size alone: both are reachable
             variants = [dict(kwargs, INT64=False), dict(kwargs, INT64=True)]
         for kw in variants:

@@ -20,39 +20,46 @@ from .warp_dense import warp_dense
 
 
 @torch.library.custom_op("coopseg::warp", mutates_args=())
-def _warp(moving: Tensor, coarse: Tensor, align_corners: bool, padding_mode: str, mode: str, backend: str) -> Tensor:
+def _warp(moving: Tensor, coarse: Tensor, align_corners: bool, padding_mode: str, mode: str, backend: str,
+          deterministic: bool = False) -> Tensor:
     return _backend.kernel("warp_fwd", backend)(moving, coarse, align_corners, padding_mode, mode)
 
 
 @_warp.register_fake
-def _(moving, coarse, align_corners, padding_mode, mode, backend):
+def _(moving, coarse, align_corners, padding_mode, mode, backend, deterministic=False):
     return torch.empty_like(moving)
 
 
 @torch.library.custom_op("coopseg::warp_backward", mutates_args=())
 def _warp_backward(grad_out: Tensor, moving: Tensor, coarse: Tensor, align_corners: bool, padding_mode: str,
-                   mode: str, backend: str, need_moving: bool, need_coarse: bool) -> tuple[Tensor, Tensor]:
+                   mode: str, backend: str, need_moving: bool, need_coarse: bool,
+                   deterministic: bool = False) -> tuple[Tensor, Tensor]:
+    # the C++ image gradient is always deterministic (slab ownership); Triton's on request
+    extra = (deterministic,) if backend == "triton" else ()
     return _backend.kernel("warp_bwd", backend)(grad_out, moving, coarse, align_corners, padding_mode, mode,
-                                                need_moving, need_coarse)
+                                                need_moving, need_coarse, *extra)
 
 
 @_warp_backward.register_fake
-def _(grad_out, moving, coarse, align_corners, padding_mode, mode, backend, need_moving, need_coarse):
+def _(grad_out, moving, coarse, align_corners, padding_mode, mode, backend, need_moving, need_coarse,
+      deterministic=False):
     return (torch.empty_like(moving) if need_moving else moving.new_empty(0),
             torch.empty_like(coarse) if need_coarse else coarse.new_empty(0))
 
 
 def _warp_setup(ctx, inputs, output):
-    moving, coarse, align_corners, padding_mode, mode, backend = inputs
+    moving, coarse, align_corners, padding_mode, mode, backend = inputs[:6]
     ctx.save_for_backward(moving, coarse)
     ctx.args = (align_corners, padding_mode, mode, backend)
+    ctx.deterministic = inputs[6] if len(inputs) > 6 else False
 
 
 def _warp_grad(ctx, grad_out):
     moving, coarse = ctx.saved_tensors
     need_moving, need_coarse = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    gm, gc = _warp_backward(grad_out.contiguous(), moving, coarse, *ctx.args, need_moving, need_coarse)
-    return (gm if need_moving else None), (gc if need_coarse else None), None, None, None, None
+    gm, gc = _warp_backward(grad_out.contiguous(), moving, coarse, *ctx.args, need_moving, need_coarse,
+                            ctx.deterministic)
+    return (gm if need_moving else None), (gc if need_coarse else None), None, None, None, None, None
 
 
 _warp.register_autograd(_warp_grad, setup_context=_warp_setup)
@@ -102,7 +109,7 @@ def _prepare(backend: str, moving: Tensor, coarse: Tensor) -> tuple[Tensor, Tens
 
 def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_mode: str = "zeros",
          mode: str = "bilinear", upsample: str = "linear", control_origin=None, control_spacing=None,
-         backend: str = "auto") -> Tensor:
+         backend: str = "auto", deterministic: bool | None = None) -> Tensor:
     """Warp `moving` (B, C, *S) by the coarse displacement grid `coarse` (B, nd, *s).
 
     The grid is upsampled to S as F.interpolate(..., align_corners=align_corners)
@@ -119,9 +126,18 @@ def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_
     s_k >= 4) placed at control_origin + j * control_spacing voxels (defaults: the domain of
     align_corners split into s_k - 3 intervals, one point beyond each end;
     docs/conventions.md#cubic-b-spline-control-grids), fused with the sampling in the same way.
+
+    deterministic: the image gradient bitwise reproducible from run to run on CUDA (a gather
+    per destination voxel instead of the atomic scatter; docs/kernels.md#image-gradient), for
+    the linear and full-resolution paths (the B-spline Triton backward scatters atomically).
+    None (default): PyTorch's switch, torch.are_deterministic_algorithms_enabled(), read at
+    this call -- atomic by default as grid_sample's CUDA backward (MONAI, VoxelMorph), and
+    deterministic under torch.use_deterministic_algorithms(True), where grid_sample raises.
+    The CPU kernels are always deterministic.
     """
     nd = _checks.warp_inputs(moving, coarse, padding_mode, align_corners, mode)
     origin, spacing = _checks.upsample_args(upsample, coarse, nd, control_origin, control_spacing)
+    deterministic = _checks.deterministic(deterministic)
     be = _backend.resolve(backend, moving.device)
     if upsample == "bspline":
         origin, spacing = reference.bspline_geometry(moving.shape[2:], coarse.shape[2:], align_corners=align_corners,
@@ -129,11 +145,12 @@ def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_
         return warp_bspline(moving, coarse, origin, spacing, padding_mode=padding_mode, mode=mode, backend=be)
     # a full-resolution field (coarse size == image size: upsampling is the identity) has its own kernels
     if be != "reference" and tuple(coarse.shape[2:]) == tuple(moving.shape[2:]):
-        return warp_dense(moving, coarse, padding_mode=padding_mode, mode=mode, backend=be)
+        return warp_dense(moving, coarse, padding_mode=padding_mode, mode=mode, backend=be,
+                          deterministic=deterministic)
     if be == "reference":
         return reference.warp(moving, coarse, align_corners=align_corners, padding_mode=padding_mode, mode=mode)
     moving, coarse_k = _prepare(be, moving, coarse)
-    return _warp(moving, coarse_k, bool(align_corners), padding_mode, mode, be)
+    return _warp(moving, coarse_k, bool(align_corners), padding_mode, mode, be, deterministic)
 
 
 def upsample_field(coarse: Tensor, size: Sequence[int], *, align_corners: bool = True, upsample: str = "linear",

@@ -139,6 +139,54 @@ def _field_vec(cptr, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1,
 
 
 @triton.jit
+def _voxel_field(crs_ptr, b, d, h, w, m, i0d, l1d, i0h, l1h, i0w, l1w, sd, sh, sw, ND: tl.constexpr):
+    """Displacement (d, h, w) of voxels (d, h, w) of batch item b, interpolated from the
+    coarse grid through the axis tables (gathers); d stays 0 in 2-D."""
+    iw0, iw1, lw0, lw1 = _interp(i0w, l1w, w, sw, m)
+    ih0, ih1, lh0, lh1 = _interp(i0h, l1h, h, sh, m)
+    id0, id1, ld0, ld1 = _interp(i0d, l1d, d, sd, m)
+    sc = sd * sh * sw
+    cb = crs_ptr + b * ND * sc
+    uh = _field_vec(cb + (ND - 2) * sc, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
+    uw = _field_vec(cb + (ND - 1) * sc, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
+    if ND == 3:
+        ud = _field_vec(cb, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
+    else:
+        ud = tl.zeros_like(uh)
+    return ud, uh, uw
+
+
+@triton.jit
+def _displace(d, h, w, ud, uh, uw):
+    """Positions x + u of voxels (d, h, w); `nan` is NaN exactly where a coordinate is NaN or
+    infinite (x * 0 is NaN then), `bad` flags it."""
+    pd = d.to(uh.dtype) + ud
+    ph = h.to(uh.dtype) + uh
+    pw = w.to(uh.dtype) + uw
+    nan = pd * 0.0 + ph * 0.0 + pw * 0.0
+    return pd, ph, pw, nan, nan != nan
+
+
+@triton.jit
+def _bilinear_plane(base, row, W, md, okh0, okh1, okw0, okw1, fh, fw):
+    """The bilinear value of one d plane of the taps (corners outside read 0)."""
+    return (1.0 - fh) * ((1.0 - fw) * tl.load(base + row, mask=md & okh0 & okw0, other=0.0).to(fw.dtype)
+                         + fw * tl.load(base + row + 1, mask=md & okh0 & okw1, other=0.0).to(fw.dtype)) \
+        + fh * ((1.0 - fw) * tl.load(base + row + W, mask=md & okh1 & okw0, other=0.0).to(fw.dtype)
+                + fw * tl.load(base + row + W + 1, mask=md & okh1 & okw1, other=0.0).to(fw.dtype))
+
+
+@triton.jit
+def _bilinear(base, row, H, W, m, okd0, okd1, okh0, okh1, okw0, okw1, fd, fh, fw, ND: tl.constexpr):
+    """The multilinear sample at taps (row: flat index of the lower corner), in fw's dtype."""
+    v = _bilinear_plane(base, row, W, m & okd0, okh0, okh1, okw0, okw1, fh, fw)
+    if ND == 3:
+        v1 = _bilinear_plane(base, row + H * W, W, m & okd1, okh0, okh1, okw0, okw1, fh, fw)
+        v = (1.0 - fd) * v + fd * v1
+    return v
+
+
+@triton.jit
 def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
                     i0d, l1d, i0h, l1h, i0w, l1w,
                     C, D, H, W, sd, sh, sw,
@@ -147,19 +195,8 @@ def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
     b = tl.program_id(1).to(tl.int64)
     offs, m, d, h, w = block_voxels(tl.program_id(0), D, H, W, INT64, BLOCK)
     N = D * H * W
-
-    iw0, iw1, lw0, lw1 = _interp(i0w, l1w, w, sw, m)
-    ih0, ih1, lh0, lh1 = _interp(i0h, l1h, h, sh, m)
-    id0, id1, ld0, ld1 = _interp(i0d, l1d, d, sd, m)
-    sc = sd * sh * sw
-    cb = crs_ptr + b * ND * sc
     # displacement in (d, h, w) order; d stays 0 in 2-D
-    uh = _field_vec(cb + (ND - 2) * sc, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
-    uw = _field_vec(cb + (ND - 1) * sc, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
-    if ND == 3:
-        ud = _field_vec(cb, id0, id1, ld0, ld1, ih0, ih1, lh0, lh1, iw0, iw1, lw0, lw1, sh, sw, m, ND)
-    else:
-        ud = tl.zeros_like(uh)
+    ud, uh, uw = _voxel_field(crs_ptr, b, d, h, w, m, i0d, l1d, i0h, l1h, i0w, l1w, sd, sh, sw, ND)
 
     if WRITE_FIELD:
         ob = out_ptr + b * ND * N + offs
@@ -168,11 +205,7 @@ def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
         tl.store(ob + (ND - 2) * N, uh.to(out_ptr.dtype.element_ty), mask=m)
         tl.store(ob + (ND - 1) * N, uw.to(out_ptr.dtype.element_ty), mask=m)
     elif NEAREST:
-        pd = d.to(uh.dtype) + ud
-        ph = h.to(uh.dtype) + uh
-        pw = w.to(uh.dtype) + uw
-        nan = pd * 0.0 + ph * 0.0 + pw * 0.0  # NaN exactly where a coordinate is NaN or infinite
-        bad = nan != nan
+        pd, ph, pw, nan, bad = _displace(d, h, w, ud, uh, uw)
         zd, okd = _nearest(tl.where(bad, 0.0, pd), D, PAD, INT64)
         zh, okh = _nearest(tl.where(bad, 0.0, ph), H, PAD, INT64)
         zw, okw = _nearest(tl.where(bad, 0.0, pw), W, PAD, INT64)
@@ -184,28 +217,13 @@ def warp_fwd_kernel(mov_ptr, crs_ptr, out_ptr,
                 v = tl.where(bad, nan.to(v.dtype), v)
             tl.store(out_ptr + (b * C + c) * N + offs, v, mask=m)
     else:
-        pd = d.to(uh.dtype) + ud
-        ph = h.to(uh.dtype) + uh
-        pw = w.to(uh.dtype) + uw
-        nan = pd * 0.0 + ph * 0.0 + pw * 0.0  # NaN exactly where a coordinate is NaN or infinite
-        bad = nan != nan
+        pd, ph, pw, nan, bad = _displace(d, h, w, ud, uh, uw)
         zd, fd, okd0, okd1, _cd = _taps(tl.where(bad, 0.0, pd), D, PAD, INT64)
         zh, fh, okh0, okh1, _ch = _taps(tl.where(bad, 0.0, ph), H, PAD, INT64)
         zw, fw, okw0, okw1, _cw = _taps(tl.where(bad, 0.0, pw), W, PAD, INT64)
         row = (zd * H + zh) * W + zw  # corner (0, 0, 0); may be negative, masked
         for c in range(C):
-            base = mov_ptr + (b * C + c) * N
-            v = (1.0 - fh) * ((1.0 - fw) * tl.load(base + row, mask=m & okd0 & okh0 & okw0, other=0.0).to(fw.dtype)
-                              + fw * tl.load(base + row + 1, mask=m & okd0 & okh0 & okw1, other=0.0).to(fw.dtype)) \
-                + fh * ((1.0 - fw) * tl.load(base + row + W, mask=m & okd0 & okh1 & okw0, other=0.0).to(fw.dtype)
-                        + fw * tl.load(base + row + W + 1, mask=m & okd0 & okh1 & okw1, other=0.0).to(fw.dtype))
-            if ND == 3:
-                r1 = row + H * W
-                v1 = (1.0 - fh) * ((1.0 - fw) * tl.load(base + r1, mask=m & okd1 & okh0 & okw0, other=0.0).to(fw.dtype)
-                                   + fw * tl.load(base + r1 + 1, mask=m & okd1 & okh0 & okw1, other=0.0).to(fw.dtype)) \
-                    + fh * ((1.0 - fw) * tl.load(base + r1 + W, mask=m & okd1 & okh1 & okw0, other=0.0).to(fw.dtype)
-                            + fw * tl.load(base + r1 + W + 1, mask=m & okd1 & okh1 & okw1, other=0.0).to(fw.dtype))
-                v = (1.0 - fd) * v + fd * v1
+            v = _bilinear(mov_ptr + (b * C + c) * N, row, H, W, m, okd0, okd1, okh0, okh1, okw0, okw1, fd, fh, fw, ND)
             v = tl.where(bad, nan, v)
             tl.store(out_ptr + (b * C + c) * N + offs, v.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -299,18 +317,8 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
     elif NEAREST:
         # the image gradient is a scatter to the voxels read; the field gets none
         tl.static_assert(not SIMILARITY, "the D_S step is bilinear")
-        cb = crs_ptr + b * ND * sc
-        uh = _cell_field(cb + (ND - 2) * sc, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
-        uw = _cell_field(cb + (ND - 1) * sc, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
-        if ND == 3:
-            ud = _cell_field(cb, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
-        else:
-            ud = tl.zeros_like(uh)
-        pd = d.to(uh.dtype) + ud
-        ph = h.to(uh.dtype) + uh
-        pw = w.to(uh.dtype) + uw
-        nan = pd * 0.0 + ph * 0.0 + pw * 0.0
-        bad = nan != nan
+        pd, ph, pw, nan, bad = _cell_positions(crs_ptr + b * ND * sc, d, h, w, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1,
+                                               cw, cw1, lw0, lw1, sd, sh, sw, ND)
         gd = tl.zeros_like(pd)
         gh = tl.zeros_like(pd)
         gw = tl.zeros_like(pd)
@@ -325,18 +333,8 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
                 g = tl.load(gout_ptr + (b * C + c) * N + vox, mask=m, other=0.0)
                 tl.atomic_add(gmb + idx, g.to(gmb.dtype.element_ty), mask=mk, sem="relaxed")
     else:
-        cb = crs_ptr + b * ND * sc
-        uh = _cell_field(cb + (ND - 2) * sc, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
-        uw = _cell_field(cb + (ND - 1) * sc, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
-        if ND == 3:
-            ud = _cell_field(cb, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1, cw, cw1, lw0, lw1, sh, sw, ND)
-        else:
-            ud = tl.zeros_like(uh)
-        pd = d.to(uh.dtype) + ud
-        ph = h.to(uh.dtype) + uh
-        pw = w.to(uh.dtype) + uw
-        nan = pd * 0.0 + ph * 0.0 + pw * 0.0  # NaN exactly where a coordinate is NaN or infinite
-        bad = nan != nan
+        pd, ph, pw, nan, bad = _cell_positions(crs_ptr + b * ND * sc, d, h, w, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1,
+                                               cw, cw1, lw0, lw1, sd, sh, sw, ND)
         zd, fd, okd0, okd1, cld = _taps(tl.where(bad, 0.0, pd), D, PAD, INT64)
         zh, fh, okh0, okh1, clh = _taps(tl.where(bad, 0.0, ph), H, PAD, INT64)
         zw, fw, okw0, okw1, clw = _taps(tl.where(bad, 0.0, pw), W, PAD, INT64)
@@ -431,6 +429,19 @@ def _cell_field(cptr, d0, d1, ld0, ld1, h0, h1, lh0, lh1, w0, w1, lw0, lw1, sh, 
 
 
 @triton.jit
+def _cell_positions(cb, d, h, w, d0, d1, ld0, ld1, h0, h1, lh0, lh1, w0, w1, lw0, lw1, sd, sh, sw, ND: tl.constexpr):
+    """Positions (and _displace's nan / bad) of voxels of one cell of the grid cb (one batch item)."""
+    sc = sd * sh * sw
+    uh = _cell_field(cb + (ND - 2) * sc, d0, d1, ld0, ld1, h0, h1, lh0, lh1, w0, w1, lw0, lw1, sh, sw, ND)
+    uw = _cell_field(cb + (ND - 1) * sc, d0, d1, ld0, ld1, h0, h1, lh0, lh1, w0, w1, lw0, lw1, sh, sw, ND)
+    if ND == 3:
+        ud = _cell_field(cb, d0, d1, ld0, ld1, h0, h1, lh0, lh1, w0, w1, lw0, lw1, sh, sw, ND)
+    else:
+        ud = tl.zeros_like(uh)
+    return _displace(d, h, w, ud, uh, uw)
+
+
+@triton.jit
 def _store_corner_sums(pb, wt, gd, gh, gw, m, ND: tl.constexpr, K: tl.constexpr):
     if ND == 3:
         tl.store(pb + K * ND, tl.sum(tl.where(m, wt * gd, 0.0), 0))
@@ -490,9 +501,10 @@ def _fold_partials(part, coarse_shape, T):
 
 
 def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_corners, padding_mode, *,
-              need_moving, need_coarse, compute_dtype, field_grad=False, mode="bilinear"):
+              need_moving, need_coarse, compute_dtype, field_grad=False, mode="bilinear", deterministic=False):
     """warp_bwd_kernel launch. gout is the output gradient, or the field gradient
-    (field_grad). The D_S step's launch is similarity_step.py's."""
+    (field_grad). The D_S step's launch is similarity_step.py's. deterministic: the image
+    gradient by warp_gather.py's gather (bitwise reproducible) instead of the atomic scatter."""
     nd = len(coarse_shape) - 2
     B = coarse_shape[0]
     D, H, W = _grid3(size)
@@ -506,15 +518,22 @@ def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_co
     unused = torch.empty(1, dtype=compute_dtype, device=device)
     part = new_output((B, ncell, T, 8, nd), compute_dtype, device) if need_coarse else unused
     C = 0 if moving_or_none is None else moving_or_none.shape[1]
-    if need_moving:
+    if need_moving and deterministic:
+        from .warp_gather import gather_image_grad  # (it imports this module's helpers)
+
+        gmov = gather_image_grad(gout, moving_or_none, coarse_or_none, padding_mode, mode, tabs=tabs)
+        if not need_coarse:
+            return gmov, None
+        need_moving, gmov_k = False, unused
+    elif need_moving:
         # fp32 accumulation for half inputs; the atomics write the result in place otherwise
         acc_dtype = moving_or_none.dtype if moving_or_none.dtype in (torch.float32, torch.float64) else torch.float32
-        gmov = torch.zeros(moving_or_none.shape, dtype=acc_dtype, device=device)
+        gmov = gmov_k = torch.zeros(moving_or_none.shape, dtype=acc_dtype, device=device)
     else:
-        gmov = unused
+        gmov = gmov_k = unused
     warp_bwd_kernel[(nprog,)](
         gout, moving_or_none if moving_or_none is not None else gout,
-        coarse_or_none if coarse_or_none is not None else gout, gmov, part, unused,
+        coarse_or_none if coarse_or_none is not None else gout, gmov_k, part, unused,
         *_table_args(tabs, True),
         C, D, H, W, sd, sh, sw, T, 0.0,
         ND=nd, PAD=_PADS[padding_mode], FIELD_GRAD=field_grad, SIMILARITY=False,
@@ -531,9 +550,13 @@ def warp_fwd(moving: torch.Tensor, coarse: torch.Tensor, align_corners: bool, pa
                     mode)
 
 
-def warp_bwd(grad_out, moving, coarse, align_corners, padding_mode, mode, need_moving, need_coarse):
+def warp_bwd(grad_out, moving, coarse, align_corners, padding_mode, mode, need_moving, need_coarse,
+             deterministic=False):
+    """The raw backward (the C++ op's signature, plus `deterministic`: the image gradient
+    gathered per destination voxel, bitwise reproducible; the C++ op always is)."""
     gmov, gcrs = _backward(grad_out, moving, coarse.shape, coarse, moving.shape[2:], align_corners, padding_mode,
-                           need_moving=need_moving, need_coarse=need_coarse, compute_dtype=coarse.dtype, mode=mode)
+                           need_moving=need_moving, need_coarse=need_coarse, compute_dtype=coarse.dtype, mode=mode,
+                           deterministic=deterministic)
     gmov = gmov.to(moving.dtype) if need_moving else moving.new_empty(0)
     return gmov, (gcrs if need_coarse else coarse.new_empty(0))
 

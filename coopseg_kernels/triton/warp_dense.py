@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .geometry import block_voxels, needs_int64, new_output
-from .warp import _scatter_plane, _taps
+from .warp import _bilinear, _scatter_plane, _taps
 
 _BLOCK = 256
 _PADS = {"zeros": 0, "border": 1, "reflection": 2}
@@ -88,6 +88,22 @@ def _bilinear_axis(p, n, PAD: tl.constexpr, INT64: tl.constexpr):
 
 
 @triton.jit
+def _bilinear_taps(pd, ph, pw, D, H, W, ND: tl.constexpr, PAD: tl.constexpr, INT64: tl.constexpr):
+    """_bilinear_axis of the three axes; in 2-D one d plane at 0 of weight 1."""
+    zh, fh, okh0, okh1, clh = _bilinear_axis(ph, H, PAD, INT64)
+    zw, fw, okw0, okw1, clw = _bilinear_axis(pw, W, PAD, INT64)
+    if ND == 3:
+        zd, fd, okd0, okd1, cld = _bilinear_axis(pd, D, PAD, INT64)
+    else:
+        zd = tl.zeros_like(zh)
+        fd = tl.zeros_like(fh)
+        cld = tl.zeros_like(fh)
+        okd0 = okh0 | True
+        okd1 = okh0 & False
+    return zd, fd, okd0, okd1, cld, zh, fh, okh0, okh1, clh, zw, fw, okw0, okw1, clw
+
+
+@triton.jit
 def _nearest_axis(p, n, PAD: tl.constexpr, INT64: tl.constexpr):
     """The index read along one axis (half to even, as nearbyint) and whether it is inside."""
     hi = tl.zeros_like(p) + (n - 1)
@@ -110,15 +126,34 @@ def _nearest_axis(p, n, PAD: tl.constexpr, INT64: tl.constexpr):
 
 
 @triton.jit
-def _positions(u_ptr, b, N, offs, m, d, h, w, D, H, W, ND: tl.constexpr, like):
-    """Positions (d, h, w) of the block's voxels and their bad flag."""
-    ub = u_ptr + b * ND * N
+def _displaced(ub, N, offs, m, d, h, w, ND: tl.constexpr, like):
+    """Positions (d, h, w) of voxels `offs` of one batch item's field `ub` (d = 0 in 2-D)."""
     ph = h.to(like.dtype) + tl.load(ub + (ND - 2) * N + offs, mask=m, other=0.0)
     pw = w.to(like.dtype) + tl.load(ub + (ND - 1) * N + offs, mask=m, other=0.0)
     if ND == 3:
         pd = d.to(like.dtype) + tl.load(ub + offs, mask=m, other=0.0)
     else:
         pd = tl.zeros_like(ph)
+    return pd, ph, pw
+
+
+@triton.jit
+def _nearest_source(pd, ph, pw, D, H, W, m, ND: tl.constexpr, PAD: tl.constexpr, INT64: tl.constexpr):
+    """Flat index of the voxel nearest read and whether to read it (m and inside along every axis)."""
+    ih, in_h = _nearest_axis(ph, H, PAD, INT64)
+    iw, in_w = _nearest_axis(pw, W, PAD, INT64)
+    inside = m & in_h & in_w
+    if ND == 3:
+        iD, in_d = _nearest_axis(pd, D, PAD, INT64)
+        return (iD * H + ih) * W + iw, inside & in_d
+    return ih * W + iw, inside
+
+
+@triton.jit
+def _positions(u_ptr, b, N, offs, m, d, h, w, D, H, W, ND: tl.constexpr, like):
+    """Positions (d, h, w) of the block's voxels and their bad flag."""
+    ub = u_ptr + b * ND * N
+    pd, ph, pw = _displaced(ub, N, offs, m, d, h, w, ND, like)
     bad = _cell_bad(ub, N, d, h, w, D, H, W, m, ND)
     pd = tl.where(bad, 0.0, pd)
     ph = tl.where(bad, 0.0, ph)
@@ -136,44 +171,18 @@ def warp_dense_fwd_kernel(mov_ptr, u_ptr, out_ptr, C, D, H, W,
     like = tl.zeros([BLOCK], dtype=u_ptr.dtype.element_ty)
     pd, ph, pw, bad = _positions(u_ptr, b, N, offs, m, d, h, w, D, H, W, ND, like)
     if NEAREST:
-        ih, in_h = _nearest_axis(ph, H, PAD, INT64)
-        iw, in_w = _nearest_axis(pw, W, PAD, INT64)
-        inside = m & ~bad & in_h & in_w
-        if ND == 3:
-            iD, in_d = _nearest_axis(pd, D, PAD, INT64)
-            inside = inside & in_d
-            src = (iD * H + ih) * W + iw
-        else:
-            src = ih * W + iw
+        src, inside = _nearest_source(pd, ph, pw, D, H, W, m & ~bad, ND, PAD, INT64)
         for c in range(C):
             v = tl.load(mov_ptr + (b * C + c) * N + src, mask=inside, other=0)
             if IS_FLOAT:
                 v = tl.where(bad, float("nan"), v)
             tl.store(out_ptr + (b * C + c) * N + offs, v, mask=m)
     else:
-        zh, fh, okh0, okh1, _ch = _bilinear_axis(ph, H, PAD, INT64)
-        zw, fw, okw0, okw1, _cw = _bilinear_axis(pw, W, PAD, INT64)
-        if ND == 3:
-            zd, fd, okd0, okd1, _cd = _bilinear_axis(pd, D, PAD, INT64)
-        else:
-            zd = tl.zeros_like(zh)
-            fd = tl.zeros_like(fh)
-            okd0 = m | True
-            okd1 = m & False
+        zd, fd, okd0, okd1, _cd, zh, fh, okh0, okh1, _ch, zw, fw, okw0, okw1, _cw = _bilinear_taps(
+            pd, ph, pw, D, H, W, ND, PAD, INT64)
         row = (zd * H + zh) * W + zw
         for c in range(C):
-            base = mov_ptr + (b * C + c) * N
-            v = (1.0 - fh) * ((1.0 - fw) * tl.load(base + row, mask=m & okd0 & okh0 & okw0, other=0.0).to(fw.dtype)
-                              + fw * tl.load(base + row + 1, mask=m & okd0 & okh0 & okw1, other=0.0).to(fw.dtype)) \
-                + fh * ((1.0 - fw) * tl.load(base + row + W, mask=m & okd0 & okh1 & okw0, other=0.0).to(fw.dtype)
-                        + fw * tl.load(base + row + W + 1, mask=m & okd0 & okh1 & okw1, other=0.0).to(fw.dtype))
-            if ND == 3:
-                r1 = row + H * W
-                v1 = (1.0 - fh) * ((1.0 - fw) * tl.load(base + r1, mask=m & okd1 & okh0 & okw0, other=0.0).to(fw.dtype)
-                                   + fw * tl.load(base + r1 + 1, mask=m & okd1 & okh0 & okw1, other=0.0).to(fw.dtype)) \
-                    + fh * ((1.0 - fw) * tl.load(base + r1 + W, mask=m & okd1 & okh1 & okw0, other=0.0).to(fw.dtype)
-                            + fw * tl.load(base + r1 + W + 1, mask=m & okd1 & okh1 & okw1, other=0.0).to(fw.dtype))
-                v = (1.0 - fd) * v + fd * v1
+            v = _bilinear(mov_ptr + (b * C + c) * N, row, H, W, m, okd0, okd1, okh0, okh1, okw0, okw1, fd, fh, fw, ND)
             v = tl.where(bad, float("nan"), v)
             tl.store(out_ptr + (b * C + c) * N + offs, v.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -206,30 +215,14 @@ def warp_dense_bwd_kernel(gout_ptr, mov_ptr, u_ptr, gmov_ptr, gu_ptr, C, D, H, W
     mg = m & ~bad
     if NEAREST:
         # the image gradient only (the field gradient is zero, filled by the launcher)
-        ih, in_h = _nearest_axis(ph, H, PAD, INT64)
-        iw, in_w = _nearest_axis(pw, W, PAD, INT64)
-        inside = mg & in_h & in_w
-        if ND == 3:
-            iD, in_d = _nearest_axis(pd, D, PAD, INT64)
-            inside = inside & in_d
-            src = (iD * H + ih) * W + iw
-        else:
-            src = ih * W + iw
+        src, inside = _nearest_source(pd, ph, pw, D, H, W, mg, ND, PAD, INT64)
         for c in range(C):
             g = tl.load(gout_ptr + (b * C + c) * N + offs, mask=m, other=0.0)
             tl.atomic_add(gmov_ptr + (b * C + c) * N + src, g.to(gmov_ptr.dtype.element_ty), mask=inside,
                           sem="relaxed")
     else:
-        zh, fh, okh0, okh1, clh = _bilinear_axis(ph, H, PAD, INT64)
-        zw, fw, okw0, okw1, clw = _bilinear_axis(pw, W, PAD, INT64)
-        if ND == 3:
-            zd, fd, okd0, okd1, cld = _bilinear_axis(pd, D, PAD, INT64)
-        else:
-            zd = tl.zeros_like(zh)
-            fd = tl.zeros_like(fh)
-            cld = tl.zeros_like(fh)
-            okd0 = m | True
-            okd1 = m & False
+        zd, fd, okd0, okd1, cld, zh, fh, okh0, okh1, clh, zw, fw, okw0, okw1, clw = _bilinear_taps(
+            pd, ph, pw, D, H, W, ND, PAD, INT64)
         inside = (okd0 | okd1) & (okh0 | okh1) & (okw0 | okw1)
         row = (zd * H + zh) * W + zw
         gd = tl.zeros_like(fw)
@@ -295,14 +288,23 @@ def warp_dense_fwd(moving: torch.Tensor, ddf: torch.Tensor, padding_mode: str, m
     return out
 
 
-def warp_dense_bwd(grad_out, moving, ddf, padding_mode: str, mode: str, need_moving: bool, need_ddf: bool):
-    """Raw backward (the signature of torch.ops.coopseg.warp_dense_bwd): (grad_moving,
-    grad_ddf), each empty when not asked for."""
+def warp_dense_bwd(grad_out, moving, ddf, padding_mode: str, mode: str, need_moving: bool, need_ddf: bool,
+                   deterministic: bool = False):
+    """Raw backward (the signature of torch.ops.coopseg.warp_dense_bwd, plus `deterministic`:
+    the image gradient gathered per destination voxel by warp_gather.py, bitwise
+    reproducible; the C++ op always is): (grad_moving, grad_ddf), each empty when not
+    asked for."""
     nd = moving.dim() - 2
     D, H, W = _grid3(moving.shape[2:])
     N = D * H * W
     nearest = mode == "nearest"
     unused = torch.empty(1, dtype=ddf.dtype, device=ddf.device)
+    gathered = None
+    if need_moving and deterministic:
+        from .warp_gather import gather_image_grad  # (it imports this module's helpers)
+
+        gathered = gather_image_grad(grad_out, moving, ddf, padding_mode, mode)
+        need_moving = False
     if need_moving:
         # fp32 accumulation for half inputs; the atomics write the result in place otherwise
         acc = moving.dtype if moving.dtype in (torch.float32, torch.float64) else torch.float32
@@ -319,5 +321,5 @@ def warp_dense_bwd(grad_out, moving, ddf, padding_mode: str, mode: str, need_mov
                                     ND=nd, PAD=_PADS[padding_mode], NEAREST=nearest,
                                     NEED_MOVING=need_moving, NEED_FIELD=need_ddf and not nearest,
                                     INT64=needs_int64(N), BLOCK=_BLOCK)
-    gmov = gmov.to(moving.dtype) if need_moving else moving.new_empty(0)
+    gmov = gathered if gathered is not None else gmov.to(moving.dtype) if need_moving else moving.new_empty(0)
     return gmov, (gu if need_ddf else ddf.new_empty(0))

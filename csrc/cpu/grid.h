@@ -186,13 +186,36 @@ COOPSEG_NOINLINE void axis_taps(const T* __restrict p_, int64_t W, I n, I stride
   }
 }
 
+// The taps along each axis (axis_taps) of the row's positions R.pd, R.ph, R.pw, whose tap bits
+// go to R.ok; in 2-D one d plane of weight 1. BORDER: clamp the positions first.
+template <typename T, typename I, int ND, bool BORDER, bool GRAD>
+inline void row_axis_taps(Dims3 S, RowTaps<T, I>& R) {
+  const int64_t W = S.w;
+  I* ok = R.ok.data();
+  axis_taps<T, I, BORDER, GRAD>(R.ph.data(), W, I(S.h), I(S.w), kH0, kH1, R.oh0.data(), R.oh1.data(),
+                                R.wh0.data(), R.wh1.data(), R.gh0.data(), R.gh1.data(),
+                                ND == 3 ? R.lower_w.data() : R.lower.data(), ok);
+  axis_taps<T, I, BORDER, GRAD>(R.pw.data(), W, I(S.w), I(1), kW0, kW1, R.ow0.data(), R.ow1.data(),
+                                R.ww0.data(), R.ww1.data(), R.gw0.data(), R.gw1.data(), R.lower_w.data(), ok);
+  if (ND == 3) {
+    axis_taps<T, I, BORDER, GRAD>(R.pd.data(), W, I(S.d), I(S.h * S.w), kD0, kD1, R.od0.data(), R.od1.data(),
+                                  R.wd0.data(), R.wd1.data(), R.gd0.data(), R.gd1.data(), R.lower.data(), ok);
+  } else {
+    std::fill(R.od0.begin(), R.od0.end(), I(0));
+    std::fill(R.od1.begin(), R.od1.end(), I(0));
+    std::fill(R.wd0.begin(), R.wd0.end(), T(1));
+    std::fill(R.wd1.begin(), R.wd1.end(), T(0));
+    std::fill(R.gd0.begin(), R.gd0.end(), T(0));
+    std::fill(R.gd1.begin(), R.gd1.end(), T(0));
+  }
+}
+
 // Positions x + u(x) of row (d, h) and their taps. Along w the field is linear
 // inside each coarse cell, so a cell's two node values are broadcast. GRAD: also
 // the weight derivatives (for gradients w.r.t. the positions).
 template <typename T, typename I, int ND, bool BORDER, bool GRAD>
 inline void row_taps(const T* rowf, Dims3 s, const AxisInterp<T>& Iw, Dims3 S, int64_t d, int64_t h,
                      RowTaps<T, I>& R) {
-  const int64_t W = S.w;
   const T* l1 = Iw.l1.data();
   T* __restrict pd = R.pd.data();
   T* __restrict ph = R.ph.data();
@@ -217,22 +240,7 @@ inline void row_taps(const T* rowf, Dims3 s, const AxisInterp<T>& Iw, Dims3 S, i
       ok[w] = ND == 3 ? I(0) : I(kD0);
     }
   }
-  axis_taps<T, I, BORDER, GRAD>(ph, W, I(S.h), I(S.w), kH0, kH1, R.oh0.data(), R.oh1.data(), R.wh0.data(),
-                          R.wh1.data(), R.gh0.data(), R.gh1.data(),
-                          ND == 3 ? R.lower_w.data() : R.lower.data(), ok);
-  axis_taps<T, I, BORDER, GRAD>(pw, W, I(S.w), I(1), kW0, kW1, R.ow0.data(), R.ow1.data(), R.ww0.data(),
-                          R.ww1.data(), R.gw0.data(), R.gw1.data(), R.lower_w.data(), ok);
-  if (ND == 3) {
-    axis_taps<T, I, BORDER, GRAD>(pd, W, I(S.d), I(S.h * S.w), kD0, kD1, R.od0.data(), R.od1.data(), R.wd0.data(),
-                            R.wd1.data(), R.gd0.data(), R.gd1.data(), R.lower.data(), ok);
-  } else {
-    std::fill(R.od0.begin(), R.od0.end(), I(0));
-    std::fill(R.od1.begin(), R.od1.end(), I(0));
-    std::fill(R.wd0.begin(), R.wd0.end(), T(1));
-    std::fill(R.wd1.begin(), R.wd1.end(), T(0));
-    std::fill(R.gd0.begin(), R.gd0.end(), T(0));
-    std::fill(R.gd1.begin(), R.gd1.end(), T(0));
-  }
+  row_axis_taps<T, I, ND, BORDER, GRAD>(S, R);
 }
 
 // Multilinear value of voxel w from its corner values v[d][h][w].

@@ -161,23 +161,7 @@ void dense_row_taps(const T* u, const NonFinite<T, ND>& nf, int64_t b, int64_t d
       pw[w] = reflect(pw[w], hw, sw[w]);
     }
   }
-  constexpr bool CLAMP = P != Pad::Zeros;
-  axis_taps<T, I, CLAMP, GRAD>(ph, W, I(S.h), I(S.w), kH0, kH1, R.oh0.data(), R.oh1.data(), R.wh0.data(),
-                               R.wh1.data(), R.gh0.data(), R.gh1.data(),
-                               ND == 3 ? R.lower_w.data() : R.lower.data(), ok);
-  axis_taps<T, I, CLAMP, GRAD>(pw, W, I(S.w), I(1), kW0, kW1, R.ow0.data(), R.ow1.data(), R.ww0.data(),
-                               R.ww1.data(), R.gw0.data(), R.gw1.data(), R.lower_w.data(), ok);
-  if (ND == 3) {
-    axis_taps<T, I, CLAMP, GRAD>(pd, W, I(S.d), I(S.h * S.w), kD0, kD1, R.od0.data(), R.od1.data(), R.wd0.data(),
-                                 R.wd1.data(), R.gd0.data(), R.gd1.data(), R.lower.data(), ok);
-  } else {
-    std::fill(R.od0.begin(), R.od0.end(), I(0));
-    std::fill(R.od1.begin(), R.od1.end(), I(0));
-    std::fill(R.wd0.begin(), R.wd0.end(), T(1));
-    std::fill(R.wd1.begin(), R.wd1.end(), T(0));
-    std::fill(R.gd0.begin(), R.gd0.end(), T(0));
-    std::fill(R.gd1.begin(), R.gd1.end(), T(0));
-  }
+  row_axis_taps<T, I, ND, P != Pad::Zeros, GRAD>(S, R);
   if constexpr (GRAD && P == Pad::Reflection) {
     const T* sd = sign.data();
     const T* sh = sd + W;
