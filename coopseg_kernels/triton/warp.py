@@ -501,10 +501,10 @@ def _fold_partials(part, coarse_shape, T):
 
 
 def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_corners, padding_mode, *,
-              need_moving, need_coarse, compute_dtype, field_grad=False, mode="bilinear", deterministic=False):
+              need_moving, need_coarse, compute_dtype, field_grad=False, mode="bilinear"):
     """warp_bwd_kernel launch. gout is the output gradient, or the field gradient
-    (field_grad). The D_S step's launch is similarity_step.py's. deterministic: the image
-    gradient by warp_gather.py's gather (bitwise reproducible) instead of the atomic scatter."""
+    (field_grad). The D_S step's launch is similarity_step.py's. The image gradient is an
+    atomic scatter; warp_gather.py's warp_bwd gathers it instead (deterministic=True)."""
     nd = len(coarse_shape) - 2
     B = coarse_shape[0]
     D, H, W = _grid3(size)
@@ -518,14 +518,7 @@ def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_co
     unused = torch.empty(1, dtype=compute_dtype, device=device)
     part = new_output((B, ncell, T, 8, nd), compute_dtype, device) if need_coarse else unused
     C = 0 if moving_or_none is None else moving_or_none.shape[1]
-    if need_moving and deterministic:
-        from .warp_gather import gather_image_grad  # (it imports this module's helpers)
-
-        gmov = gather_image_grad(gout, moving_or_none, coarse_or_none, padding_mode, mode, tabs=tabs)
-        if not need_coarse:
-            return gmov, None
-        need_moving, gmov_k = False, unused
-    elif need_moving:
+    if need_moving:
         # fp32 accumulation for half inputs; the atomics write the result in place otherwise
         acc_dtype = moving_or_none.dtype if moving_or_none.dtype in (torch.float32, torch.float64) else torch.float32
         gmov = gmov_k = torch.zeros(moving_or_none.shape, dtype=acc_dtype, device=device)
@@ -550,13 +543,11 @@ def warp_fwd(moving: torch.Tensor, coarse: torch.Tensor, align_corners: bool, pa
                     mode)
 
 
-def warp_bwd(grad_out, moving, coarse, align_corners, padding_mode, mode, need_moving, need_coarse,
-             deterministic=False):
-    """The raw backward (the C++ op's signature, plus `deterministic`: the image gradient
-    gathered per destination voxel, bitwise reproducible; the C++ op always is)."""
+def warp_bwd(grad_out, moving, coarse, align_corners, padding_mode, mode, need_moving, need_coarse):
+    """The raw backward (the C++ op's signature; the image gradient an atomic scatter; the
+    public launcher with `deterministic` is warp_gather.warp_bwd)."""
     gmov, gcrs = _backward(grad_out, moving, coarse.shape, coarse, moving.shape[2:], align_corners, padding_mode,
-                           need_moving=need_moving, need_coarse=need_coarse, compute_dtype=coarse.dtype, mode=mode,
-                           deterministic=deterministic)
+                           need_moving=need_moving, need_coarse=need_coarse, compute_dtype=coarse.dtype, mode=mode)
     gmov = gmov.to(moving.dtype) if need_moving else moving.new_empty(0)
     return gmov, (gcrs if need_coarse else coarse.new_empty(0))
 

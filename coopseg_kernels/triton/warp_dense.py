@@ -288,23 +288,15 @@ def warp_dense_fwd(moving: torch.Tensor, ddf: torch.Tensor, padding_mode: str, m
     return out
 
 
-def warp_dense_bwd(grad_out, moving, ddf, padding_mode: str, mode: str, need_moving: bool, need_ddf: bool,
-                   deterministic: bool = False):
-    """Raw backward (the signature of torch.ops.coopseg.warp_dense_bwd, plus `deterministic`:
-    the image gradient gathered per destination voxel by warp_gather.py, bitwise
-    reproducible; the C++ op always is): (grad_moving, grad_ddf), each empty when not
-    asked for."""
+def warp_dense_bwd(grad_out, moving, ddf, padding_mode: str, mode: str, need_moving: bool, need_ddf: bool):
+    """Raw backward (the signature of torch.ops.coopseg.warp_dense_bwd; the image gradient an
+    atomic scatter, warp_gather.warp_dense_bwd gathers it with deterministic=True):
+    (grad_moving, grad_ddf), each empty when not asked for."""
     nd = moving.dim() - 2
     D, H, W = _grid3(moving.shape[2:])
     N = D * H * W
     nearest = mode == "nearest"
     unused = torch.empty(1, dtype=ddf.dtype, device=ddf.device)
-    gathered = None
-    if need_moving and deterministic:
-        from .warp_gather import gather_image_grad  # (it imports this module's helpers)
-
-        gathered = gather_image_grad(grad_out, moving, ddf, padding_mode, mode)
-        need_moving = False
     if need_moving:
         # fp32 accumulation for half inputs; the atomics write the result in place otherwise
         acc = moving.dtype if moving.dtype in (torch.float32, torch.float64) else torch.float32
@@ -321,5 +313,5 @@ def warp_dense_bwd(grad_out, moving, ddf, padding_mode: str, mode: str, need_mov
                                     ND=nd, PAD=_PADS[padding_mode], NEAREST=nearest,
                                     NEED_MOVING=need_moving, NEED_FIELD=need_ddf and not nearest,
                                     INT64=needs_int64(N), BLOCK=_BLOCK)
-    gmov = gathered if gathered is not None else gmov.to(moving.dtype) if need_moving else moving.new_empty(0)
+    gmov = gmov.to(moving.dtype) if need_moving else moving.new_empty(0)
     return gmov, (gu if need_ddf else ddf.new_empty(0))

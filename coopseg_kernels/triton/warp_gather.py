@@ -41,7 +41,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import block_voxels, needs_int64, new_output
+from . import warp as _warp
+from . import warp_dense as _warp_dense
+from .geometry import axis_tables, block_voxels, needs_int64, new_output
 from .warp import _displace, _nearest, _taps, _voxel_field
 from .warp_dense import _bilinear_taps, _cell_bad, _displaced, _nearest_source
 
@@ -236,3 +238,26 @@ def gather_image_grad(grad_out: torch.Tensor, moving: torch.Tensor, u: torch.Ten
     gmov = new_output(moving.shape, moving.dtype, device)
     warp_gather_kernel[grid](grad_out, u, order, starts, gmov, *table_args, C, D, H, W, sd, sh, sw, K, **flags)
     return gmov
+
+
+def warp_bwd(grad_out, moving, coarse, align_corners, padding_mode, mode, need_moving, need_coarse,
+             deterministic=False):
+    """The raw backward of the coarse warp (the C++ op's signature, plus `deterministic`: the
+    image gradient gathered per destination voxel, bitwise reproducible, instead of warp.py's
+    atomic scatter; the coarse grid's gradient is deterministic either way)."""
+    if not (deterministic and need_moving):
+        return _warp.warp_bwd(grad_out, moving, coarse, align_corners, padding_mode, mode, need_moving, need_coarse)
+    tabs = axis_tables(moving.shape[2:], coarse.shape[2:], align_corners, coarse.dtype, moving.device)
+    gmov = gather_image_grad(grad_out, moving, coarse, padding_mode, mode, tabs=tabs).to(moving.dtype)
+    _, gcrs = _warp.warp_bwd(grad_out, moving, coarse, align_corners, padding_mode, mode, False, need_coarse)
+    return gmov, gcrs
+
+
+def warp_dense_bwd(grad_out, moving, ddf, padding_mode: str, mode: str, need_moving: bool, need_ddf: bool,
+                   deterministic: bool = False):
+    """The raw backward of the full-resolution warp (warp_dense.py's, plus `deterministic`)."""
+    if not (deterministic and need_moving):
+        return _warp_dense.warp_dense_bwd(grad_out, moving, ddf, padding_mode, mode, need_moving, need_ddf)
+    gmov = gather_image_grad(grad_out, moving, ddf, padding_mode, mode).to(moving.dtype)
+    _, gu = _warp_dense.warp_dense_bwd(grad_out, moving, ddf, padding_mode, mode, False, need_ddf)
+    return gmov, gu
