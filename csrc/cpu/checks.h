@@ -67,6 +67,35 @@ inline void check_same(const at::Tensor& t, const at::Tensor& like, const char* 
               like_name, " (", like.scalar_type(), "), got ", t.scalar_type());
 }
 
+// The image of a forward warp: float32/float64, or (mode='nearest' only) a
+// uint8/int16/int32/int64/bool label map; (B, C, *S) with spatial sizes in [2, 2^31).
+inline void check_warp_moving(const at::Tensor& moving, bool nearest, const char* op) {
+  TORCH_CHECK(moving.defined(), "coopseg.", op, ": moving is undefined");
+  TORCH_CHECK(moving.device().is_cpu(), "coopseg.", op, ": moving must be a CPU tensor, got one on ", moving.device());
+  const auto st = moving.scalar_type();
+  const bool floating = st == at::kFloat || st == at::kDouble;
+  const bool label = st == at::kByte || st == at::kShort || st == at::kInt || st == at::kLong || st == at::kBool;
+  TORCH_CHECK(floating || (label && nearest), "coopseg.", op, ": moving must be float32 or float64",
+              nearest ? " or a uint8/int16/int32/int64/bool label map" : " (label maps need mode='nearest')",
+              ", got ", st);
+  TORCH_CHECK(moving.dim() == 4 || moving.dim() == 5, "coopseg.", op,
+              ": moving must be (B, C, H, W) or (B, C, D, H, W), got shape ", shape_str(moving));
+  TORCH_CHECK(moving.size(0) >= 1 && moving.size(1) >= 1, "coopseg.", op, ": moving needs B >= 1 and C >= 1, got shape ",
+              shape_str(moving));
+  for (int64_t k = 2; k < moving.dim(); ++k)
+    TORCH_CHECK(moving.size(k) >= 2 && moving.size(k) < (int64_t(1) << 31), "coopseg.", op,
+                ": moving spatial sizes must be >= 2 and < 2^31, got shape ", shape_str(moving));
+}
+
+// The field of a forward warp (`name`: ddf or coarse): float64 for a float64
+// image, float32 for every other (float32 images and label maps).
+inline void check_field_dtype(const at::Tensor& field, const at::Tensor& moving, const char* op, const char* name) {
+  const auto st = moving.scalar_type();
+  const auto want = st == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(field.scalar_type() == want, "coopseg.", op, ": ", name, " must be ", want, " for moving of dtype ", st,
+              ", got ", field.scalar_type());
+}
+
 // A list of nd sizes, each in [1, 2^31).
 inline void check_sizes(at::IntArrayRef size, int64_t nd, const char* op, const char* name) {
   TORCH_CHECK(static_cast<int64_t>(size.size()) == nd, "coopseg.", op, ": ", name, " must have ", nd,

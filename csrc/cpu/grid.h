@@ -210,6 +210,79 @@ inline void row_axis_taps(Dims3 S, RowTaps<T, I>& R) {
   }
 }
 
+// grid_sample's reflection about 0 and hi = n - 1 (align_corners=True): |p|
+// modulo 2 hi, folded back; `sign` is d(result)/dp (+-1).
+template <typename T>
+inline T reflect(T p, T hi, T& sign) {
+  const T span2 = T(2) * hi;
+  const T e = std::fmod(std::abs(p), span2);
+  sign = (p < T(0) ? T(-1) : T(1)) * (e > hi ? T(-1) : T(1));
+  return std::min(e, span2 - e);
+}
+
+// The positions (d, h, w) + u of row (d, h) in R.pd/ph/pw, from the row's
+// displacement components ud (unused in 2-D), uh, uw; R.bad where a position
+// is not finite; R.ok's tap bits reset (in 2-D the one d plane's set).
+template <typename T, typename I, int ND>
+inline void positions_from_field(const T* ud, const T* uh, const T* uw, int64_t d, int64_t h, int64_t W,
+                                 RowTaps<T, I>& R) {
+  T* __restrict pd = R.pd.data();
+  T* __restrict ph = R.ph.data();
+  T* __restrict pw = R.pw.data();
+  I* __restrict ok = R.ok.data();
+  I* __restrict bad = R.bad.data();
+#pragma omp simd
+  for (int64_t w = 0; w < W; ++w) {
+    pd[w] = ND == 3 ? T(d) + ud[w] : T(0);
+    ph[w] = T(h) + uh[w];
+    pw[w] = T(w) + uw[w];
+    const T z = pd[w] * T(0) + ph[w] * T(0) + pw[w] * T(0);
+    bad[w] = (z != z) ? I(1) : I(0);
+    ok[w] = ND == 3 ? I(0) : I(kD0);
+  }
+}
+
+// The taps of a row of full-resolution positions R.pd/ph/pw (R.bad marks the
+// non-finite ones; the dense and the B-spline warps). REFLECT folds the
+// positions first (a bad one to 0; `sign`: 3 * W scratch) and then clamps them
+// as border does (CLAMP); GRAD then multiplies the weight derivatives by the
+// fold's sign.
+template <typename T, typename I, int ND, bool REFLECT, bool CLAMP, bool GRAD>
+inline void position_taps(Dims3 S, RowTaps<T, I>& R, std::vector<T>& sign) {
+  const int64_t W = S.w;
+  T* sd = sign.data();
+  T* sh = sd + W;
+  T* sw = sh + W;
+  if constexpr (REFLECT) {
+    T* pd = R.pd.data();
+    T* ph = R.ph.data();
+    T* pw = R.pw.data();
+    const T hd = T(S.d - 1), hh = T(S.h - 1), hw = T(S.w - 1);
+    for (int64_t w = 0; w < W; ++w) {
+      if (R.bad[w]) {
+        pd[w] = ph[w] = pw[w] = T(0);
+        continue;
+      }
+      if (ND == 3) pd[w] = reflect(pd[w], hd, sd[w]);
+      ph[w] = reflect(ph[w], hh, sh[w]);
+      pw[w] = reflect(pw[w], hw, sw[w]);
+    }
+  }
+  row_axis_taps<T, I, ND, CLAMP, GRAD>(S, R);
+  if constexpr (GRAD && REFLECT) {
+    for (int64_t w = 0; w < W; ++w) {
+      if (ND == 3) {
+        R.gd0[w] *= sd[w];
+        R.gd1[w] *= sd[w];
+      }
+      R.gh0[w] *= sh[w];
+      R.gh1[w] *= sh[w];
+      R.gw0[w] *= sw[w];
+      R.gw1[w] *= sw[w];
+    }
+  }
+}
+
 // Positions x + u(x) of row (d, h) and their taps. Along w the field is linear
 // inside each coarse cell, so a cell's two node values are broadcast. GRAD: also
 // the weight derivatives (for gradients w.r.t. the positions).

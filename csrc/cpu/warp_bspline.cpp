@@ -135,98 +135,21 @@ void bspline_row(const T* cb, const BGeom<T, ND>& G, int64_t d, int64_t h, BScra
   }
 }
 
-// grid_sample's reflection about 0 and hi = n - 1 (align_corners=True): |p|
-// modulo 2 hi, folded back; `sign` is d(result)/dp (+-1).
-template <typename T>
-inline T reflect(T p, T hi, T& sign) {
-  const T span2 = T(2) * hi;
-  const T e = std::fmod(std::abs(p), span2);
-  sign = (p < T(0) ? T(-1) : T(1)) * (e > hi ? T(-1) : T(1));
-  return std::min(e, span2 - e);
-}
-
 // Positions x + u(x) of row (b, d, h) in R.pd/ph/pw, R.bad where one is not
 // finite.
 template <typename T, typename I, int ND>
-void row_positions(const T* coarse, const BGeom<T, ND>& G, int64_t b, int64_t d, int64_t h, BScratch<T>& X,
-                   RowTaps<T, I>& R, std::vector<T>& u) {
+void bspline_positions(const T* coarse, const BGeom<T, ND>& G, int64_t b, int64_t d, int64_t h, BScratch<T>& X,
+                       RowTaps<T, I>& R, std::vector<T>& u) {
   const int64_t W = G.S.w;
   bspline_row<T, ND>(coarse + b * ND * G.s.numel(), G, d, h, X, u.data());
-  T* __restrict pd = R.pd.data();
-  T* __restrict ph = R.ph.data();
-  T* __restrict pw = R.pw.data();
-  I* __restrict bad = R.bad.data();
-  I* __restrict ok = R.ok.data();
   const T* ud = u.data();
-  const T* uh = ud + (ND - 2) * W;
-  const T* uw = ud + (ND - 1) * W;
-#pragma omp simd
-  for (int64_t w = 0; w < W; ++w) {
-    pd[w] = ND == 3 ? T(d) + ud[w] : T(0);
-    ph[w] = T(h) + uh[w];
-    pw[w] = T(w) + uw[w];
-    const T z = pd[w] * T(0) + ph[w] * T(0) + pw[w] * T(0);
-    bad[w] = (z != z) ? I(1) : I(0);
-    ok[w] = ND == 3 ? I(0) : I(kD0);
-  }
+  positions_from_field<T, I, ND>(ud, ud + (ND - 2) * W, ud + (ND - 1) * W, d, h, W, R);
 }
 
-// The bilinear taps of the row's positions (as warp_dense.cpp's dense_row_taps):
-// reflection folds the positions first, then clamps as border; GRAD multiplies
-// the weight derivatives by the fold's sign.
+// The bilinear taps of the row's positions (grid.h's position_taps).
 template <typename T, typename I, int ND, Pad P, bool GRAD>
 void row_taps_from_positions(Dims3 S, RowTaps<T, I>& R, std::vector<T>& sign) {
-  const int64_t W = S.w;
-  T* pd = R.pd.data();
-  T* ph = R.ph.data();
-  T* pw = R.pw.data();
-  if constexpr (P == Pad::kReflection) {
-    T* sd = sign.data();
-    T* sh = sd + W;
-    T* sw = sh + W;
-    const T hd = T(S.d - 1), hh = T(S.h - 1), hw = T(S.w - 1);
-    for (int64_t w = 0; w < W; ++w) {
-      if (R.bad[w]) {
-        pd[w] = ph[w] = pw[w] = T(0);
-        continue;
-      }
-      if (ND == 3) pd[w] = reflect(pd[w], hd, sd[w]);
-      ph[w] = reflect(ph[w], hh, sh[w]);
-      pw[w] = reflect(pw[w], hw, sw[w]);
-    }
-  }
-  constexpr bool CLAMP = P != Pad::kZeros;
-  axis_taps<T, I, CLAMP, GRAD>(ph, W, I(S.h), I(S.w), kH0, kH1, R.oh0.data(), R.oh1.data(), R.wh0.data(),
-                               R.wh1.data(), R.gh0.data(), R.gh1.data(),
-                               ND == 3 ? R.lower_w.data() : R.lower.data(), R.ok.data());
-  axis_taps<T, I, CLAMP, GRAD>(pw, W, I(S.w), I(1), kW0, kW1, R.ow0.data(), R.ow1.data(), R.ww0.data(),
-                               R.ww1.data(), R.gw0.data(), R.gw1.data(), R.lower_w.data(), R.ok.data());
-  if (ND == 3) {
-    axis_taps<T, I, CLAMP, GRAD>(pd, W, I(S.d), I(S.h * S.w), kD0, kD1, R.od0.data(), R.od1.data(), R.wd0.data(),
-                                 R.wd1.data(), R.gd0.data(), R.gd1.data(), R.lower.data(), R.ok.data());
-  } else {
-    std::fill(R.od0.begin(), R.od0.end(), I(0));
-    std::fill(R.od1.begin(), R.od1.end(), I(0));
-    std::fill(R.wd0.begin(), R.wd0.end(), T(1));
-    std::fill(R.wd1.begin(), R.wd1.end(), T(0));
-    std::fill(R.gd0.begin(), R.gd0.end(), T(0));
-    std::fill(R.gd1.begin(), R.gd1.end(), T(0));
-  }
-  if constexpr (GRAD && P == Pad::kReflection) {
-    const T* sd = sign.data();
-    const T* sh = sd + W;
-    const T* sw = sh + W;
-    for (int64_t w = 0; w < W; ++w) {
-      if (ND == 3) {
-        R.gd0[w] *= sd[w];
-        R.gd1[w] *= sd[w];
-      }
-      R.gh0[w] *= sh[w];
-      R.gh1[w] *= sh[w];
-      R.gw0[w] *= sw[w];
-      R.gw1[w] *= sw[w];
-    }
-  }
+  position_taps<T, I, ND, P == Pad::kReflection, P != Pad::kZeros, GRAD>(S, R, sign);
 }
 
 // The control-point partials of output plane q (along the slab axis): Q[j][c]
@@ -388,7 +311,7 @@ void forward_bilinear(const at::Tensor& moving, const at::Tensor& coarse, const 
         }
       }
 #endif
-      row_positions<T, I, ND>(cp, G, b, d, h, X, R, u);
+      bspline_positions<T, I, ND>(cp, G, b, d, h, X, R, u);
       row_taps_from_positions<T, I, ND, P, false>(S, R, sign);
       const int64_t row = (d * S.h + h) * S.w;
       for (int64_t c = 0; c < C; ++c) row_sample<T, I, ND>(mp + (b * C + c) * N, R, S, op + (b * C + c) * N + row);
@@ -411,7 +334,7 @@ void forward_nearest(const at::Tensor& moving, const at::Tensor& coarse, const B
     std::vector<T> u(ND * S.w);
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t h = r % S.h, d = (r / S.h) % S.d, b = r / (S.h * S.d);
-      row_positions<T, I, ND>(cp, G, b, d, h, X, R, u);
+      bspline_positions<T, I, ND>(cp, G, b, d, h, X, R, u);
       const V* img = mp + b * C * N;
       V* o = op + b * C * N + (d * S.h + h) * S.w;
       for (int64_t w = 0; w < S.w; ++w) {
@@ -465,7 +388,7 @@ void backward_bilinear(const at::Tensor& grad_out, const at::Tensor& moving, con
         if (!own && !scatter) continue;
         const int64_t h_begin = ND == 3 ? 0 : q, h_end = ND == 3 ? S.h : q + 1, d = ND == 3 ? q : 0;
         for (int64_t h = h_begin; h < h_end; ++h) {
-          row_positions<T, I, ND>(cp, G, b, d, h, X, R, u);
+          bspline_positions<T, I, ND>(cp, G, b, d, h, X, R, u);
           if (own) row_taps_from_positions<T, I, ND, P, true>(S, R, sign);
           else row_taps_from_positions<T, I, ND, P, false>(S, R, sign);
           const int64_t row = (d * S.h + h) * W;
@@ -522,7 +445,7 @@ void backward_nearest(const at::Tensor& grad_out, const at::Tensor& coarse, cons
         if (!reach.reaches(b, q, lo, hi)) continue;
         const int64_t h_begin = ND == 3 ? 0 : q, h_end = ND == 3 ? S.h : q + 1, d = ND == 3 ? q : 0;
         for (int64_t h = h_begin; h < h_end; ++h) {
-          row_positions<T, I, ND>(cp, G, b, d, h, X, R, u);
+          bspline_positions<T, I, ND>(cp, G, b, d, h, X, R, u);
           const int64_t row = (d * S.h + h) * W;
           for (int64_t w = 0; w < W; ++w) {
             if (R.bad[w]) continue;
@@ -624,25 +547,9 @@ void check_control(const at::Tensor& coarse, const at::Tensor& like, const char*
 }
 
 void check_moving(const at::Tensor& moving, const at::Tensor& coarse, bool nearest, const char* op) {
-  TORCH_CHECK(moving.defined(), "coopseg.", op, ": moving is undefined");
-  TORCH_CHECK(moving.device().is_cpu(), "coopseg.", op, ": moving must be a CPU tensor, got one on ", moving.device());
-  const auto st = moving.scalar_type();
-  const bool floating = st == at::kFloat || st == at::kDouble;
-  const bool label = st == at::kByte || st == at::kShort || st == at::kInt || st == at::kLong || st == at::kBool;
-  TORCH_CHECK(floating || (label && nearest), "coopseg.", op, ": moving must be float32 or float64",
-              nearest ? " or a uint8/int16/int32/int64/bool label map" : " (label maps need mode='nearest')",
-              ", got ", st);
-  TORCH_CHECK(moving.dim() == 4 || moving.dim() == 5, "coopseg.", op,
-              ": moving must be (B, C, H, W) or (B, C, D, H, W), got shape ", shape_str(moving));
-  TORCH_CHECK(moving.size(0) >= 1 && moving.size(1) >= 1, "coopseg.", op, ": moving needs B >= 1 and C >= 1, got shape ",
-              shape_str(moving));
-  for (int64_t k = 2; k < moving.dim(); ++k)
-    TORCH_CHECK(moving.size(k) >= 2 && moving.size(k) < (int64_t(1) << 31), "coopseg.", op,
-                ": moving spatial sizes must be >= 2 and < 2^31, got shape ", shape_str(moving));
+  check_warp_moving(moving, nearest, op);
   check_control(coarse, moving, op);
-  const auto want = st == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(coarse.scalar_type() == want, "coopseg.", op, ": coarse must be ", want, " for moving of dtype ", st,
-              ", got ", coarse.scalar_type());
+  check_field_dtype(coarse, moving, op, "coarse");
 }
 
 at::Tensor warp_bspline_fwd(const at::Tensor& moving_, const at::Tensor& coarse_, at::ArrayRef<double> origin_,

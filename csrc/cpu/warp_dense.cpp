@@ -44,16 +44,6 @@ bool parse_nearest(c10::string_view mode, const char* op) {
   return mode == "nearest";
 }
 
-// grid_sample's reflection about 0 and hi = n - 1 (align_corners=True): |p|
-// modulo 2 hi, folded back; `sign` is d(result)/dp (+-1).
-template <typename T>
-inline T reflect(T p, T hi, T& sign) {
-  const T span2 = T(2) * hi;
-  const T e = std::fmod(std::abs(p), span2);
-  sign = (p < T(0) ? T(-1) : T(1)) * (e > hi ? T(-1) : T(1));
-  return std::min(e, span2 - e);
-}
-
 // The range of reflect(p) for p in [a, b] (finite, a <= b).
 template <typename T>
 inline void reflect_interval(T& a, T& b, T hi) {
@@ -128,55 +118,9 @@ void dense_row_taps(const T* u, const NonFinite<T, ND>& nf, int64_t b, int64_t d
   const Dims3 S = nf.S;
   const int64_t W = S.w, N = nf.N, row = (d * S.h + h) * W;
   const T* ub = u + b * ND * N + row;
-  T* __restrict pd = R.pd.data();
-  T* __restrict ph = R.ph.data();
-  T* __restrict pw = R.pw.data();
-  I* __restrict ok = R.ok.data();
-  I* __restrict bad = R.bad.data();
-  const T* ud = ub;
-  const T* uh = ub + (ND - 2) * N;
-  const T* uw = ub + (ND - 1) * N;
-#pragma omp simd
-  for (int64_t w = 0; w < W; ++w) {
-    pd[w] = ND == 3 ? T(d) + ud[w] : T(0);
-    ph[w] = T(h) + uh[w];
-    pw[w] = T(w) + uw[w];
-    const T z = pd[w] * T(0) + ph[w] * T(0) + pw[w] * T(0);
-    bad[w] = (z != z) ? I(1) : I(0);
-    ok[w] = ND == 3 ? I(0) : I(kD0);
-  }
-  nf.mark(u, b, d, h, bad);
-  if constexpr (P == Pad::Reflection) {
-    T* sd = sign.data();
-    T* sh = sd + W;
-    T* sw = sh + W;
-    const T hd = T(S.d - 1), hh = T(S.h - 1), hw = T(S.w - 1);
-    for (int64_t w = 0; w < W; ++w) {
-      if (bad[w]) {
-        pd[w] = ph[w] = pw[w] = T(0);
-        continue;
-      }
-      if (ND == 3) pd[w] = reflect(pd[w], hd, sd[w]);
-      ph[w] = reflect(ph[w], hh, sh[w]);
-      pw[w] = reflect(pw[w], hw, sw[w]);
-    }
-  }
-  row_axis_taps<T, I, ND, P != Pad::Zeros, GRAD>(S, R);
-  if constexpr (GRAD && P == Pad::Reflection) {
-    const T* sd = sign.data();
-    const T* sh = sd + W;
-    const T* sw = sh + W;
-    for (int64_t w = 0; w < W; ++w) {
-      if (ND == 3) {
-        R.gd0[w] *= sd[w];
-        R.gd1[w] *= sd[w];
-      }
-      R.gh0[w] *= sh[w];
-      R.gh1[w] *= sh[w];
-      R.gw0[w] *= sw[w];
-      R.gw1[w] *= sw[w];
-    }
-  }
+  positions_from_field<T, I, ND>(ub, ub + (ND - 2) * N, ub + (ND - 1) * N, d, h, W, R);
+  nf.mark(u, b, d, h, R.bad.data());
+  position_taps<T, I, ND, P == Pad::Reflection, P != Pad::Zeros, GRAD>(S, R, sign);
 }
 
 // Nearest taps of row (b, d, h): the offset of the voxel read, its index along
@@ -613,25 +557,9 @@ void check_ddf(const at::Tensor& ddf, const at::Tensor& moving, const char* op) 
 // A label map or float image for the forward: float images need the ddf's
 // dtype; other dtypes (nearest only) a float32 ddf.
 void check_moving(const at::Tensor& moving, const at::Tensor& ddf, bool nearest, const char* op) {
-  TORCH_CHECK(moving.defined(), "coopseg.", op, ": moving is undefined");
-  TORCH_CHECK(moving.device().is_cpu(), "coopseg.", op, ": moving must be a CPU tensor, got one on ", moving.device());
-  const auto st = moving.scalar_type();
-  const bool floating = st == at::kFloat || st == at::kDouble;
-  const bool label = st == at::kByte || st == at::kShort || st == at::kInt || st == at::kLong || st == at::kBool;
-  TORCH_CHECK(floating || (label && nearest), "coopseg.", op, ": moving must be float32 or float64",
-              nearest ? " or a uint8/int16/int32/int64/bool label map" : " (label maps need mode='nearest')",
-              ", got ", st);
-  TORCH_CHECK(moving.dim() == 4 || moving.dim() == 5, "coopseg.", op,
-              ": moving must be (B, C, H, W) or (B, C, D, H, W), got shape ", shape_str(moving));
-  TORCH_CHECK(moving.size(0) >= 1 && moving.size(1) >= 1, "coopseg.", op, ": moving needs B >= 1 and C >= 1, got shape ",
-              shape_str(moving));
-  for (int64_t k = 2; k < moving.dim(); ++k)
-    TORCH_CHECK(moving.size(k) >= 2 && moving.size(k) < (int64_t(1) << 31), "coopseg.", op,
-                ": moving spatial sizes must be >= 2 and < 2^31, got shape ", shape_str(moving));
+  check_warp_moving(moving, nearest, op);
   check_ddf(ddf, moving, op);
-  const auto want = st == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(ddf.scalar_type() == want, "coopseg.", op, ": ddf must be ", want, " for moving of dtype ", st, ", got ",
-              ddf.scalar_type());
+  check_field_dtype(ddf, moving, op, "ddf");
 }
 
 at::Tensor warp_dense_fwd(const at::Tensor& moving_, const at::Tensor& ddf_, c10::string_view padding_mode,
