@@ -1,5 +1,6 @@
 """Training of the cooperating networks (paper §2.2): model, data, loop and checkpoints in one
 readable file (the config keys are in coopseg/config.py, the state on disk in coopseg/checkpoint.py).
+About 500 lines on purpose: everything a run does is visible in one place (as nanoGPT's train.py).
 
     coopseg train --write-config CFG.yaml         # the documented defaults (they train on the toy data)
     coopseg train --config CFG.yaml --out DIR     # train; DIR/log.csv, DIR/last.pt, DIR/config.yaml

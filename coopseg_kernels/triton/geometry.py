@@ -104,3 +104,31 @@ def block_voxels(pid, D, H, W, INT64: tl.constexpr, BLOCK: tl.constexpr):
     w = offs % W
     t = offs // W
     return offs, m, t // H, t % H, w
+
+
+@triton.jit
+def cell_tile(pid, T, nd_cells, nh_cells, nw_cells, cbd, cbh, cbw, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """Program `pid` of a backward that runs T tiles of BLOCK voxels per cell of a
+    (nd_cells, nh_cells, nw_cells) grid of cells per batch item; cell k spans the voxels
+    [cb*[k], cb*[k + 1]) along each axis (cbd, cbh, cbw: the cell bounds). Returns the batch
+    item b (int64), the cell (kd, kh, kw), the tile's voxel coordinates (d, h, w) and mask."""
+    tile = pid % T
+    ncell = nd_cells * nh_cells * nw_cells
+    cell = (pid // T) % ncell
+    b = (pid // T // ncell).to(tl.int64)
+    kw = cell % nw_cells
+    kh = (cell // nw_cells) % nh_cells
+    kd = cell // (nw_cells * nh_cells)
+    d_lo = tl.load(cbd + kd)
+    h_lo = tl.load(cbh + kh)
+    w_lo = tl.load(cbw + kw)
+    ed = tl.load(cbd + kd + 1) - d_lo
+    eh = tl.load(cbh + kh + 1) - h_lo
+    ew = tl.load(cbw + kw + 1) - w_lo
+    o = tile * BLOCK + tl.arange(0, BLOCK)
+    if INT64:
+        o = o.to(tl.int64)
+    m = o < ed * eh * ew
+    ew1 = tl.maximum(ew, 1)
+    eh1 = tl.maximum(eh, 1)
+    return b, kd, kh, kw, d_lo + o // (ew1 * eh1), h_lo + (o // ew1) % eh1, w_lo + o % ew1, m

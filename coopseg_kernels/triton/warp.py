@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import axis_tables, block_voxels, fold_cell_partials, needs_int64, new_output
+from .geometry import axis_tables, block_voxels, cell_tile, fold_cell_partials, needs_int64, new_output
 
 _FWD_BLOCK = 256
 _BWD_BLOCK = 256
@@ -250,6 +250,28 @@ def _corner(v, wt_d, wt_h, wt_w, dd, dh, dw):
 
 
 @triton.jit
+def _field_at(fb, N, vox, m, ND: tl.constexpr, like):
+    """The (d, h, w) components of one batch item's full-resolution field fb at voxels vox, in
+    like's dtype (d = 0 in 2-D): the field gradient that the backward's FIELD_GRAD reduces."""
+    fh = tl.load(fb + (ND - 2) * N + vox, mask=m, other=0.0).to(like.dtype)
+    fw = tl.load(fb + (ND - 1) * N + vox, mask=m, other=0.0).to(like.dtype)
+    if ND == 3:
+        fd = tl.load(fb + vox, mask=m, other=0.0).to(like.dtype)
+    else:
+        fd = tl.zeros_like(fh)
+    return fd, fh, fw
+
+
+@triton.jit
+def _scatter_nearest(gout_ptr, gmov_ptr, b, C, N, vox, m, src, inside):
+    """The nearest image gradient: every channel's output gradient at vox added to the voxel
+    read (src, where inside). Relaxed atomics, as _scatter_plane."""
+    for c in range(C):
+        g = tl.load(gout_ptr + (b * C + c) * N + vox, mask=m, other=0.0)
+        tl.atomic_add(gmov_ptr + (b * C + c) * N + src, g.to(gmov_ptr.dtype.element_ty), mask=inside, sem="relaxed")
+
+
+@triton.jit
 def _scatter_plane(gm_base, row, W, md, okh0, okh1, okw0, okw1, gd, fh, fw):
     """Scatter gd * (h, w) weights into the four corners of one d plane of the image
     gradient (gd: the output gradient times the plane's d weight). Relaxed atomics:
@@ -269,28 +291,7 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
                     NEED_MOVING: tl.constexpr, NEED_COARSE: tl.constexpr,
                     INT64: tl.constexpr, BLOCK: tl.constexpr, NEAREST: tl.constexpr):
     pid = tl.program_id(0)
-    tile = pid % T
-    ncell = sd * sh * sw
-    cell = (pid // T) % ncell
-    b = (pid // T // ncell).to(tl.int64)
-    cw = cell % sw
-    ch = (cell // sw) % sh
-    cd = cell // (sw * sh)
-    d_lo = tl.load(cbd + cd)
-    h_lo = tl.load(cbh + ch)
-    w_lo = tl.load(cbw + cw)
-    ed = tl.load(cbd + cd + 1) - d_lo
-    eh = tl.load(cbh + ch + 1) - h_lo
-    ew = tl.load(cbw + cw + 1) - w_lo
-    o = tile * BLOCK + tl.arange(0, BLOCK)
-    if INT64:
-        o = o.to(tl.int64)
-    m = o < ed * eh * ew
-    ew1 = tl.maximum(ew, 1)
-    eh1 = tl.maximum(eh, 1)
-    w = w_lo + o % ew1
-    h = h_lo + (o // ew1) % eh1
-    d = d_lo + o // (ew1 * eh1)
+    b, cd, ch, cw, d, h, w, m = cell_tile(pid, T, sd, sh, sw, cbd, cbh, cbw, INT64, BLOCK)
     N = D * H * W
     vox = (d * H + h) * W + w
 
@@ -307,13 +308,7 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
     sc = sd * sh * sw
 
     if FIELD_GRAD:
-        gb = gout_ptr + b * ND * N + vox
-        gh = tl.load(gb + (ND - 2) * N, mask=m, other=0.0).to(lw1.dtype)
-        gw = tl.load(gb + (ND - 1) * N, mask=m, other=0.0).to(lw1.dtype)
-        if ND == 3:
-            gd = tl.load(gb, mask=m, other=0.0).to(lw1.dtype)
-        else:
-            gd = tl.zeros_like(gh)
+        gd, gh, gw = _field_at(gout_ptr + b * ND * N, N, vox, m, ND, lw1)
     elif NEAREST:
         # the image gradient is a scatter to the voxels read; the field gets none
         tl.static_assert(not SIMILARITY, "the D_S step is bilinear")
@@ -328,10 +323,7 @@ def warp_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr, loss_ptr,
             zw, okw = _nearest(tl.where(bad, 0.0, pw), W, PAD, INT64)
             idx = (zd * H + zh) * W + zw
             mk = m & okd & okh & okw & ~bad
-            for c in range(C):
-                gmb = gmov_ptr + (b * C + c) * N
-                g = tl.load(gout_ptr + (b * C + c) * N + vox, mask=m, other=0.0)
-                tl.atomic_add(gmb + idx, g.to(gmb.dtype.element_ty), mask=mk, sem="relaxed")
+            _scatter_nearest(gout_ptr, gmov_ptr, b, C, N, vox, m, idx, mk)
     else:
         pd, ph, pw, nan, bad = _cell_positions(crs_ptr + b * ND * sc, d, h, w, cd, cd1, ld0, ld1, ch, ch1, lh0, lh1,
                                                cw, cw1, lw0, lw1, sd, sh, sw, ND)

@@ -31,9 +31,16 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .geometry import block_voxels, needs_int64, new_output
-from .warp import _scatter_plane
-from .warp_dense import _bilinear_axis, _nearest_axis, _plane_value_grad
+from .geometry import block_voxels, cell_tile, needs_int64, new_output
+from .warp import _field_at, _scatter_nearest
+from .warp_dense import (
+    _bilinear_taps,
+    _finite_positions,
+    _nearest_source,
+    _position_grad,
+    _sample_positions,
+    _scatter_bilinear,
+)
 
 _FWD_BLOCK = 256
 _BWD_BLOCK = 256
@@ -41,10 +48,13 @@ _PADS = {"zeros": 0, "border": 1, "reflection": 2}
 
 
 @triton.jit
-def _channel(cb, fd, fh, fw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND: tl.constexpr, like):
+def _channel(cb, fd, fh, fw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND: tl.constexpr,
+             PER_VOXEL: tl.constexpr, like):
     """The B-spline displacement of one channel (cb: its control points) at voxels (d, h, w)
     whose first control points are (fd, fh, fw): sum over w taps of ww * (sum over h taps of
-    wh * (sum over d taps of wd * c)); a tap outside the array reads 0."""
+    wh * (sum over d taps of wd * c)); a tap outside the array reads 0. PER_VOXEL: fd, fh, fw
+    are per voxel (loads masked by m); otherwise scalars shared by the voxels of one knot cell
+    (the backward's programs), and the control points are scalar loads."""
     u = tl.zeros_like(like)
     for mw in range(4):  # loops, not unrolled: 4 control points in flight per channel, not 64 (registers)
         cw = fw + mw
@@ -53,15 +63,17 @@ def _channel(cb, fd, fh, fw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND:
         for mh in range(4):
             ch = fh + mh
             okh = okw & (ch >= 0) & (ch < sh)
+            if PER_VOXEL:
+                okh = okh & m
             if ND == 3:
                 acc_d = tl.zeros_like(like)
                 for md in tl.static_range(4):
                     cd = fd + md
-                    ok = m & okh & (cd >= 0) & (cd < sd)
+                    ok = okh & (cd >= 0) & (cd < sd)
                     c = tl.load(cb + (cd * sh + ch) * sw + cw, mask=ok, other=0.0)
                     acc_d += tl.load(wd_ptr + d * 4 + md, mask=m, other=0.0) * c
             else:
-                acc_d = tl.load(cb + ch * sw + cw, mask=m & okh, other=0.0)
+                acc_d = tl.zeros_like(like) + tl.load(cb + ch * sw + cw, mask=okh, other=0.0)
             acc_h += tl.load(wh_ptr + h * 4 + mh, mask=m, other=0.0) * acc_d
         u += tl.load(ww_ptr + w * 4 + mw, mask=m, other=0.0) * acc_h
     return u
@@ -84,10 +96,10 @@ def warp_bspline_fwd_kernel(mov_ptr, crs_ptr, out_ptr, fd_ptr, wd_ptr, fh_ptr, w
         fd = tl.load(fd_ptr + d, mask=m, other=0)
     else:
         fd = tl.zeros_like(fh)
-    uh = _channel(cb + (ND - 2) * sc, fd, fh, fw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND, like)
-    uw = _channel(cb + (ND - 1) * sc, fd, fh, fw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND, like)
+    uh = _channel(cb + (ND - 2) * sc, fd, fh, fw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND, True, like)
+    uw = _channel(cb + (ND - 1) * sc, fd, fh, fw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND, True, like)
     if ND == 3:
-        ud = _channel(cb, fd, fh, fw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND, like)
+        ud = _channel(cb, fd, fh, fw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND, True, like)
     else:
         ud = tl.zeros_like(uh)
     if WRITE_FIELD:
@@ -98,76 +110,9 @@ def warp_bspline_fwd_kernel(mov_ptr, crs_ptr, out_ptr, fd_ptr, wd_ptr, fh_ptr, w
         tl.store(ob + (ND - 2) * N, uh.to(ty), mask=m)
         tl.store(ob + (ND - 1) * N, uw.to(ty), mask=m)
     else:
-        pd = d.to(uh.dtype) + ud
-        ph = h.to(uh.dtype) + uh
-        pw = w.to(uh.dtype) + uw
-        z = pd * 0.0 + ph * 0.0 + pw * 0.0  # NaN exactly where a coordinate is NaN or infinite
-        bad = z != z
-        pd = tl.where(bad, 0.0, pd)
-        ph = tl.where(bad, 0.0, ph)
-        pw = tl.where(bad, 0.0, pw)
-        if NEAREST:
-            ih, in_h = _nearest_axis(ph, H, PAD, INT64)
-            iw, in_w = _nearest_axis(pw, W, PAD, INT64)
-            inside = m & ~bad & in_h & in_w
-            if ND == 3:
-                iD, in_d = _nearest_axis(pd, D, PAD, INT64)
-                inside = inside & in_d
-                src = (iD * H + ih) * W + iw
-            else:
-                src = ih * W + iw
-            for c in range(C):
-                v = tl.load(mov_ptr + (b * C + c) * N + src, mask=inside, other=0)
-                if IS_FLOAT:
-                    v = tl.where(bad, float("nan"), v)
-                tl.store(out_ptr + (b * C + c) * N + offs, v, mask=m)
-        else:
-            zh, fh_, okh0, okh1, _ch = _bilinear_axis(ph, H, PAD, INT64)
-            zw, fw_, okw0, okw1, _cw = _bilinear_axis(pw, W, PAD, INT64)
-            if ND == 3:
-                zd, fd_, okd0, okd1, _cd = _bilinear_axis(pd, D, PAD, INT64)
-            else:
-                zd = tl.zeros_like(zh)
-                fd_ = tl.zeros_like(fh_)
-                okd0 = m | True
-                okd1 = m & False
-            row = (zd * H + zh) * W + zw
-            for c in range(C):
-                base = mov_ptr + (b * C + c) * N
-                v, _dh, _dw = _plane_value_grad(base, row, W, m & okd0, okh0, okh1, okw0, okw1, fh_, fw_, fh_, fw_)
-                if ND == 3:
-                    v1, _dh1, _dw1 = _plane_value_grad(base, row + H * W, W, m & okd1, okh0, okh1, okw0, okw1, fh_,
-                                                       fw_, fh_, fw_)
-                    v = (1.0 - fd_) * v + fd_ * v1
-                v = tl.where(bad, float("nan"), v)
-                tl.store(out_ptr + (b * C + c) * N + offs, v.to(out_ptr.dtype.element_ty), mask=m)
-
-
-@triton.jit
-def _cell_channel(cb, cfd, cfh, cfw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND: tl.constexpr, like):
-    """_channel for the voxels of one knot cell: their first control points (cfd, cfh, cfw)
-    are scalars, so the control points are scalar loads."""
-    u = tl.zeros_like(like)
-    for mw in range(4):  # loops, not unrolled: 4 control points in flight per channel, not 64 (registers)
-        cw = cfw + mw
-        okw = (cw >= 0) & (cw < sw)
-        acc_h = tl.zeros_like(like)
-        for mh in range(4):
-            ch = cfh + mh
-            okh = okw & (ch >= 0) & (ch < sh)
-            if ND == 3:
-                acc_d = tl.zeros_like(like)
-                for md in tl.static_range(4):
-                    cd = cfd + md
-                    ok = okh & (cd >= 0) & (cd < sd)
-                    c = tl.load(cb + (cd * sh + ch) * sw + cw, mask=ok, other=0.0)
-                    acc_d += tl.load(wd_ptr + d * 4 + md, mask=m, other=0.0) * c
-            else:
-                acc_d = tl.zeros_like(like) + tl.load(cb + ch * sw + cw, mask=okh, other=0.0)
-            acc_h += tl.load(wh_ptr + h * 4 + mh, mask=m, other=0.0) * acc_d
-        u += tl.load(ww_ptr + w * 4 + mw, mask=m, other=0.0) * acc_h
-    return u
-
+        pd, ph, pw, bad = _finite_positions(d.to(uh.dtype) + ud, h.to(uh.dtype) + uh, w.to(uh.dtype) + uw)
+        _sample_positions(mov_ptr, out_ptr, b, C, N, offs, m, pd, ph, pw, bad, D, H, W, ND, PAD, NEAREST, IS_FLOAT,
+                          INT64)
 
 @triton.jit
 def _store_part(pb, k, wt, gd, gh, gw, m, ND: tl.constexpr):
@@ -186,28 +131,8 @@ def warp_bspline_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr,
                             NEED_MOVING: tl.constexpr, NEED_COARSE: tl.constexpr,
                             INT64: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
-    tile = pid % T
-    ncell = nd_cells * nh_cells * nw_cells
-    cell = (pid // T) % ncell
-    b = (pid // T // ncell).to(tl.int64)
-    kw = cell % nw_cells
-    kh = (cell // nw_cells) % nh_cells
-    kd = cell // (nw_cells * nh_cells)
-    d_lo = tl.load(cbd_ptr + kd)
-    h_lo = tl.load(cbh_ptr + kh)
-    w_lo = tl.load(cbw_ptr + kw)
-    ed = tl.load(cbd_ptr + kd + 1) - d_lo
-    eh = tl.load(cbh_ptr + kh + 1) - h_lo
-    ew = tl.load(cbw_ptr + kw + 1) - w_lo
-    o = tile * BLOCK + tl.arange(0, BLOCK)
-    if INT64:
-        o = o.to(tl.int64)
-    m = o < ed * eh * ew
-    ew1 = tl.maximum(ew, 1)
-    eh1 = tl.maximum(eh, 1)
-    w = w_lo + o % ew1
-    h = h_lo + (o // ew1) % eh1
-    d = d_lo + o // (ew1 * eh1)
+    b, kd, kh, kw, d, h, w, m = cell_tile(pid, T, nd_cells, nh_cells, nw_cells, cbd_ptr, cbh_ptr, cbw_ptr, INT64,
+                                          BLOCK)
     N = D * H * W
     vox = (d * H + h) * W + w
     # the cell's first control points: scalars
@@ -218,31 +143,18 @@ def warp_bspline_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr,
     sc = sd * sh * sw
 
     if FIELD_GRAD:
-        gb = gout_ptr + b * ND * N + vox
-        gh = tl.load(gb + (ND - 2) * N, mask=m, other=0.0).to(like.dtype)
-        gw = tl.load(gb + (ND - 1) * N, mask=m, other=0.0).to(like.dtype)
-        if ND == 3:
-            gd = tl.load(gb, mask=m, other=0.0).to(like.dtype)
-        else:
-            gd = tl.zeros_like(gh)
+        gd, gh, gw = _field_at(gout_ptr + b * ND * N, N, vox, m, ND, like)
     else:
         cb = crs_ptr + b * ND * sc
-        uh = _cell_channel(cb + (ND - 2) * sc, cfd, cfh, cfw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND,
-                           like)
-        uw = _cell_channel(cb + (ND - 1) * sc, cfd, cfh, cfw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND,
-                           like)
+        uh = _channel(cb + (ND - 2) * sc, cfd, cfh, cfw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND, False,
+                      like)
+        uw = _channel(cb + (ND - 1) * sc, cfd, cfh, cfw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND, False,
+                      like)
         if ND == 3:
-            ud = _cell_channel(cb, cfd, cfh, cfw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND, like)
+            ud = _channel(cb, cfd, cfh, cfw, wd_ptr, wh_ptr, ww_ptr, d, h, w, sd, sh, sw, m, ND, False, like)
         else:
             ud = tl.zeros_like(uh)
-        pd = d.to(uh.dtype) + ud
-        ph = h.to(uh.dtype) + uh
-        pw = w.to(uh.dtype) + uw
-        nan = pd * 0.0 + ph * 0.0 + pw * 0.0  # NaN exactly where a coordinate is NaN or infinite
-        bad = nan != nan
-        pd = tl.where(bad, 0.0, pd)
-        ph = tl.where(bad, 0.0, ph)
-        pw = tl.where(bad, 0.0, pw)
+        pd, ph, pw, bad = _finite_positions(d.to(uh.dtype) + ud, h.to(uh.dtype) + uh, w.to(uh.dtype) + uw)
         mg = m & ~bad
         gd = tl.zeros_like(like)
         gh = tl.zeros_like(like)
@@ -250,61 +162,29 @@ def warp_bspline_bwd_kernel(gout_ptr, mov_ptr, crs_ptr, gmov_ptr, part_ptr,
         if NEAREST:
             # the image gradient is a scatter to the voxels read; the control points get none
             if NEED_MOVING:
-                ih, in_h = _nearest_axis(ph, H, PAD, INT64)
-                iw, in_w = _nearest_axis(pw, W, PAD, INT64)
-                inside = mg & in_h & in_w
-                if ND == 3:
-                    iD, in_d = _nearest_axis(pd, D, PAD, INT64)
-                    inside = inside & in_d
-                    src = (iD * H + ih) * W + iw
-                else:
-                    src = ih * W + iw
-                for c in range(C):
-                    g = tl.load(gout_ptr + (b * C + c) * N + vox, mask=m, other=0.0)
-                    tl.atomic_add(gmov_ptr + (b * C + c) * N + src, g.to(gmov_ptr.dtype.element_ty), mask=inside,
-                                  sem="relaxed")
+                src, inside = _nearest_source(pd, ph, pw, D, H, W, mg, ND, PAD, INT64)
+                _scatter_nearest(gout_ptr, gmov_ptr, b, C, N, vox, m, src, inside)
         else:
-            zh, fh, okh0, okh1, clh = _bilinear_axis(ph, H, PAD, INT64)
-            zw, fw, okw0, okw1, clw = _bilinear_axis(pw, W, PAD, INT64)
-            if ND == 3:
-                zd, fd, okd0, okd1, cld = _bilinear_axis(pd, D, PAD, INT64)
-            else:
-                zd = tl.zeros_like(zh)
-                fd = tl.zeros_like(fh)
-                cld = tl.zeros_like(fh)
-                okd0 = m | True
-                okd1 = m & False
+            zd, fd, okd0, okd1, cld, zh, fh, okh0, okh1, clh, zw, fw, okw0, okw1, clw = _bilinear_taps(
+                pd, ph, pw, D, H, W, ND, PAD, INT64)
             inside = (okd0 | okd1) & (okh0 | okh1) & (okw0 | okw1)
             row = (zd * H + zh) * W + zw
             for c in range(C):
                 g = tl.load(gout_ptr + (b * C + c) * N + vox, mask=m, other=0.0).to(fw.dtype)
                 if NEED_MOVING:
-                    gmb = gmov_ptr + (b * C + c) * N
-                    _scatter_plane(gmb, row, W, mg & okd0, okh0, okh1, okw0, okw1, g * (1.0 - fd), fh, fw)
-                    if ND == 3:
-                        _scatter_plane(gmb, row + H * W, W, mg & okd1, okh0, okh1, okw0, okw1, g * fd, fh, fw)
+                    _scatter_bilinear(gmov_ptr + (b * C + c) * N, row, H, W, mg, okd0, okd1, okh0, okh1, okw0, okw1,
+                                      g, fd, fh, fw, ND)
                 if NEED_COARSE:
-                    base = mov_ptr + (b * C + c) * N
-                    v0, dh0, dw0 = _plane_value_grad(base, row, W, mg & okd0, okh0, okh1, okw0, okw1, fh, fw, clh,
-                                                     clw)
-                    if ND == 3:
-                        v1, dh1, dw1 = _plane_value_grad(base, row + H * W, W, mg & okd1, okh0, okh1, okw0, okw1, fh,
-                                                         fw, clh, clw)
-                        sd_ = cld * (v1 - v0)
-                        sh_ = (1.0 - fd) * dh0 + fd * dh1
-                        sw_ = (1.0 - fd) * dw0 + fd * dw1
-                    else:
-                        sd_ = tl.zeros_like(fw)
-                        sh_ = dh0
-                        sw_ = dw0
+                    sd_, sh_, sw_ = _position_grad(mov_ptr + (b * C + c) * N, row, H, W, mg, okd0, okd1, okh0, okh1,
+                                                   okw0, okw1, fd, fh, fw, cld, clh, clw, ND)
                     # a voxel with no corner inside the image passes no gradient to its position
                     gd += tl.where(inside, g * sd_, 0.0)
                     gh += tl.where(inside, g * sh_, 0.0)
                     gw += tl.where(inside, g * sw_, 0.0)
             # a non-finite position has a NaN gradient (documented)
-            gd = tl.where(bad, nan, gd)
-            gh = tl.where(bad, nan, gh)
-            gw = tl.where(bad, nan, gw)
+            gd = tl.where(bad, float("nan"), gd)
+            gh = tl.where(bad, float("nan"), gh)
+            gw = tl.where(bad, float("nan"), gw)
 
     if NEED_COARSE:
         # partial sums of this program, layout [B, ncell, T, KD, 4, 4, nd] (KD = 4 in 3-D, 1 in 2-D)

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from .geometry import block_voxels, needs_int64, new_output
-from .warp import _bilinear, _scatter_plane, _taps
+from .warp import _bilinear, _scatter_nearest, _scatter_plane, _taps
 
 _BLOCK = 256
 _PADS = {"zeros": 0, "border": 1, "reflection": 2}
@@ -162,14 +162,19 @@ def _positions(u_ptr, b, N, offs, m, d, h, w, D, H, W, ND: tl.constexpr, like):
 
 
 @triton.jit
-def warp_dense_fwd_kernel(mov_ptr, u_ptr, out_ptr, C, D, H, W,
-                          ND: tl.constexpr, PAD: tl.constexpr, NEAREST: tl.constexpr, IS_FLOAT: tl.constexpr,
-                          INT64: tl.constexpr, BLOCK: tl.constexpr):
-    b = tl.program_id(1).to(tl.int64)
-    offs, m, d, h, w = block_voxels(tl.program_id(0), D, H, W, INT64, BLOCK)
-    N = D * H * W
-    like = tl.zeros([BLOCK], dtype=u_ptr.dtype.element_ty)
-    pd, ph, pw, bad = _positions(u_ptr, b, N, offs, m, d, h, w, D, H, W, ND, like)
+def _finite_positions(pd, ph, pw):
+    """The positions with the non-finite ones set to 0, and where they were (a coordinate NaN
+    or infinite makes 0 * p NaN)."""
+    z = pd * 0.0 + ph * 0.0 + pw * 0.0
+    bad = z != z
+    return tl.where(bad, 0.0, pd), tl.where(bad, 0.0, ph), tl.where(bad, 0.0, pw), bad
+
+
+@triton.jit
+def _sample_positions(mov_ptr, out_ptr, b, C, N, offs, m, pd, ph, pw, bad, D, H, W, ND: tl.constexpr,
+                      PAD: tl.constexpr, NEAREST: tl.constexpr, IS_FLOAT: tl.constexpr, INT64: tl.constexpr):
+    """Every channel of image b sampled at the block's positions (full resolution: the dense and
+    the B-spline warps) into out[b, :, offs]: NaN (a label map: 0) at a bad position."""
     if NEAREST:
         src, inside = _nearest_source(pd, ph, pw, D, H, W, m & ~bad, ND, PAD, INT64)
         for c in range(C):
@@ -188,6 +193,17 @@ def warp_dense_fwd_kernel(mov_ptr, u_ptr, out_ptr, C, D, H, W,
 
 
 @triton.jit
+def warp_dense_fwd_kernel(mov_ptr, u_ptr, out_ptr, C, D, H, W,
+                          ND: tl.constexpr, PAD: tl.constexpr, NEAREST: tl.constexpr, IS_FLOAT: tl.constexpr,
+                          INT64: tl.constexpr, BLOCK: tl.constexpr):
+    b = tl.program_id(1).to(tl.int64)
+    offs, m, d, h, w = block_voxels(tl.program_id(0), D, H, W, INT64, BLOCK)
+    N = D * H * W
+    like = tl.zeros([BLOCK], dtype=u_ptr.dtype.element_ty)
+    pd, ph, pw, bad = _positions(u_ptr, b, N, offs, m, d, h, w, D, H, W, ND, like)
+    _sample_positions(mov_ptr, out_ptr, b, C, N, offs, m, pd, ph, pw, bad, D, H, W, ND, PAD, NEAREST, IS_FLOAT, INT64)
+
+@triton.jit
 def _plane_value_grad(base, row, W, md, okh0, okh1, okw0, okw1, fh, fw, clh, clw):
     """One d plane: the bilinear value and its derivatives along h and w."""
     v00 = tl.load(base + row, mask=md & okh0 & okw0, other=0.0).to(fw.dtype)
@@ -200,6 +216,33 @@ def _plane_value_grad(base, row, W, md, okh0, okh1, okw0, okw1, fh, fw, clh, clw
     dh = clh * (up - lo)
     dw = clw * ((1.0 - fh) * (v01 - v00) + fh * (v11 - v10))
     return val, dh, dw
+
+
+@triton.jit
+def _scatter_bilinear(gmb, row, H, W, mg, okd0, okd1, okh0, okh1, okw0, okw1, g, fd, fh, fw, ND: tl.constexpr):
+    """One channel's image gradient: g spread over the corners of the sample (gmb: the channel's
+    gradient; two d planes in 3-D)."""
+    _scatter_plane(gmb, row, W, mg & okd0, okh0, okh1, okw0, okw1, g * (1.0 - fd), fh, fw)
+    if ND == 3:
+        _scatter_plane(gmb, row + H * W, W, mg & okd1, okh0, okh1, okw0, okw1, g * fd, fh, fw)
+
+
+@triton.jit
+def _position_grad(base, row, H, W, mg, okd0, okd1, okh0, okh1, okw0, okw1, fd, fh, fw, cld, clh, clw,
+                   ND: tl.constexpr):
+    """d(sample)/d(position) along (d, h, w) of one channel (base) at the taps; cl*: the clamp
+    factors of _bilinear_axis (0 where the position is clamped)."""
+    v0, dh0, dw0 = _plane_value_grad(base, row, W, mg & okd0, okh0, okh1, okw0, okw1, fh, fw, clh, clw)
+    if ND == 3:
+        v1, dh1, dw1 = _plane_value_grad(base, row + H * W, W, mg & okd1, okh0, okh1, okw0, okw1, fh, fw, clh, clw)
+        sd_ = cld * (v1 - v0)
+        sh_ = (1.0 - fd) * dh0 + fd * dh1
+        sw_ = (1.0 - fd) * dw0 + fd * dw1
+    else:
+        sd_ = tl.zeros_like(fw)
+        sh_ = dh0
+        sw_ = dw0
+    return sd_, sh_, sw_
 
 
 @triton.jit
@@ -216,10 +259,7 @@ def warp_dense_bwd_kernel(gout_ptr, mov_ptr, u_ptr, gmov_ptr, gu_ptr, C, D, H, W
     if NEAREST:
         # the image gradient only (the field gradient is zero, filled by the launcher)
         src, inside = _nearest_source(pd, ph, pw, D, H, W, mg, ND, PAD, INT64)
-        for c in range(C):
-            g = tl.load(gout_ptr + (b * C + c) * N + offs, mask=m, other=0.0)
-            tl.atomic_add(gmov_ptr + (b * C + c) * N + src, g.to(gmov_ptr.dtype.element_ty), mask=inside,
-                          sem="relaxed")
+        _scatter_nearest(gout_ptr, gmov_ptr, b, C, N, offs, m, src, inside)
     else:
         zd, fd, okd0, okd1, cld, zh, fh, okh0, okh1, clh, zw, fw, okw0, okw1, clw = _bilinear_taps(
             pd, ph, pw, D, H, W, ND, PAD, INT64)
@@ -231,23 +271,11 @@ def warp_dense_bwd_kernel(gout_ptr, mov_ptr, u_ptr, gmov_ptr, gu_ptr, C, D, H, W
         for c in range(C):
             g = tl.load(gout_ptr + (b * C + c) * N + offs, mask=m, other=0.0).to(fw.dtype)
             if NEED_MOVING:
-                gmb = gmov_ptr + (b * C + c) * N
-                _scatter_plane(gmb, row, W, mg & okd0, okh0, okh1, okw0, okw1, g * (1.0 - fd), fh, fw)
-                if ND == 3:
-                    _scatter_plane(gmb, row + H * W, W, mg & okd1, okh0, okh1, okw0, okw1, g * fd, fh, fw)
+                _scatter_bilinear(gmov_ptr + (b * C + c) * N, row, H, W, mg, okd0, okd1, okh0, okh1, okw0, okw1, g,
+                                  fd, fh, fw, ND)
             if NEED_FIELD:
-                base = mov_ptr + (b * C + c) * N
-                v0, dh0, dw0 = _plane_value_grad(base, row, W, mg & okd0, okh0, okh1, okw0, okw1, fh, fw, clh, clw)
-                if ND == 3:
-                    v1, dh1, dw1 = _plane_value_grad(base, row + H * W, W, mg & okd1, okh0, okh1, okw0, okw1, fh,
-                                                     fw, clh, clw)
-                    sd_ = cld * (v1 - v0)
-                    sh_ = (1.0 - fd) * dh0 + fd * dh1
-                    sw_ = (1.0 - fd) * dw0 + fd * dw1
-                else:
-                    sd_ = tl.zeros_like(fw)
-                    sh_ = dh0
-                    sw_ = dw0
+                sd_, sh_, sw_ = _position_grad(mov_ptr + (b * C + c) * N, row, H, W, mg, okd0, okd1, okh0, okh1, okw0,
+                                               okw1, fd, fh, fw, cld, clh, clw, ND)
                 # a voxel with no corner inside the image passes no gradient to its position
                 gd += tl.where(inside, g * sd_, 0.0)
                 gh += tl.where(inside, g * sh_, 0.0)
