@@ -131,4 +131,7 @@ def cell_tile(pid, T, nd_cells, nh_cells, nw_cells, cbd, cbh, cbw, INT64: tl.con
     m = o < ed * eh * ew
     ew1 = tl.maximum(ew, 1)
     eh1 = tl.maximum(eh, 1)
-    return b, kd, kh, kw, d_lo + o // (ew1 * eh1), h_lo + (o // ew1) % eh1, w_lo + o % ew1, m
+    w = w_lo + o % ew1
+    h = h_lo + (o // ew1) % eh1
+    d = d_lo + o // (ew1 * eh1)
+    return b, kd, kh, kw, d, h, w, m
