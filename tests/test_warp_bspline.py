@@ -351,3 +351,22 @@ def test_raw_op_errors():
         torch.ops.coopseg.upsample_bspline_bwd(torch.zeros(1, 2, 6, 7), [4, 3], [0.0, 0.0], [1.0, 1.0])
     with pytest.raises(RuntimeError, match="origin entries must be finite"):
         torch.ops.coopseg.upsample_bspline_fwd(c, [6, 7], [float("nan"), 0.0], [1.0, 1.0])
+
+
+def test_deterministic_image_gradient_is_refused_on_triton():
+    """The B-spline Triton backward scatters the image gradient atomically: deterministic=True (or
+    PyTorch's switch) with a moving image that needs a gradient is refused, not silently atomic."""
+    pytest.importorskip("triton")
+    moving, coarse = _kinputs((9, 8), (5, 4), torch.float32, B=1)
+    with pytest.raises(ValueError, match="deterministic=True .* upsample='bspline'"):
+        ck.warp(moving, coarse, upsample="bspline", backend="triton", deterministic=True)
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(ValueError, match="upsample='bspline' on the Triton backend"):
+            ck.warp(moving, coarse, upsample="bspline", backend="triton")
+    finally:
+        torch.use_deterministic_algorithms(False)
+    # without an image gradient (augmentation) and on CPU (always deterministic) it runs
+    out = ck.warp(moving.detach(), coarse, upsample="bspline", backend="triton", deterministic=True)
+    ref = ck.warp(moving.detach(), coarse, upsample="bspline", backend="cpp", deterministic=True)
+    torch.testing.assert_close(out, ref)

@@ -129,7 +129,8 @@ def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_
 
     deterministic: the image gradient bitwise reproducible from run to run on CUDA (a gather
     per destination voxel instead of the atomic scatter; docs/kernels.md#image-gradient), for
-    the linear and full-resolution paths (the B-spline Triton backward scatters atomically).
+    the linear and full-resolution paths; the B-spline Triton backward scatters atomically, so
+    there deterministic=True with a moving image that requires grad raises a ValueError.
     None (default): PyTorch's switch, torch.are_deterministic_algorithms_enabled(), read at
     this call -- atomic by default as grid_sample's CUDA backward (MONAI, VoxelMorph), and
     deterministic under torch.use_deterministic_algorithms(True), where grid_sample raises.
@@ -140,6 +141,13 @@ def warp(moving: Tensor, coarse: Tensor, *, align_corners: bool = True, padding_
     deterministic = _checks.deterministic(deterministic)
     be = _backend.resolve(backend, moving.device)
     if upsample == "bspline":
+        if deterministic and be == "triton" and moving.requires_grad and torch.is_grad_enabled():
+            # refused rather than silently atomic (as grid_sample under torch.use_deterministic_algorithms)
+            raise ValueError("deterministic=True (or torch.use_deterministic_algorithms(True)) is not available "
+                             "for upsample='bspline' on the Triton backend when moving requires grad: its image "
+                             "gradient is an atomic scatter; pass deterministic=False, detach moving, or warp "
+                             "with the field: warp_dense(moving, upsample_field(coarse, size, "
+                             "upsample='bspline', ...), deterministic=True)")
         origin, spacing = reference.bspline_geometry(moving.shape[2:], coarse.shape[2:], align_corners=align_corners,
                                                      control_origin=origin, control_spacing=spacing)
         return warp_bspline(moving, coarse, origin, spacing, padding_mode=padding_mode, mode=mode, backend=be)
