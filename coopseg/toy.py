@@ -190,15 +190,19 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for lr in sorted({r["lambda_r"] for r in rows}):
         rs = [r for r in rows if r["lambda_r"] == lr]
-        g = sorted(r["gain"] for r in rs)
-        q = statistics.quantiles(g, n=4) if len(g) > 1 else [g[0]] * 3
-        out.append(dict(lambda_r=lr, n=len(rs), gain_median=q[1], gain_q1=q[0], gain_q3=q[2],
-                        gain_positive=sum(v > 0 for v in g) / len(g),
+        out.append(dict(lambda_r=lr, **_gain_stats([r["gain"] for r in rs]),
                         ds_pred=statistics.median(r["ds_pred"] for r in rs),
                         ds_truth=statistics.median(r["ds_truth"] for r in rs),
                         dice1=statistics.fmean(r["dice1"] for r in rs),
                         dice2=statistics.fmean(r["dice2"] for r in rs)))
     return out
+
+
+def _gain_stats(gains) -> dict:
+    """n, median and quartiles of the gains, and the share of pairs that gain."""
+    g = sorted(gains)
+    q = statistics.quantiles(g, n=4) if len(g) > 1 else [g[0]] * 3
+    return dict(n=len(g), gain_median=q[1], gain_q1=q[0], gain_q3=q[2], gain_positive=sum(v > 0 for v in g) / len(g))
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -395,7 +399,6 @@ def _run_shift_sweep(out: Path, settings: ToySettings, shifts: list, log) -> lis
     return rows
 
 
-
 # ----------------------------------------------------------------------------- the oracle gate
 
 def oracle_table(rows: list[dict]) -> str:
@@ -435,11 +438,7 @@ def run_oracle(out: Path, settings: ToySettings, *, log=print) -> dict:
         gain = (ds_translation(m1, m2) - ds_translation(s1, s2)).tolist()
         per_pair = dict(dice_oracle=ck.dice(m2, s2o).flatten().tolist(), dice2=ck.dice(m2, s2).flatten().tolist(),
                         dice_truth=ck.dice(s2, s2o).flatten().tolist(), dice1=ck.dice(m1, s1).flatten().tolist())
-        g = sorted(gain)
-        q = statistics.quantiles(g, n=4) if len(g) > 1 else [g[0]] * 3
-        row = dict(n=len(g), gain_median=q[1], gain_q1=q[0], gain_q3=q[2],
-                   gain_positive=sum(v > 0 for v in g) / len(g),
-                   **{k: statistics.fmean(v) for k, v in per_pair.items()})
+        row = dict(**_gain_stats(gain), **{k: statistics.fmean(v) for k, v in per_pair.items()})
         f = io.StringIO(newline="")
         w = csv.writer(f)
         w.writerow(["pair", "gain", *per_pair])

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 import coopseg_kernels as ck
-from coopseg_kernels import convert
+from coopseg_kernels import convert, reference
 
 try:
     import SimpleITK as sitk
@@ -150,7 +150,7 @@ def warp_like_itk(tensor: torch.Tensor, coarse: torch.Tensor, origin, spacing, *
     for k in reversed(range(len(size))):
         if size[k] != 1:
             continue
-        w = _weight_matrix(torch.zeros(1, dtype=torch.float64), coarse.shape[2 + k], origin[k], spacing[k])[0]
+        w = _weight_matrix(0, 1, coarse.shape[2 + k], origin[k], spacing[k])[0]
         coarse = torch.tensordot(coarse, w, dims=([2 + k], [0]))
         flat_components.append(coarse[:, k:k + 1])
         coarse = torch.cat([coarse[:, :k], coarse[:, k + 1:]], 1)
@@ -213,25 +213,20 @@ def _field_component(c: torch.Tensor, ranges, origin, spacing) -> torch.Tensor:
     [a_k, b_k) of every axis: c contracted with one (b_k - a_k, s_k) weight matrix per axis."""
     u = c.to(torch.float64)
     for k, (a, b) in enumerate(ranges):
-        w = _weight_matrix(torch.arange(a, b, dtype=torch.float64), c.shape[k], origin[k], spacing[k]).to(u.device)
+        w = _weight_matrix(a, b, c.shape[k], origin[k], spacing[k]).to(u.device)
         u = torch.movedim(torch.tensordot(u, w, dims=([k], [1])), -1, k)
     return u
 
 
-def _weight_matrix(x: torch.Tensor, s: int, origin: float, spacing: float) -> torch.Tensor:
-    """(len(x), s) cubic B-spline weights of the s control points at voxel coordinates x (the
-    spec's B(-1..2) at t = u - floor(u), u = (x - origin) / spacing; 0 beyond the grid)."""
-    u = (x - origin) / spacing
-    i = torch.floor(u)
-    t = u - i
-    b = ((1 - t) ** 3 / 6, (3 * t ** 3 - 6 * t ** 2 + 4) / 6, (-3 * t ** 3 + 3 * t ** 2 + 3 * t + 1) / 6, t ** 3 / 6)
-    w = torch.zeros(len(x), s, dtype=torch.float64)
-    rows = torch.arange(len(x))
-    for m, bm in zip(range(-1, 3), b):
-        j = i.long() + m
-        ok = (j >= 0) & (j < s)
-        w[rows[ok], j[ok]] = bm[ok]
-    return w
+def _weight_matrix(a: int, b: int, s: int, origin: float, spacing: float) -> torch.Tensor:
+    """(b - a, s) cubic B-spline weights of the s control points at the voxels a .. b - 1: the taps
+    of reference.bspline_axis_table (the kernels' spec) as a dense matrix, 0 beyond the grid."""
+    first, w, valid = (t[a:] for t in reference.bspline_axis_table(b, s, origin, spacing))
+    cols = first.unsqueeze(1) + torch.arange(4)
+    rows = torch.arange(b - a).unsqueeze(1).expand(-1, 4)
+    out = torch.zeros(b - a, s, dtype=torch.float64)
+    out[rows[valid], cols[valid]] = w[valid]
+    return out
 
 
 def _reference_image(size, affine) -> sitk.Image:

@@ -362,11 +362,16 @@ def upsample_args(upsample, coarse: torch.Tensor, nd: int, control_origin, contr
     return origin, spacing
 
 
-def deterministic(value) -> bool:
-    """The warps' `deterministic` keyword: True, False, or None for PyTorch's switch
-    (torch.are_deterministic_algorithms_enabled(), read now)."""
-    if value is None:
-        return torch.are_deterministic_algorithms_enabled()
-    if not isinstance(value, bool):
+def deterministic_option(value) -> bool | None:
+    """The warps' `deterministic` keyword as given: True, False, or None (PyTorch's switch, read
+    at each call; the nn modules keep it so)."""
+    if value is not None and not isinstance(value, bool):
         raise TypeError(f"deterministic must be True, False or None, got {value!r} ({type(value).__name__})")
     return value
+
+
+def deterministic(value) -> bool:
+    """The warps' `deterministic` keyword resolved: None is PyTorch's switch
+    (torch.are_deterministic_algorithms_enabled(), read now)."""
+    value = deterministic_option(value)
+    return torch.are_deterministic_algorithms_enabled() if value is None else value

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _checks
 from .ops.warp import warp
 from .ops.warp_dense import warp_dense
 
@@ -40,12 +41,6 @@ def _choice(name: str, value, options) -> str:
     return value
 
 
-def _deterministic(value):
-    if value is not None and not isinstance(value, bool):
-        raise TypeError(f"deterministic must be True, False or None, got {value!r} ({type(value).__name__})")
-    return value
-
-
 class Warp(torch.nn.Module):
     """Warp an image with a dense displacement field (DDF), as monai.networks.blocks.Warp.
 
@@ -57,7 +52,7 @@ class Warp(torch.nn.Module):
     def __init__(self, mode: str = "bilinear", padding_mode: str = "border", jitter: bool = False, *,
                  backend: str = "auto", deterministic: bool | None = None):
         super().__init__()
-        self.deterministic = _deterministic(deterministic)
+        self.deterministic = _checks.deterministic_option(deterministic)
         self.mode = _choice("mode", mode, _MONAI_MODES)
         self.padding_mode = _choice("padding_mode", padding_mode, _PADDINGS)
         if not isinstance(jitter, bool):
@@ -109,7 +104,7 @@ class SpatialTransformer(torch.nn.Module):
     def __init__(self, interpolation_mode: str = "linear", align_corners: bool = True, device=None, *,
                  backend: str = "auto", deterministic: bool | None = None):
         super().__init__()
-        self.deterministic = _deterministic(deterministic)
+        self.deterministic = _checks.deterministic_option(deterministic)
         self.interpolation_mode = _choice("interpolation_mode", interpolation_mode,
                                           ("linear", "bilinear", "trilinear", "nearest"))
         if not isinstance(align_corners, bool):
@@ -152,7 +147,7 @@ class CoarseWarp(torch.nn.Module):
     def __init__(self, mode: str = "bilinear", padding_mode: str = "zeros", align_corners: bool = True, *,
                  backend: str = "auto", deterministic: bool | None = None):
         super().__init__()
-        self.deterministic = _deterministic(deterministic)
+        self.deterministic = _checks.deterministic_option(deterministic)
         self.mode = _choice("mode", mode, ("bilinear", "nearest"))
         self.padding_mode = _choice("padding_mode", padding_mode, _PADDINGS)
         if not isinstance(align_corners, bool):

@@ -26,5 +26,6 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=lib
 "$VPY" -m pytest -q -p no:cacheprovider ../tests/test_raw_ops.py \
     ../tests/test_warp.py ../tests/test_nonfinite.py ../tests/test_int64.py ../tests/test_blur.py \
     ../tests/test_similarity.py ../tests/test_warp_rows.py ../tests/test_warp_modes.py ../tests/test_nn.py \
+    ../tests/test_warp_bspline.py ../tests/test_bspline_sitk.py \
     -k "not triton and not cuda"
 COOPSEG_FUZZ_LONG=1 "$VPY" -m pytest -q -p no:cacheprovider ../tests/test_fuzz.py

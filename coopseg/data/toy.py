@@ -45,6 +45,9 @@ def _stripes(yy, xx, angle, period, phase) -> np.ndarray:
     return 0.5 + 0.5 * np.sin(k * (xx * math.cos(angle) + yy * math.sin(angle)) + phase)
 
 
+TARGETS = ("s2", "oracle")
+
+
 def make_toy_pair(seed: int, size: int = 240, max_shift: int = 32, *, target: str = "s2") -> dict:
     """One pair: dict(x1, x2, s1, s2), float32 tensors (1, size, size); x in [0, 1], s in {0, 1}.
 
@@ -54,8 +57,7 @@ def make_toy_pair(seed: int, size: int = 240, max_shift: int = 32, *, target: st
     where it comes from outside the image): what L_p converges to with a perfect registor,
     the target of the oracle gate (docs/toy.md#the-oracle-gate). x2 is unchanged."""
     _check_args(seed, size, max_shift)
-    if target not in TARGETS:
-        raise ConfigError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+    _check_target(target)
     rng = np.random.default_rng(int(seed))
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
     pair, shift = _draw(rng, yy, xx, size, max_shift)
@@ -64,14 +66,11 @@ def make_toy_pair(seed: int, size: int = 240, max_shift: int = 32, *, target: st
     return pair
 
 
-TARGETS = ("s2", "oracle")
-
-
 def toy_shift(seed: int, size: int = 240, max_shift: int = 32) -> tuple[int, int]:
     """The pair's translation (dy, dx) in pixels: s2's blobs sit at s1's plus this (and their jitter)."""
     _check_args(seed, size, max_shift)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    return _draw(np.random.default_rng(int(seed)), yy, xx, size, max_shift)[1]
+    shift = _layout(np.random.default_rng(int(seed)), size, max_shift)[3]
+    return int(shift[0]), int(shift[1])
 
 
 def translate(mask: torch.Tensor, shift) -> torch.Tensor:
@@ -85,6 +84,11 @@ def translate(mask: torch.Tensor, shift) -> torch.Tensor:
     return out
 
 
+def _check_target(target) -> None:
+    if target not in TARGETS:
+        raise ConfigError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+
+
 def _check_args(seed, size, max_shift) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"seed must be an int >= 0, got {seed!r}")
@@ -94,11 +98,12 @@ def _check_args(seed, size, max_shift) -> None:
         raise ConfigError(f"max_shift must be an int in [0, size/4) = [0, {size // 4}), got {max_shift!r}")
 
 
-def _draw(rng, yy, xx, size: int, max_shift: int) -> tuple[dict, tuple[int, int]]:
-    # Every draw is made in the same order and number whatever max_shift is (the shift's
-    # own draw is a uniform scaled afterwards), so a seed's s1, blobs and textures do not
-    # depend on it. Blobs keep clear of the image's edge by their own size only; with a
-    # large shift part of s2 may leave the image (that follows from the shift).
+def _layout(rng, size: int, max_shift: int):
+    """The pair's blobs and translation (the first draws of a seed; cheap: no image yet).
+    Every draw is made in the same order and number whatever max_shift is (the shift's own
+    draw is a uniform scaled afterwards), so a seed's s1, blobs and textures do not depend on
+    it. Blobs keep clear of the image's edge by their own size only; with a large shift part
+    of s2 may leave the image (that follows from the shift)."""
     n = int(rng.integers(2, 5))
     scale = size / 240.0
     radii = rng.uniform(12, 28, 4)[:n] * scale
@@ -109,6 +114,11 @@ def _draw(rng, yy, xx, size: int, max_shift: int) -> tuple[dict, tuple[int, int]
     shift = (np.minimum(np.floor(u * (2 * max_shift + 1)), 2 * max_shift) - max_shift).astype(int)
     centres2 = centres + rng.uniform(-3, 3, (4, 2))[:n] * scale   # slightly different...
     radii2 = radii * rng.uniform(0.9, 1.1, 4)[:n]                 # ...and translated
+    return centres, radii, wobble, shift, centres2, radii2
+
+
+def _draw(rng, yy, xx, size: int, max_shift: int) -> tuple[dict, tuple[int, int]]:
+    centres, radii, wobble, shift, centres2, radii2 = _layout(rng, size, max_shift)
     s1 = _blob_mask(yy, xx, centres, radii, wobble)
     s2 = _blob_mask(yy - shift[0], xx - shift[1], centres2, radii2, wobble)  # exact integer translation
 
@@ -138,8 +148,7 @@ class ToyPairs(torch.utils.data.Dataset):
         if max_shift is None and isinstance(size, int):
             max_shift = 32 * size // 240
         _check_args(seed, size, max_shift)
-        if target not in TARGETS:
-            raise ConfigError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+        _check_target(target)
         self.n, self.seed, self.size, self.max_shift, self.target = n, int(seed), size, max_shift, target
 
     def __len__(self):

@@ -86,6 +86,16 @@ def new_output(shape, dtype: torch.dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+# padding_mode -> the PAD constexpr of the warp kernels
+PADS = {"zeros": 0, "border": 1, "reflection": 2}
+
+
+def grid3(size: Sequence[int]) -> list[int]:
+    """Spatial sizes as (d, h, w): a 2-D problem gets d = 1."""
+    size = list(size)
+    return [1] + size if len(size) == 2 else size
+
+
 def needs_int64(numel: int) -> bool:
     """64-bit offsets inside a volume: for 2^31 - 1 voxels or more, or always under
     the test-only switch COOPSEG_FORCE_INT64=1, which runs the INT64

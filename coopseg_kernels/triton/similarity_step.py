@@ -16,8 +16,8 @@ import triton
 import triton.language as tl
 
 from . import warp
-from .geometry import axis_tables, needs_int64, new_output
-from .warp import _BWD_BLOCK, _bwd_tiles, _fold_partials, _grid3, _table_args
+from .geometry import axis_tables, grid3, needs_int64, new_output
+from .warp import _BWD_BLOCK, _bwd_tiles, _fold_partials, _table_args
 
 
 @triton.jit
@@ -42,8 +42,8 @@ def similarity_step_fwd(s1_blurred: torch.Tensor, s2_blurred: torch.Tensor, coar
     nd = coarse.dim() - 2
     B = coarse.shape[0]
     size = s1_blurred.shape[2:]
-    D, H, W = _grid3(size)
-    sd, sh, sw = _grid3(coarse.shape[2:])
+    D, H, W = grid3(size)
+    sd, sh, sw = grid3(coarse.shape[2:])
     device = s2_blurred.device
     tabs = axis_tables(size, coarse.shape[2:], align_corners, coarse.dtype, device)
     N = D * H * W

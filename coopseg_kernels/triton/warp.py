@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import axis_tables, block_voxels, cell_tile, fold_cell_partials, needs_int64, new_output
+from .geometry import PADS, axis_tables, block_voxels, cell_tile, fold_cell_partials, grid3, needs_int64, new_output
 
 _FWD_BLOCK = 256
 _BWD_BLOCK = 256
@@ -448,11 +448,6 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _grid3(size):
-    size = list(size)
-    return [1] + size if len(size) == 2 else size
-
-
 def _table_args(tabs, with_cells: bool):
     args = []
     for t in tabs:
@@ -460,20 +455,19 @@ def _table_args(tabs, with_cells: bool):
     return args
 
 
-_PADS = {"zeros": 0, "border": 1, "reflection": 2}
 
 
 def _forward(moving_or_none, coarse, size, align_corners, padding_mode, C, out, write_field, mode="bilinear"):
     nd = coarse.dim() - 2
-    D, H, W = _grid3(size)
-    sd, sh, sw = _grid3(coarse.shape[2:])
+    D, H, W = grid3(size)
+    sd, sh, sw = grid3(coarse.shape[2:])
     tabs = axis_tables(size, coarse.shape[2:], align_corners, coarse.dtype, coarse.device)
     N = D * H * W
     grid = (triton.cdiv(N, _FWD_BLOCK), coarse.shape[0])
     warp_fwd_kernel[grid](
         moving_or_none if moving_or_none is not None else out, coarse, out, *_table_args(tabs, False),
         C, D, H, W, sd, sh, sw,
-        ND=nd, PAD=_PADS[padding_mode], WRITE_FIELD=write_field,
+        ND=nd, PAD=PADS[padding_mode], WRITE_FIELD=write_field,
         INT64=needs_int64(N), BLOCK=_FWD_BLOCK, NEAREST=mode == "nearest",
         LABELS=not out.dtype.is_floating_point)
     return out
@@ -487,7 +481,7 @@ def _bwd_tiles(tabs) -> int:
 def _fold_partials(part, coarse_shape, T):
     """The per-program corner sums [B, ncell, T, 8, nd] folded into the coarse grid's gradient."""
     nd = len(coarse_shape) - 2
-    sd, sh, sw = _grid3(coarse_shape[2:])
+    sd, sh, sw = grid3(coarse_shape[2:])
     cells_sum = part.view(coarse_shape[0], sd, sh, sw, T, 2, 2, 2, nd).sum(4)
     return fold_cell_partials(cells_sum, coarse_shape[2:])
 
@@ -499,8 +493,8 @@ def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_co
     atomic scatter; warp_gather.py's warp_bwd gathers it instead (deterministic=True)."""
     nd = len(coarse_shape) - 2
     B = coarse_shape[0]
-    D, H, W = _grid3(size)
-    sd, sh, sw = _grid3(coarse_shape[2:])
+    D, H, W = grid3(size)
+    sd, sh, sw = grid3(coarse_shape[2:])
     device = gout.device
     tabs = axis_tables(size, coarse_shape[2:], align_corners, compute_dtype, device)
     N = D * H * W
@@ -521,7 +515,7 @@ def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, align_co
         coarse_or_none if coarse_or_none is not None else gout, gmov_k, part, unused,
         *_table_args(tabs, True),
         C, D, H, W, sd, sh, sw, T, 0.0,
-        ND=nd, PAD=_PADS[padding_mode], FIELD_GRAD=field_grad, SIMILARITY=False,
+        ND=nd, PAD=PADS[padding_mode], FIELD_GRAD=field_grad, SIMILARITY=False,
         NEED_MOVING=need_moving, NEED_COARSE=need_coarse,
         INT64=needs_int64(N), BLOCK=_BWD_BLOCK, NEAREST=mode == "nearest")
     grad_coarse = _fold_partials(part, coarse_shape, T) if need_coarse else None

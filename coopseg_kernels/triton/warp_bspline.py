@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from .. import reference
-from .geometry import block_voxels, cell_tile, needs_int64, new_output
+from .geometry import PADS, block_voxels, cell_tile, grid3, needs_int64, new_output
 from .warp import _field_at, _scatter_nearest
 from .warp_dense import (
     _bilinear_taps,
@@ -44,7 +44,6 @@ from .warp_dense import (
 
 _FWD_BLOCK = 256
 _BWD_BLOCK = 256
-_PADS = {"zeros": 0, "border": 1, "reflection": 2}
 
 
 @triton.jit
@@ -238,15 +237,10 @@ def _tables(size: Sequence[int], coarse_size: Sequence[int], origin, spacing, dt
     return [_trivial(dtype, device)] + tabs if len(size) == 2 else tabs
 
 
-def _grid3(size):
-    size = list(size)
-    return [1] + size if len(size) == 2 else size
-
-
 def _forward(moving_or_none, coarse, size, origin, spacing, padding_mode, mode, out, write_field):
     nd = coarse.dim() - 2
-    D, H, W = _grid3(size)
-    sd, sh, sw = _grid3(coarse.shape[2:])
+    D, H, W = grid3(size)
+    sd, sh, sw = grid3(coarse.shape[2:])
     tabs = _tables(size, coarse.shape[2:], origin, spacing, coarse.dtype, coarse.device)
     N = D * H * W
     src = out if moving_or_none is None else moving_or_none
@@ -258,7 +252,7 @@ def _forward(moving_or_none, coarse, size, origin, spacing, padding_mode, mode, 
     grid = (triton.cdiv(N, _FWD_BLOCK), coarse.shape[0])
     warp_bspline_fwd_kernel[grid](
         src, coarse, dst, *args, 0 if moving_or_none is None else moving_or_none.shape[1], D, H, W, sd, sh, sw,
-        ND=nd, PAD=_PADS[padding_mode], NEAREST=mode == "nearest", IS_FLOAT=out.dtype.is_floating_point,
+        ND=nd, PAD=PADS[padding_mode], NEAREST=mode == "nearest", IS_FLOAT=out.dtype.is_floating_point,
         WRITE_FIELD=write_field, INT64=needs_int64(N), BLOCK=_FWD_BLOCK)
     return out
 
@@ -271,7 +265,7 @@ def _fold(part, tabs, coarse_shape, T):
     ncells = [t.cell_first.numel() for t in tabs]
     KD = 4 if nd == 3 else 1
     cells = part.view(B, *ncells, T, KD, 4, 4, nd).sum(4)  # [B, ncd, nch, ncw, KD, 4, 4, nd]
-    s3 = _grid3(coarse_shape[2:])
+    s3 = grid3(coarse_shape[2:])
     pad = 4
     g = cells.new_zeros(B, *[n + 2 * pad + 1 for n in s3], nd)
     idx = [t.cell_first.long() + pad for t in tabs]
@@ -290,8 +284,8 @@ def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, origin, 
               need_moving, need_coarse, compute_dtype, field_grad=False):
     nd = len(coarse_shape) - 2
     B = coarse_shape[0]
-    D, H, W = _grid3(size)
-    sd, sh, sw = _grid3(coarse_shape[2:])
+    D, H, W = grid3(size)
+    sd, sh, sw = grid3(coarse_shape[2:])
     device = gout.device
     tabs = _tables(size, coarse_shape[2:], origin, spacing, compute_dtype, device)
     N = D * H * W
@@ -316,7 +310,7 @@ def _backward(gout, moving_or_none, coarse_shape, coarse_or_none, size, origin, 
             tabs[0].cell_first, tabs[0].cell_begin, tabs[1].cell_first, tabs[1].cell_begin,
             tabs[2].cell_first, tabs[2].cell_begin,
             C, D, H, W, sd, sh, sw, ncells[0], ncells[1], ncells[2], T,
-            ND=nd, PAD=_PADS[padding_mode], FIELD_GRAD=field_grad, NEAREST=mode == "nearest",
+            ND=nd, PAD=PADS[padding_mode], FIELD_GRAD=field_grad, NEAREST=mode == "nearest",
             NEED_MOVING=need_moving, NEED_COARSE=need_coarse, INT64=needs_int64(N), BLOCK=_BWD_BLOCK)
     grad_coarse = _fold(part, tabs, coarse_shape, T) if need_coarse else None
     return gmov, grad_coarse

@@ -21,11 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .geometry import block_voxels, needs_int64, new_output
+from .geometry import PADS, block_voxels, grid3, needs_int64, new_output
 from .warp import _bilinear, _scatter_nearest, _scatter_plane, _taps
 
 _BLOCK = 256
-_PADS = {"zeros": 0, "border": 1, "reflection": 2}
 
 
 @triton.jit
@@ -293,16 +292,11 @@ def warp_dense_bwd_kernel(gout_ptr, mov_ptr, u_ptr, gmov_ptr, gu_ptr, C, D, H, W
 # ----------------------------------------------------------------------------- launchers
 
 
-def _grid3(size):
-    size = list(size)
-    return [1] + size if len(size) == 2 else size
-
-
 def warp_dense_fwd(moving: torch.Tensor, ddf: torch.Tensor, padding_mode: str, mode: str) -> torch.Tensor:
     """Raw forward (the signature of torch.ops.coopseg.warp_dense_fwd). ddf: the math dtype
     (float64 for float64 images, float32 otherwise), contiguous."""
     nd = moving.dim() - 2
-    D, H, W = _grid3(moving.shape[2:])
+    D, H, W = grid3(moving.shape[2:])
     N = D * H * W
     nearest = mode == "nearest"
     src = moving.view(torch.uint8) if moving.dtype == torch.bool else moving
@@ -311,7 +305,7 @@ def warp_dense_fwd(moving: torch.Tensor, ddf: torch.Tensor, padding_mode: str, m
     dst = out.view(torch.uint8) if out.dtype == torch.bool else out
     grid = (triton.cdiv(N, _BLOCK), moving.shape[0])
     warp_dense_fwd_kernel[grid](src, ddf, dst, moving.shape[1], D, H, W,
-                                ND=nd, PAD=_PADS[padding_mode], NEAREST=nearest,
+                                ND=nd, PAD=PADS[padding_mode], NEAREST=nearest,
                                 IS_FLOAT=moving.dtype.is_floating_point, INT64=needs_int64(N), BLOCK=_BLOCK)
     return out
 
@@ -321,7 +315,7 @@ def warp_dense_bwd(grad_out, moving, ddf, padding_mode: str, mode: str, need_mov
     atomic scatter, warp_gather.warp_dense_bwd gathers it with deterministic=True):
     (grad_moving, grad_ddf), each empty when not asked for."""
     nd = moving.dim() - 2
-    D, H, W = _grid3(moving.shape[2:])
+    D, H, W = grid3(moving.shape[2:])
     N = D * H * W
     nearest = mode == "nearest"
     unused = torch.empty(1, dtype=ddf.dtype, device=ddf.device)
@@ -338,7 +332,7 @@ def warp_dense_bwd(grad_out, moving, ddf, padding_mode: str, mode: str, need_mov
     if need_moving or (need_ddf and not nearest):
         grid = (triton.cdiv(N, _BLOCK), moving.shape[0])
         warp_dense_bwd_kernel[grid](grad_out, moving, ddf, gmov, gu, moving.shape[1], D, H, W,
-                                    ND=nd, PAD=_PADS[padding_mode], NEAREST=nearest,
+                                    ND=nd, PAD=PADS[padding_mode], NEAREST=nearest,
                                     NEED_MOVING=need_moving, NEED_FIELD=need_ddf and not nearest,
                                     INT64=needs_int64(N), BLOCK=_BLOCK)
     gmov = gmov.to(moving.dtype) if need_moving else moving.new_empty(0)

@@ -43,7 +43,7 @@ import triton.language as tl
 
 from . import warp as _warp
 from . import warp_dense as _warp_dense
-from .geometry import axis_tables, block_voxels, needs_int64, new_output
+from .geometry import PADS, axis_tables, block_voxels, needs_int64, new_output
 from .warp import _displace, _nearest, _taps, _voxel_field
 from .warp_dense import _bilinear_taps, _cell_bad, _displaced, _nearest_source
 
@@ -197,7 +197,6 @@ def warp_gather_kernel(gout_ptr, u_ptr, order_ptr, starts_ptr, gmov_ptr, i0d, l1
 # ----------------------------------------------------------------------------- launcher
 
 
-_PADS = {"zeros": 0, "border": 1, "reflection": 2}
 
 
 def gather_image_grad(grad_out: torch.Tensor, moving: torch.Tensor, u: torch.Tensor, padding_mode: str, mode: str,
@@ -226,7 +225,7 @@ def gather_image_grad(grad_out: torch.Tensor, moving: torch.Tensor, u: torch.Ten
         cs = list(u.shape[2:])
         sd, sh, sw = [1] + cs if nd == 2 else cs
     grid = (triton.cdiv(N, _BLOCK), B)
-    flags = dict(ND=nd, PAD=_PADS[padding_mode], NEAREST=nearest, DENSE=dense, INT64=int64, BLOCK=_BLOCK)
+    flags = dict(ND=nd, PAD=PADS[padding_mode], NEAREST=nearest, DENSE=dense, INT64=int64, BLOCK=_BLOCK)
     keys = torch.empty(B * N, dtype=key_dtype, device=device)
     warp_keys_kernel[grid](u, keys, *table_args, D, H, W, sd, sh, sw, K, B * K, **flags)
     sorted_keys, order = torch.sort(keys, stable=True)

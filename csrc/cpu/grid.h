@@ -210,6 +210,29 @@ inline void row_axis_taps(Dims3 S, RowTaps<T, I>& R) {
   }
 }
 
+// The slabs of an image-gradient scatter: each of B * nslab tasks owns planes [lo, hi) of the
+// slab axis (the outermost spatial axis) of one batch item and is the only writer of those
+// planes of the gradient, so the sums do not depend on the schedule. slab_tasks: tasks per
+// item, one per thread, at most `units`.
+inline int64_t slab_tasks(int64_t units, int64_t B) {
+  return std::max<int64_t>(1, std::min<int64_t>(units, (at::get_num_threads() + B - 1) / B));
+}
+
+// Task t of nslab per item over n_sa planes: its item b and planes [lo, hi); false when empty.
+inline bool slab_of(int64_t t, int64_t nslab, int64_t n_sa, int64_t& b, int64_t& lo, int64_t& hi) {
+  b = t / nslab;
+  const int64_t k = t % nslab;
+  lo = n_sa * k / nslab;
+  hi = n_sa * (k + 1) / nslab;
+  return lo < hi;
+}
+
+// Zero planes [lo, hi) (plane voxels each) of every channel of item b of gm (B, C, N).
+template <typename T>
+inline void zero_slab(T* gm, int64_t b, int64_t C, int64_t N, int64_t lo, int64_t hi, int64_t plane) {
+  for (int64_t c = 0; c < C; ++c) std::fill(gm + (b * C + c) * N + lo * plane, gm + (b * C + c) * N + hi * plane, T(0));
+}
+
 // grid_sample's reflection about 0 and hi = n - 1 (align_corners=True): |p|
 // modulo 2 hi, folded back; `sign` is d(result)/dp (+-1).
 template <typename T>

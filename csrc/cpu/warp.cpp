@@ -94,7 +94,7 @@ void warp_slab_pass(const at::Tensor& grad_out, const at::Tensor& moving, const 
   T* gm = grad_moving.data_ptr<T>();
   const SlabReach<T, ND, BORDER> reach(cp, B, s, I3);
   const int64_t units = P ? s_sa : n_sa;  // slabs are made of cells (fused) or of planes
-  const int64_t nslab = std::max<int64_t>(1, std::min<int64_t>(units, (at::get_num_threads() + B - 1) / B));
+  const int64_t nslab = slab_tasks(units, B);
 
   at::parallel_for(0, B * nslab, 1, [&](int64_t t0, int64_t t1) {
     std::vector<T> rowf(ND * s.w), gpos(3 * S.w), Alo(s.w * ND), Ahi(s.w * ND);
@@ -146,8 +146,7 @@ void warp_slab_pass(const at::Tensor& grad_out, const at::Tensor& moving, const 
       // reduce; row_scatter must not run for it, as its scratch address
       // lo * plane_stride would lie in another slab or past the channel.
       if (lo >= hi) continue;
-      for (int64_t c = 0; c < C; ++c)
-        std::fill(gm + (b * C + c) * N + lo * plane_stride, gm + (b * C + c) * N + hi * plane_stride, T(0));
+      zero_slab(gm, b, C, N, lo, hi, plane_stride);
       for (int64_t q = 0; q < n_sa; ++q) {
         const bool own = P && q >= lo && q < hi;
         const bool scatter = reach.reaches(b, q, lo, hi);

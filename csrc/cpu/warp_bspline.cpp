@@ -368,20 +368,16 @@ void backward_bilinear(const at::Tensor& grad_out, const at::Tensor& moving, con
   const BReach<T, ND, P> reach(cp, B, G);
   const int64_t n_sa = reach.n_sa, plane_stride = ND == 3 ? S.h * W : W;
   // coarse gradient alone: one plane a task; otherwise slabs, one per thread and item
-  const int64_t nslab = need_moving ? std::max<int64_t>(1, std::min<int64_t>(n_sa, (at::get_num_threads() + B - 1) / B))
-                                    : n_sa;
+  const int64_t nslab = need_moving ? slab_tasks(n_sa, B) : n_sa;
   at::parallel_for(0, B * nslab, 1, [&](int64_t t0, int64_t t1) {
     RowTaps<T, I> R(W);
     BScratch<T> X(ND, G.s);
     ScatterScratch<T, I> Y(W);
     std::vector<T> u(ND * W), sign(P == Pad::kReflection ? 3 * W : 0), gpos(3 * W), grow(ND * W);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nslab, k = t % nslab;
-      const int64_t lo = n_sa * k / nslab, hi = n_sa * (k + 1) / nslab;
-      if (lo >= hi) continue;
-      if (need_moving)
-        for (int64_t c = 0; c < C; ++c)
-          std::fill(gm + (b * C + c) * N + lo * plane_stride, gm + (b * C + c) * N + hi * plane_stride, T(0));
+      int64_t b, lo, hi;
+      if (!slab_of(t, nslab, n_sa, b, lo, hi)) continue;
+      if (need_moving) zero_slab(gm, b, C, N, lo, hi, plane_stride);
       for (int64_t q = 0; q < n_sa; ++q) {
         const bool own = need_coarse && q >= lo && q < hi;
         const bool scatter = need_moving && reach.reaches(b, q, lo, hi);
@@ -430,17 +426,15 @@ void backward_nearest(const at::Tensor& grad_out, const at::Tensor& coarse, cons
   T* gm = gm_t.data_ptr<T>();
   const BReach<T, ND, P> reach(cp, B, G);
   const int64_t n_sa = reach.n_sa, plane_stride = ND == 3 ? S.h * W : W;
-  const int64_t nslab = std::max<int64_t>(1, std::min<int64_t>(n_sa, (at::get_num_threads() + B - 1) / B));
+  const int64_t nslab = slab_tasks(n_sa, B);
   at::parallel_for(0, B * nslab, 1, [&](int64_t t0, int64_t t1) {
     RowTaps<T, I> R(W);
     BScratch<T> X(ND, G.s);
     std::vector<T> u(ND * W);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nslab, k = t % nslab;
-      const int64_t lo = n_sa * k / nslab, hi = n_sa * (k + 1) / nslab;
-      if (lo >= hi) continue;
-      for (int64_t c = 0; c < C; ++c)
-        std::fill(gm + (b * C + c) * N + lo * plane_stride, gm + (b * C + c) * N + hi * plane_stride, T(0));
+      int64_t b, lo, hi;
+      if (!slab_of(t, nslab, n_sa, b, lo, hi)) continue;
+      zero_slab(gm, b, C, N, lo, hi, plane_stride);
       for (int64_t q = 0; q < n_sa; ++q) {
         if (!reach.reaches(b, q, lo, hi)) continue;
         const int64_t h_begin = ND == 3 ? 0 : q, h_end = ND == 3 ? S.h : q + 1, d = ND == 3 ? q : 0;

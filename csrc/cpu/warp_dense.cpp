@@ -403,7 +403,7 @@ void backward_bilinear(const at::Tensor& grad_out, const at::Tensor& moving, con
 
   const DenseReach<T, ND, P> reach(up, B, S);
   const int64_t n_sa = reach.n_sa, plane_stride = ND == 3 ? S.h * W : W;
-  const int64_t nslab = std::max<int64_t>(1, std::min<int64_t>(n_sa, (at::get_num_threads() + B - 1) / B));
+  const int64_t nslab = slab_tasks(n_sa, B);
   const AxisInterp<T> Iw(W, W, true);  // the identity (kDenseRows)
   at::parallel_for(0, B * nslab, 1, [&](int64_t t0, int64_t t1) {
     RowTaps<T, I> R(W);
@@ -448,11 +448,9 @@ void backward_bilinear(const at::Tensor& grad_out, const at::Tensor& moving, con
     };
 #endif
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nslab, k = t % nslab;
-      const int64_t lo = n_sa * k / nslab, hi = n_sa * (k + 1) / nslab;
-      if (lo >= hi) continue;
-      for (int64_t c = 0; c < C; ++c)
-        std::fill(gm + (b * C + c) * N + lo * plane_stride, gm + (b * C + c) * N + hi * plane_stride, T(0));
+      int64_t b, lo, hi;
+      if (!slab_of(t, nslab, n_sa, b, lo, hi)) continue;
+      zero_slab(gm, b, C, N, lo, hi, plane_stride);
       for (int64_t q = 0; q < n_sa; ++q) {
         const bool own = need_field && q >= lo && q < hi;
         const bool scatter = reach.reaches(b, q, lo, hi);
@@ -492,15 +490,13 @@ void backward_nearest(const at::Tensor& grad_out, const at::Tensor& ddf, at::Ten
   const NonFinite<T, ND> nf(up, B, S);
   const DenseReach<T, ND, P> reach(up, B, S);
   const int64_t n_sa = reach.n_sa, plane_stride = ND == 3 ? S.h * W : W;
-  const int64_t nslab = std::max<int64_t>(1, std::min<int64_t>(n_sa, (at::get_num_threads() + B - 1) / B));
+  const int64_t nslab = slab_tasks(n_sa, B);
   at::parallel_for(0, B * nslab, 1, [&](int64_t t0, int64_t t1) {
     NearestRow<I> R(W);
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nslab, k = t % nslab;
-      const int64_t lo = n_sa * k / nslab, hi = n_sa * (k + 1) / nslab;
-      if (lo >= hi) continue;
-      for (int64_t c = 0; c < C; ++c)
-        std::fill(gm + (b * C + c) * N + lo * plane_stride, gm + (b * C + c) * N + hi * plane_stride, T(0));
+      int64_t b, lo, hi;
+      if (!slab_of(t, nslab, n_sa, b, lo, hi)) continue;
+      zero_slab(gm, b, C, N, lo, hi, plane_stride);
       for (int64_t q = 0; q < n_sa; ++q) {
         if (!reach.reaches(b, q, lo, hi)) continue;
         const int64_t h_begin = ND == 3 ? 0 : q, h_end = ND == 3 ? S.h : q + 1, d = ND == 3 ? q : 0;

@@ -222,16 +222,15 @@ void image_grad(const at::Tensor& grad_out, const at::Tensor& coarse, bool align
   M* gmp = gm.data_ptr<M>();
   const int64_t n_sa = ND == 3 ? S.d : S.h;
   const int64_t plane = ND == 3 ? S.h * S.w : S.w;
-  const int64_t nslab = std::max<int64_t>(1, std::min<int64_t>(n_sa, (at::get_num_threads() + B - 1) / B));
+  const int64_t nslab = slab_tasks(n_sa, B);
   at::parallel_for(0, B * nslab, 1, [&](int64_t t0, int64_t t1) {
     RowPos<M> R(ND, s, S.w);
     Corners<M> K;
     for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / nslab, k = t % nslab;
-      const int64_t lo = n_sa * k / nslab, hi = n_sa * (k + 1) / nslab;
-      if (lo >= hi) continue;
+      int64_t b, lo, hi;
+      if (!slab_of(t, nslab, n_sa, b, lo, hi)) continue;
+      zero_slab(gmp, b, C, N, lo, hi, plane);
       M* g_b = gmp + b * C * N;
-      for (int64_t c = 0; c < C; ++c) std::fill(g_b + c * N + lo * plane, g_b + c * N + hi * plane, M(0));
       const int64_t olo = lo * plane, ohi = hi * plane;  // the slab's flat offsets
       for (int64_t d = 0; d < S.d; ++d)
         for (int64_t h = 0; h < S.h; ++h) {
